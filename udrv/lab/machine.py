@@ -1,0 +1,347 @@
+"""The lab machine: a QEMU q35 guest (TCG) with an emulated IOMMU and the requested devices.
+
+The guest mounts the host's ``/`` read-only over 9p, under a tmpfs overlay, so it runs the
+host's own Python, udrv checkout and tools. Two more 9p shares are writable: the control
+channel (the host drops numbered scripts there, the guest agent runs them and writes their
+output and exit code back) and the results directory, mounted at its host path.
+
+Usage::
+
+    with Lab(["edu", "nvme:size=256M"]) as lab:
+        lab.devices["edu"]                      # "0000:00:04.0"
+        r = lab.run(["lspci", "-n"], timeout=30)
+        r.returncode, r.stdout
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+
+from udrv.errors import LabError, LabSetupError, LabTimeout
+from udrv.lab.devices import DeviceSpec, PlacedDevice, devices_env, place
+from udrv.lab.paths import installed
+
+#: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
+GUEST_MODULES = (
+    "vfio-pci", "vfio_iommu_type1", "uio_pci_generic", "ublk_drv", "nbd", "cuse", "tun", "null_blk",
+)  # fmt: skip
+#: Host environment variables a command in the guest keeps (besides UDRV_*).
+ENV_KEEP = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TERM", "CI", "USER")
+KERNEL_CMDLINE = (
+    "console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on mitigations=off "
+    "no_timer_check tsc=reliable 8250.nr_uarts=1 rdinit=/init"
+)
+QEMU = "qemu-system-x86_64"
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+@dataclass
+class LabResult:
+    """The outcome of one command in the guest."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool = False
+
+    def check(self) -> LabResult:
+        if self.timed_out:
+            raise LabTimeout(f"`{shlex.join(self.args)}` timed out in the lab after {self.seconds:.0f} s")
+        if self.returncode != 0:
+            raise LabError(
+                f"`{shlex.join(self.args)}` exited {self.returncode} in the lab:\n{self.stdout}{self.stderr}"
+            )
+        return self
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    # No QEMU outlives a killed host process.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setsid()
+
+
+class Lab:
+    """A booted lab guest (context manager).
+
+    Args:
+        devices: device SPECs (see :mod:`udrv.lab.devices`).
+        memory: guest memory in MiB.
+        cpus: guest CPUs (TCG runs one host thread per CPU).
+        iommu: put the devices behind an emulated Intel IOMMU (needed for VFIO).
+        results: host directory shared read-write at the same path in the guest.
+        trace: QEMU trace event patterns (e.g. ``memory_region_ops_*``), written to ``trace_file``.
+        boot_timeout: seconds to wait for the guest to come up.
+        keep: keep the session directory (console log, scratch images) after close.
+
+    Raises:
+        LabSetupError: QEMU or the lab kernel is missing (run `udrv lab setup`).
+        LabError: the guest did not boot; the message carries the console's last lines.
+    """
+
+    def __init__(
+        self,
+        devices: Iterable[str | DeviceSpec] = (),
+        *,
+        memory: int = 1024,
+        cpus: int = 1,
+        iommu: bool = True,
+        results: str | Path | None = None,
+        trace: Sequence[str] = (),
+        trace_file: str | Path | None = None,
+        boot_timeout: float = 90.0,
+        keep: bool = False,
+        qemu_args: Sequence[str] = (),
+    ) -> None:
+        specs = [d if isinstance(d, DeviceSpec) else DeviceSpec.parse(d) for d in devices]
+        self.placed: list[PlacedDevice] = place(specs)
+        self.devices: dict[str, str] = {d.name: d.address for d in self.placed}
+        self.memory, self.cpus, self.iommu = memory, cpus, iommu
+        self.trace, self.trace_file = list(trace), Path(trace_file) if trace_file else None
+        self.boot_timeout, self.keep, self.extra_qemu_args = boot_timeout, keep, list(qemu_args)
+        self.session = Path(tempfile.mkdtemp(prefix="udrv-lab-"))
+        self.ctl = self.session / "ctl"
+        self.ctl.mkdir()
+        self.results = Path(results).resolve() if results else self.session / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.console_log = self.session / "console.log"
+        self.qemu_log = self.session / "qemu.log"
+        self.kernel_release = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._n = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def qemu_command(self) -> list[str]:
+        inst = installed()
+        if shutil.which(QEMU) is None:
+            raise LabSetupError(f"{QEMU} is not installed; run `udrv lab setup`")
+        fs = "security_model=none,multidevs=remap"
+        cmd = [
+            QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus), "-m", str(self.memory),
+            "-machine", "q35,kernel-irqchip=split" if self.iommu else "q35",
+            "-serial", f"file:{self.console_log}",
+            "-kernel", str(inst.vmlinuz), "-initrd", str(inst.initramfs),
+            "-append", KERNEL_CMDLINE if self.iommu else KERNEL_CMDLINE.replace("intel_iommu=on", ""),
+        ]  # fmt: skip
+        if self.iommu:
+            # Before any PCI device, so every device is behind it.
+            cmd += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+        cmd += [
+            "-fsdev", f"local,id=fsroot,path=/,readonly=on,{fs}",
+            "-device", "virtio-9p-pci,fsdev=fsroot,mount_tag=udrvroot,addr=02.0",
+            "-fsdev", f"local,id=fsctl,path={self.ctl},{fs}",
+            "-device", "virtio-9p-pci,fsdev=fsctl,mount_tag=udrvctl,addr=03.0,multifunction=on",
+            "-fsdev", f"local,id=fsres,path={self.results},{fs}",
+            # Functions 1+ of slot 3 keep slots 4.. free for the requested devices.
+            "-device", "virtio-9p-pci,fsdev=fsres,mount_tag=udrvresults,addr=03.1",
+        ]  # fmt: skip
+        for dev in self.placed:
+            cmd += dev.qemu_args(self.session)
+        if self.trace:
+            out = self.trace_file or self.session / "trace.log"
+            cmd += ["-trace", f"enable={self.trace[0]},file={out}"]
+            cmd += [a for p in self.trace[1:] for a in ("-trace", f"enable={p}")]
+        return cmd + self.extra_qemu_args
+
+    def start(self) -> Lab:
+        """Boot the guest and wait until its agent is ready."""
+        inst = installed()
+        agent = resources.files("udrv.lab").joinpath("agent.sh").read_bytes()
+        (self.ctl / "agent.sh").write_bytes(agent)
+        session_env = {
+            "UDRV_LAB_RESULTS": str(self.results),
+            "UDRV_LAB_KERNEL": str(inst.root),
+            "UDRV_LAB_MODULES": " ".join(GUEST_MODULES),
+            "UDRV_LAB_DEVICES": devices_env(self.placed),
+        }
+        (self.ctl / "session.env").write_text(
+            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in session_env.items())
+        )
+        cmd = self.qemu_command()
+        with open(self.qemu_log, "wb") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.boot_timeout
+        ready = self.ctl / "ready"
+        try:
+            while not ready.exists():
+                if self._proc.poll() is not None:
+                    raise LabError(f"the lab guest stopped while booting\n{self._diagnostics()}")
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"the lab guest did not come up within {self.boot_timeout:.0f} s\n"
+                        f"{self._diagnostics()}"
+                    )
+                time.sleep(0.02)
+            self.kernel_release = ready.read_text().strip()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _diagnostics(self) -> str:
+        parts = []
+        for path in (self.qemu_log, self.console_log):
+            with contextlib.suppress(OSError):
+                tail = path.read_text(errors="replace").strip().splitlines()[-25:]
+                if tail:
+                    parts.append(f"--- {path.name} (last lines) ---\n" + "\n".join(tail))
+        return "\n".join(parts) or "(no console output)"
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def close(self) -> None:
+        """Power the guest off (kill it if it does not stop) and remove the session files."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    (self.ctl / "poweroff").touch()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if not self.keep:
+            shutil.rmtree(self.ctl, ignore_errors=True)
+            for img in self.session.glob("*.img"):
+                img.unlink()
+
+    def kill(self) -> None:
+        """Stop the guest at once (timeouts, Ctrl-C)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.close()
+
+    def __enter__(self) -> Lab:
+        return self.start() if self._proc is None else self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if t is None:
+            self.close()
+        else:
+            self.kill()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def _script(self, args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float | None) -> str:
+        keep = {k: v for k, v in os.environ.items() if k in ENV_KEEP or k.startswith("UDRV_")}
+        # The interpreter running udrv first, so `python3` in the guest is this one, not a shim.
+        keep["PATH"] = f"{Path(sys.executable).parent}:{keep.get('PATH', '/usr/bin:/bin')}"
+        keep |= {
+            "UDRV_LAB": "1",
+            "UDRV_LAB_DEVICES": devices_env(self.placed),
+            "UDRV_LAB_RESULTS": str(self.results),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        keep |= env
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())]
+        lines.append(f"cd {shlex.quote(str(cwd))} || exit 125")
+        prefix = f"timeout -k 5 {timeout:g} " if timeout else ""
+        lines.append(prefix + shlex.join(args))
+        return "\n".join(lines) + "\n"
+
+    def run(
+        self,
+        args: Sequence[str] | str,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None,
+        stream: bool | Callable[[str, bytes], None] = False,
+        check: bool = False,
+    ) -> LabResult:
+        """Run a command as root in the guest, in ``cwd`` (default: the host's cwd).
+
+        Args:
+            args: the command; a string runs through ``sh -c``.
+            timeout: seconds; the command is killed after that and ``timed_out`` is set.
+            env: extra environment variables.
+            stream: True copies output live to this process's stdout/stderr; a callable gets
+                ``("stdout"|"stderr", chunk)``.
+            check: raise LabError/LabTimeout unless it exits 0.
+
+        Raises:
+            LabError: the guest is not running or died during the command.
+        """
+        if not self.alive:
+            raise LabError("the lab guest is not running; use `with Lab(...) as lab:`")
+        argv = ["sh", "-c", args] if isinstance(args, str) else list(args)
+        n, self._n = self._n, self._n + 1
+        script = self._script(argv, env or {}, Path(cwd or os.getcwd()).resolve(), timeout)
+        tmp = self.ctl / f"{n}.sh.tmp"
+        tmp.write_text(script)
+        tmp.rename(self.ctl / f"{n}.sh")
+        sink: Callable[[str, bytes], None] | None
+        if stream is True:
+            def sink(name: str, data: bytes) -> None:
+                out = sys.stdout if name == "stdout" else sys.stderr
+                out.flush()
+                out.buffer.write(data)
+                out.buffer.flush()
+        else:
+            sink = stream or None
+        out = {"stdout": bytearray(), "stderr": bytearray()}
+        paths = {"stdout": self.ctl / f"{n}.out", "stderr": self.ctl / f"{n}.err"}
+        rc_path = self.ctl / f"{n}.rc"
+        start = time.monotonic()
+        backstop = start + timeout + 60 if timeout else None
+
+        def pump() -> None:
+            for name, path in paths.items():
+                with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                    f.seek(len(out[name]))
+                    data = f.read()
+                    if data:
+                        out[name] += data
+                        if sink:
+                            sink(name, data)
+
+        while True:
+            done = rc_path.exists()
+            pump()
+            if done:
+                break
+            if not self.alive:
+                raise LabError(f"the lab guest died while running `{shlex.join(argv)}`\n{self._diagnostics()}")
+            if backstop and time.monotonic() > backstop:
+                self.kill()
+                raise LabTimeout(f"`{shlex.join(argv)}` did not stop after {timeout:g} s; the guest was killed")
+            time.sleep(0.02)
+        seconds = time.monotonic() - start
+        rc = int(rc_path.read_text().strip() or 255)
+        result = LabResult(
+            args=argv, returncode=rc,
+            stdout=out["stdout"].decode(errors="replace"), stderr=out["stderr"].decode(errors="replace"),
+            seconds=seconds, timed_out=bool(timeout) and rc in (124, 137) and seconds >= timeout,
+        )  # fmt: skip
+        for p in (*paths.values(), rc_path, self.ctl / f"{n}.sh"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        return result.check() if check else result
