@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import lzma
 import os
 import re
@@ -128,10 +130,22 @@ def install_kernel(report: Report) -> tuple[str, str, Path]:
     return package, release, root
 
 
+def initramfs_path(release: str) -> Path:
+    """The initramfs for this kernel and this version of ``init.sh`` (named by its hash)."""
+    init = resources.files("udrv.lab").joinpath("init.sh").read_bytes()
+    return lab_dir() / f"initramfs-{release}-{hashlib.sha256(init).hexdigest()[:12]}.cpio.gz"
+
+
+def ensure_initramfs(release: str, root: Path, report: Report = lambda _: None) -> Path:
+    """The initramfs for the current ``init.sh``, built if it is not there yet."""
+    out = initramfs_path(release)
+    return out if out.exists() else build_initramfs(release, root, report)
+
+
 def build_initramfs(release: str, root: Path, report: Report) -> Path:
     """A gzip'd newc cpio with busybox, the 9p/overlay modules and the guest's /init."""
     init = resources.files("udrv.lab").joinpath("init.sh").read_bytes()
-    out = lab_dir() / f"initramfs-{release}.cpio.gz"
+    out = initramfs_path(release)
     deps = (root / "lib" / "modules" / release / "modules.dep").read_text()
     with tempfile.TemporaryDirectory(dir=lab_dir()) as tmp:
         tree = Path(tmp) / "tree"
@@ -160,9 +174,7 @@ def build_initramfs(release: str, root: Path, report: Report) -> Path:
         )
         if cpio.returncode != 0:
             raise LabSetupError(f"cpio failed: {cpio.stderr.decode(errors='replace').strip()}")
-        import gzip
-
-        tmp_out = out.with_suffix(".tmp")
+        tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
         tmp_out.write_bytes(gzip.compress(cpio.stdout, compresslevel=6))
         tmp_out.rename(out)
     return out
@@ -173,7 +185,7 @@ def setup(report: Report = print) -> Installed:
     lab_dir().mkdir(parents=True, exist_ok=True)
     install_packages(report)
     package, release, root = install_kernel(report)
-    initramfs = build_initramfs(release, root, report)
+    initramfs = ensure_initramfs(release, root, report)
     inst = Installed(kernel_release=release, package=package, root=root, initramfs=initramfs)
     save_state(inst)
     installed()  # re-check what we wrote

@@ -33,6 +33,7 @@ from types import TracebackType
 
 from udrv.errors import LabError, LabSetupError, LabTimeout
 from udrv.lab.devices import DeviceSpec, PlacedDevice, devices_env, place
+from udrv.lab.install import ensure_initramfs
 from udrv.lab.paths import installed
 
 #: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
@@ -138,7 +139,8 @@ class Lab:
             "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus), "-m", str(self.memory),
             "-machine", "q35,kernel-irqchip=split" if self.iommu else "q35",
             "-serial", f"file:{self.console_log}",
-            "-kernel", str(inst.vmlinuz), "-initrd", str(inst.initramfs),
+            "-kernel", str(inst.vmlinuz),
+            "-initrd", str(ensure_initramfs(inst.kernel_release, inst.root)),
             "-append", KERNEL_CMDLINE if self.iommu else KERNEL_CMDLINE.replace("intel_iommu=on", ""),
         ]  # fmt: skip
         if self.iommu:

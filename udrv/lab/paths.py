@@ -61,7 +61,7 @@ def installed() -> Installed:
         raise LabSetupError(
             f"the lab is not set up ({path} is missing or unreadable: {exc}); run `udrv lab setup`"
         ) from None
-    for need in (inst.vmlinuz, inst.modules / "modules.dep", inst.initramfs):
+    for need in (inst.vmlinuz, inst.modules / "modules.dep"):
         if not need.exists():
             raise LabSetupError(f"the lab's {need} is missing; run `udrv lab setup` again")
     return inst

@@ -1,0 +1,45 @@
+# udrv: the two commands of the README, and their parts.
+#   make demo   install everything, boot the lab, run the main job
+#   make test   install everything, lint, type-check and run all tests (host + lab)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UDRV   := $(BIN)/udrv
+
+.PHONY: all install lab demo test lint typecheck pytest bench clean
+all: test
+
+$(BIN)/python:
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lab: install
+	$(UDRV) lab setup
+
+demo: lab
+	$(UDRV) demo
+
+lint: install
+	$(BIN)/ruff check udrv tests bench
+	$(BIN)/ruff format --check udrv tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: lab
+	$(BIN)/python -m pytest tests -v --durations=15
+
+test: lint typecheck pytest
+
+bench: lab
+	$(BIN)/python -m bench.mmio
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
