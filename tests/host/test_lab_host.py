@@ -59,8 +59,11 @@ def test_timeout_kills_the_command_and_the_guest_lives_on(lab) -> None:  # type:
 
 def test_streaming_delivers_output_as_it_comes(lab) -> None:  # type: ignore[no-untyped-def]
     seen: list[tuple[float, bytes]] = []
-    lab.run(["sh", "-c", "echo first; sleep 2; echo second"], timeout=30,
-            stream=lambda name, data: seen.append((time.monotonic(), data)))  # fmt: skip
+    lab.run(
+        ["sh", "-c", "echo first; sleep 2; echo second"],
+        timeout=30,
+        stream=lambda name, data: seen.append((time.monotonic(), data)),
+    )
     text = b"".join(d for _, d in seen)
     assert text == b"first\nsecond\n"
     first_at = next(t for t, d in seen if b"first" in d)
@@ -74,14 +77,29 @@ def test_check_raises_with_output(lab) -> None:  # type: ignore[no-untyped-def]
 
 
 def _udrv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "udrv", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "udrv", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_cli_propagates_exit_codes_and_prints_devices(tmp_path: Path) -> None:
     require_lab()
-    r = _udrv("lab", "run", "--results", str(tmp_path), "--device", "edu", "--",
-              "sh", "-c", "cat /sys/bus/pci/devices/*/device; exit 3")  # fmt: skip
+    r = _udrv(
+        "lab",
+        "run",
+        "--results",
+        str(tmp_path),
+        "--device",
+        "edu",
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/bus/pci/devices/*/device; exit 3",
+    )
     assert r.returncode == 3, r.stderr
     assert "0x11e8" in r.stdout.split()
     assert "guest up in" in r.stderr

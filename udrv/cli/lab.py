@@ -38,17 +38,37 @@ def register(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--device", "-d", action="append", default=[], metavar="SPEC",
-                     help="QEMU device NAME[:KEY=VALUE,...], e.g. edu, e1000, nvme:size=256M")  # fmt: skip
+    run.add_argument(
+        "--device",
+        "-d",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="QEMU device NAME[:KEY=VALUE,...], e.g. edu, e1000, nvme:size=256M",
+    )
     run.add_argument("--memory", type=int, default=1024, metavar="MB", help="guest memory (1024)")
     run.add_argument("--cpus", type=int, default=1, help="guest CPUs (1)")
     run.add_argument("--no-iommu", action="store_true", help="no emulated IOMMU (UIO only)")
-    run.add_argument("--timeout", type=float, default=None, metavar="S",
-                     help="kill the command after S seconds (exit 124)")  # fmt: skip
-    run.add_argument("--results", default="results", metavar="DIR",
-                     help="host directory shared read-write at the same path (./results)")  # fmt: skip
-    run.add_argument("--trace", action="append", default=[], metavar="PATTERN",
-                     help="QEMU trace events, e.g. 'memory_region_ops_*'")  # fmt: skip
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="kill the command after S seconds (exit 124)",
+    )
+    run.add_argument(
+        "--results",
+        default="results",
+        metavar="DIR",
+        help="host directory shared read-write at the same path (./results)",
+    )
+    run.add_argument(
+        "--trace",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="QEMU trace events, e.g. 'memory_region_ops_*'",
+    )
     run.add_argument("--trace-file", default=None, metavar="FILE", help="where trace events go")
     run.add_argument("--keep", action="store_true", help="keep the session dir (console log)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
@@ -78,20 +98,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace_file and not args.trace:
         raise LabError("--trace-file needs at least one --trace PATTERN")
     lab = Lab(
-        args.device, memory=args.memory, cpus=args.cpus, iommu=not args.no_iommu,
-        results=args.results, trace=args.trace, trace_file=args.trace_file, keep=args.keep,
-    )  # fmt: skip
+        args.device,
+        memory=args.memory,
+        cpus=args.cpus,
+        iommu=not args.no_iommu,
+        results=args.results,
+        trace=args.trace,
+        trace_file=args.trace_file,
+        keep=args.keep,
+    )
     # SIGTERM (e.g. from a CI timeout) ends the guest like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     start = time.monotonic()
     with lab:
         boot = time.monotonic() - start
-        print(f"udrv lab: guest up in {boot:.1f} s; devices: {lab.devices or 'none'}", file=sys.stderr)
+        print(
+            f"udrv lab: guest up in {boot:.1f} s; devices: {lab.devices or 'none'}", file=sys.stderr
+        )
         result = lab.run(cmd, timeout=args.timeout, stream=True)
     if args.keep:
         print(f"udrv lab: session files in {lab.session}", file=sys.stderr)
     if result.timed_out:
-        print(f"udrv lab: `{shlex.join(cmd)}` timed out after {args.timeout:g} s and was killed",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"udrv lab: `{shlex.join(cmd)}` timed out after {args.timeout:g} s and was killed",
+            file=sys.stderr,
+        )
         return 124
     return result.returncode

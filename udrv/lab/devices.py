@@ -26,11 +26,30 @@ FIRST_SLOT = 4
 LAST_SLOT = 0x1E  # 00:1f.x is the q35 ICH9 LPC/SATA/SMBus function
 BLOCK_MODELS = {"nvme", "virtio-blk-pci", "virtio-blk", "megasas", "pvscsi"}
 NIC_MODELS = {
-    "e1000", "e1000e", "e1000-82544gc", "e1000-82545em", "rtl8139", "ne2k_pci",
-    "virtio-net-pci", "virtio-net", "vmxnet3", "i82550", "i82551", "i82557a",
-    "i82557b", "i82557c", "i82558a", "i82558b", "i82559a", "i82559b", "i82559c",
-    "i82559er", "i82562", "i82801", "pcnet",
-}  # fmt: skip
+    "e1000",
+    "e1000e",
+    "e1000-82544gc",
+    "e1000-82545em",
+    "rtl8139",
+    "ne2k_pci",
+    "virtio-net-pci",
+    "virtio-net",
+    "vmxnet3",
+    "i82550",
+    "i82551",
+    "i82557a",
+    "i82557b",
+    "i82557c",
+    "i82558a",
+    "i82558b",
+    "i82559a",
+    "i82559b",
+    "i82559c",
+    "i82559er",
+    "i82562",
+    "i82801",
+    "pcnet",
+}
 SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.IGNORECASE)
 
 
@@ -56,7 +75,9 @@ class DeviceSpec:
     def parse(cls, text: str) -> DeviceSpec:
         model, _, rest = text.partition(":")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", model):
-            raise LabError(f"bad device spec {text!r}: expected NAME[:KEY=VALUE,...], e.g. nvme:size=256M")
+            raise LabError(
+                f"bad device spec {text!r}: expected NAME[:KEY=VALUE,...], e.g. nvme:size=256M"
+            )
         spec = cls(model=model)
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")

@@ -156,7 +156,11 @@ def build_initramfs(release: str, root: Path, report: Report) -> Path:
         (tree / "init").chmod(0o755)
         for name in INITRAMFS_MODULES:
             rel = next(
-                (ln.split(":")[0] for ln in deps.splitlines() if ln.split(":")[0].endswith(f"/{name}.ko.xz")),
+                (
+                    ln.split(":")[0]
+                    for ln in deps.splitlines()
+                    if ln.split(":")[0].endswith(f"/{name}.ko.xz")
+                ),
                 None,
             )
             if rel is None:
@@ -167,7 +171,7 @@ def build_initramfs(release: str, root: Path, report: Report) -> Path:
         files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
         cpio = subprocess.run(
             ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
-            input="\n".join(["."] + files).encode(),
+            input="\n".join([".", *files]).encode(),
             cwd=tree,
             capture_output=True,
             check=False,

@@ -38,8 +38,15 @@ from udrv.lab.paths import installed
 
 #: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
 GUEST_MODULES = (
-    "vfio-pci", "vfio_iommu_type1", "uio_pci_generic", "ublk_drv", "nbd", "cuse", "tun", "null_blk",
-)  # fmt: skip
+    "vfio-pci",
+    "vfio_iommu_type1",
+    "uio_pci_generic",
+    "ublk_drv",
+    "nbd",
+    "cuse",
+    "tun",
+    "null_blk",
+)
 #: Host environment variables a command in the guest keeps (besides UDRV_*).
 ENV_KEEP = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TERM", "CI", "USER")
 KERNEL_CMDLINE = (
@@ -63,10 +70,13 @@ class LabResult:
 
     def check(self) -> LabResult:
         if self.timed_out:
-            raise LabTimeout(f"`{shlex.join(self.args)}` timed out in the lab after {self.seconds:.0f} s")
+            raise LabTimeout(
+                f"`{shlex.join(self.args)}` timed out in the lab after {self.seconds:.0f} s"
+            )
         if self.returncode != 0:
             raise LabError(
-                f"`{shlex.join(self.args)}` exited {self.returncode} in the lab:\n{self.stdout}{self.stderr}"
+                f"`{shlex.join(self.args)}` exited {self.returncode} in the lab:\n"
+                f"{self.stdout}{self.stderr}"
             )
         return self
 
@@ -135,26 +145,49 @@ class Lab:
             raise LabSetupError(f"{QEMU} is not installed; run `udrv lab setup`")
         fs = "security_model=none,multidevs=remap"
         cmd = [
-            QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus), "-m", str(self.memory),
-            "-machine", "q35,kernel-irqchip=split" if self.iommu else "q35",
-            "-serial", f"file:{self.console_log}",
-            "-kernel", str(inst.vmlinuz),
-            "-initrd", str(ensure_initramfs(inst.kernel_release, inst.root)),
-            "-append", KERNEL_CMDLINE if self.iommu else KERNEL_CMDLINE.replace("intel_iommu=on", ""),
-        ]  # fmt: skip
+            QEMU,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            str(self.cpus),
+            "-m",
+            str(self.memory),
+            "-machine",
+            "q35,kernel-irqchip=split" if self.iommu else "q35",
+            "-serial",
+            f"file:{self.console_log}",
+            "-kernel",
+            str(inst.vmlinuz),
+            "-initrd",
+            str(ensure_initramfs(inst.kernel_release, inst.root)),
+            "-append",
+            KERNEL_CMDLINE if self.iommu else KERNEL_CMDLINE.replace("intel_iommu=on", ""),
+        ]
         if self.iommu:
             # Before any PCI device, so every device is behind it.
             cmd += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
         cmd += [
-            "-fsdev", f"local,id=fsroot,path=/,readonly=on,{fs}",
-            "-device", "virtio-9p-pci,fsdev=fsroot,mount_tag=udrvroot,addr=02.0",
-            "-fsdev", f"local,id=fsctl,path={self.ctl},{fs}",
-            "-device", "virtio-9p-pci,fsdev=fsctl,mount_tag=udrvctl,addr=03.0,multifunction=on",
-            "-fsdev", f"local,id=fsres,path={self.results},{fs}",
+            "-fsdev",
+            f"local,id=fsroot,path=/,readonly=on,{fs}",
+            "-device",
+            "virtio-9p-pci,fsdev=fsroot,mount_tag=udrvroot,addr=02.0",
+            "-fsdev",
+            f"local,id=fsctl,path={self.ctl},{fs}",
+            "-device",
+            "virtio-9p-pci,fsdev=fsctl,mount_tag=udrvctl,addr=03.0,multifunction=on",
+            "-fsdev",
+            f"local,id=fsres,path={self.results},{fs}",
             # Functions 1+ of slot 3 keep slots 4.. free for the requested devices.
-            "-device", "virtio-9p-pci,fsdev=fsres,mount_tag=udrvresults,addr=03.1",
-        ]  # fmt: skip
+            "-device",
+            "virtio-9p-pci,fsdev=fsres,mount_tag=udrvresults,addr=03.1",
+        ]
         for dev in self.placed:
             cmd += dev.qemu_args(self.session)
         if self.trace:
@@ -180,9 +213,12 @@ class Lab:
         cmd = self.qemu_command()
         with open(self.qemu_log, "wb") as log:
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + self.boot_timeout
         ready = self.ctl / "ready"
         try:
@@ -217,15 +253,14 @@ class Lab:
     def close(self) -> None:
         """Power the guest off (kill it if it does not stop) and remove the session files."""
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    (self.ctl / "poweroff").touch()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                (self.ctl / "poweroff").touch()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if not self.keep:
             shutil.rmtree(self.ctl, ignore_errors=True)
             for img in self.session.glob("*.img"):
@@ -251,7 +286,9 @@ class Lab:
 
     # -- commands --------------------------------------------------------------------------
 
-    def _script(self, args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float | None) -> str:
+    def _script(
+        self, args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float | None
+    ) -> str:
         keep = {k: v for k, v in os.environ.items() if k in ENV_KEEP or k.startswith("UDRV_")}
         # The interpreter running udrv first, so `python3` in the guest is this one, not a shim.
         keep["PATH"] = f"{Path(sys.executable).parent}:{keep.get('PATH', '/usr/bin:/bin')}"
@@ -302,6 +339,7 @@ class Lab:
         tmp.rename(self.ctl / f"{n}.sh")
         sink: Callable[[str, bytes], None] | None
         if stream is True:
+
             def sink(name: str, data: bytes) -> None:
                 out = sys.stdout if name == "stdout" else sys.stderr
                 out.flush()
@@ -331,18 +369,25 @@ class Lab:
             if done:
                 break
             if not self.alive:
-                raise LabError(f"the lab guest died while running `{shlex.join(argv)}`\n{self._diagnostics()}")
+                raise LabError(
+                    f"the lab guest died while running `{shlex.join(argv)}`\n{self._diagnostics()}"
+                )
             if backstop and time.monotonic() > backstop:
                 self.kill()
-                raise LabTimeout(f"`{shlex.join(argv)}` did not stop after {timeout:g} s; the guest was killed")
+                raise LabTimeout(
+                    f"`{shlex.join(argv)}` did not stop after {timeout:g} s; the guest was killed"
+                )
             time.sleep(0.02)
         seconds = time.monotonic() - start
         rc = int(rc_path.read_text().strip() or 255)
         result = LabResult(
-            args=argv, returncode=rc,
-            stdout=out["stdout"].decode(errors="replace"), stderr=out["stderr"].decode(errors="replace"),
-            seconds=seconds, timed_out=bool(timeout) and rc in (124, 137) and seconds >= timeout,
-        )  # fmt: skip
+            args=argv,
+            returncode=rc,
+            stdout=out["stdout"].decode(errors="replace"),
+            stderr=out["stderr"].decode(errors="replace"),
+            seconds=seconds,
+            timed_out=timeout is not None and rc in (124, 137) and seconds >= timeout,
+        )
         for p in (*paths.values(), rc_path, self.ctl / f"{n}.sh"):
             with contextlib.suppress(OSError):
                 p.unlink()

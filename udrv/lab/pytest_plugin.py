@@ -41,8 +41,9 @@ class GuestKey:
     iommu: bool
 
     def describe(self) -> str:
-        return f"devices={','.join(self.devices) or 'none'} memory={self.memory}M cpus={self.cpus}" + (
-            "" if self.iommu else " no-iommu"
+        return (
+            f"devices={','.join(self.devices) or 'none'} memory={self.memory}M cpus={self.cpus}"
+            + ("" if self.iommu else " no-iommu")
         )
 
 
@@ -83,14 +84,18 @@ class LabProxy(pytest.Item):
         if g.setup_missing:
             if os.environ.get("CI") == "true":
                 pytest.fail(f"lab test did not run under CI=true: {g.setup_missing}", pytrace=False)
-            pytest.skip(f"lab not available ({g.setup_missing}); run `udrv lab setup` to enable lab tests")
+            pytest.skip(
+                f"lab not available ({g.setup_missing}); run `udrv lab setup` to enable lab tests"
+            )
         if g.error:
             pytest.fail(f"lab guest ({g.key.describe()}) failed: {g.error}", pytrace=False)
         assert g.outcomes is not None
         res = g.outcomes.get(self.original_nodeid)
         if res is None:
-            pytest.fail("the guest's pytest did not report this test (collection error in the guest?)",
-                        pytrace=False)  # fmt: skip
+            pytest.fail(
+                "the guest's pytest did not report this test (collection error in the guest?)",
+                pytrace=False,
+            )
         if res["outcome"] == "skipped":
             pytest.skip(f"in the lab: {res['message']}")
         if res["outcome"] == "failed":
@@ -108,18 +113,36 @@ def run_group(group: Group, config: pytest.Config) -> None:
     tr = config.pluginmanager.get_plugin("terminalreporter")
     with tempfile.TemporaryDirectory(prefix="udrv-lab-pytest-") as results:
         report = Path(results) / "report.json"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
-               "-o", "console_output_style=classic", *group.nodeids]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--no-header",
+            "-o",
+            "console_output_style=classic",
+            *group.nodeids,
+        ]
         start = time.monotonic()
         try:
-            lab = Lab(group.key.devices, memory=group.key.memory, cpus=group.key.cpus,
-                      iommu=group.key.iommu, results=results)  # fmt: skip
+            lab = Lab(
+                group.key.devices,
+                memory=group.key.memory,
+                cpus=group.key.cpus,
+                iommu=group.key.iommu,
+                results=results,
+            )
             with lab:
                 if tr:
-                    tr.write_line(f"\n[lab] guest up ({group.key.describe()}), "
-                                  f"running {len(group.nodeids)} tests")  # fmt: skip
-                res = lab.run(cmd, timeout=GROUP_TIMEOUT, env={REPORT_ENV: str(report)},
-                              cwd=config.rootpath)  # fmt: skip
+                    tr.write_line(
+                        f"\n[lab] guest up ({group.key.describe()}), "
+                        f"running {len(group.nodeids)} tests"
+                    )
+                res = lab.run(
+                    cmd, timeout=GROUP_TIMEOUT, env={REPORT_ENV: str(report)}, cwd=config.rootpath
+                )
         except LabSetupError as exc:
             group.setup_missing = str(exc)
             return
@@ -131,18 +154,26 @@ def run_group(group: Group, config: pytest.Config) -> None:
         try:
             group.outcomes = json.loads(report.read_text())
         except (OSError, ValueError):
-            group.error = (f"no report from the guest's pytest (exit {res.returncode}):\n"
-                           f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")  # fmt: skip
+            group.error = (
+                f"no report from the guest's pytest (exit {res.returncode}):\n"
+                f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+            )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "lab(*devices, memory=1024, cpus=1, iommu=True): run in a lab guest")
+    config.addinivalue_line(
+        "markers", "lab(*devices, memory=1024, cpus=1, iommu=True): run in a lab guest"
+    )
     if IN_GUEST and os.environ.get(REPORT_ENV):
-        config.pluginmanager.register(GuestReporter(Path(os.environ[REPORT_ENV])), "udrv-lab-reporter")
+        config.pluginmanager.register(
+            GuestReporter(Path(os.environ[REPORT_ENV])), "udrv-lab-reporter"
+        )
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     if IN_GUEST:
         return
     groups: dict[GuestKey, Group] = {}
@@ -174,8 +205,11 @@ class GuestReporter:
             elif report.skipped:
                 lr = report.longrepr
                 message = lr[2] if isinstance(lr, tuple) else str(lr)
-            self.outcomes[report.nodeid] = {"outcome": report.outcome, "message": message,
-                                            "duration": report.duration}  # fmt: skip
+            self.outcomes[report.nodeid] = {
+                "outcome": report.outcome,
+                "message": message,
+                "duration": report.duration,
+            }
 
     def pytest_sessionfinish(self) -> None:
         self.path.write_text(json.dumps(self.outcomes, indent=1))
