@@ -34,7 +34,9 @@ def test_binding_edu_to_vfio_pci_creates_its_group_node(lab_devices: dict[str, s
     assert not Path(f"/dev/vfio/{group}").exists()
 
 
-@pytest.mark.parametrize("node", ["/dev/vfio/vfio", "/dev/ublk-control", "/dev/nbd0", "/dev/cuse", "/dev/net/tun"])
+@pytest.mark.parametrize(
+    "node", ["/dev/vfio/vfio", "/dev/ublk-control", "/dev/nbd0", "/dev/cuse", "/dev/net/tun"]
+)
 def test_kernel_interfaces_exist(node: str) -> None:
     assert Path(node).exists(), f"{node} missing: the lab agent did not load its module"
 
