@@ -262,9 +262,7 @@ class Lab:
                 proc.kill()
                 proc.wait()
         if not self.keep:
-            shutil.rmtree(self.ctl, ignore_errors=True)
-            for img in self.session.glob("*.img"):
-                img.unlink()
+            shutil.rmtree(self.session, ignore_errors=True)
 
     def kill(self) -> None:
         """Stop the guest at once (timeouts, Ctrl-C)."""
