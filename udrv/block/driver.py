@@ -1,0 +1,98 @@
+"""The block-driver interface that both kernel frontends (ublk, NBD) serve.
+
+A driver says its geometry and implements read/write (and optionally flush, discard and
+write-zeroes). Offsets and lengths are in bytes and always multiples of ``block_size``; the
+frontends check that before calling (a request past the end of the disk never reaches the
+driver). Methods may be plain functions or ``async def`` coroutines; frontends accept both.
+
+Durability contract: when ``write`` returns, the data may sit in a volatile cache; when
+``flush`` returns, everything written before it is durable. A frontend acknowledges a FLUSH
+to the kernel only after ``flush`` returned, so a dying driver loses nothing the kernel was
+told is safe.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from udrv.errors import FrontendError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    block_size: int  # logical block size in bytes: 512 or 4096
+    num_blocks: int
+    max_transfer: int = 512 * 1024  # largest single request in bytes
+    volatile_cache: bool = True  # the device needs FLUSH for durability
+    discard: bool = False
+    write_zeroes: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.block_size * self.num_blocks
+
+    def check(self, offset: int, length: int, what: str) -> None:
+        """Raise FrontendError unless [offset, offset+length) is aligned and on the disk."""
+        if offset % self.block_size or length % self.block_size:
+            raise FrontendError(
+                f"{what} at {offset:#x}+{length:#x} is not aligned to {self.block_size} bytes"
+            )
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise FrontendError(
+                f"{what} at {offset:#x}+{length:#x} is past the end of the disk ({self.size:#x})"
+            )
+
+
+class BlockDriver(abc.ABC):
+    """Implement this to be served as /dev/ublkbN or /dev/nbdN (or an NBD export)."""
+
+    geometry: BlockGeometry
+
+    @abc.abstractmethod
+    def read(self, offset: int, buf: memoryview) -> None | Awaitable[None]:
+        """Fill ``buf`` (``len(buf)`` bytes) from the disk at ``offset``."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: memoryview) -> None | Awaitable[None]:
+        """Write ``data`` at ``offset``."""
+
+    def flush(self) -> None | Awaitable[None]:
+        """Make every completed write durable."""
+        return None
+
+    def discard(self, offset: int, length: int) -> None | Awaitable[None]:
+        """The range's contents are no longer needed (TRIM/deallocate)."""
+        raise OSError(95, "discard not supported")  # EOPNOTSUPP
+
+    def write_zeroes(self, offset: int, length: int) -> None | Awaitable[None]:
+        """Zero the range; the default writes zero buffers."""
+        zero = memoryview(bytes(min(length, 1 << 20)))
+        results = []
+        for pos in range(offset, offset + length, len(zero)):
+            n = min(len(zero), offset + length - pos)
+            results.append(self.write(pos, zero[:n]))
+        if any(inspect.isawaitable(r) for r in results):
+            return _gather(results)
+        return None
+
+    def close(self) -> None:
+        """Release the device (the frontend calls it when it stops)."""
+
+
+async def _gather(results: list[Any]) -> None:
+    for r in results:
+        if inspect.isawaitable(r):
+            await r
+
+
+async def call(result: T | Awaitable[T]) -> T:
+    """Await a driver method's result if it is a coroutine, else return it."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
