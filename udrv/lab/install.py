@@ -1,7 +1,9 @@
 """`udrv lab setup`: install and cache what the lab needs, idempotently.
 
 1. Debian packages: QEMU, a static busybox for the initramfs, cpio, kmod (depmod/modprobe),
-   pciutils (lspci is the tests' oracle) and xz-utils.
+   pciutils (lspci is the tests' oracle), xz-utils, and the ordinary programs tests run in
+   the guest against udrv's devices (mkfs.ext4, fio, blkdiscard, nbdinfo, qemu-img, ip,
+   ping, gcc for C reference programs).
 2. A Debian 6.12 kernel (``linux-image-6.12.*+deb12-amd64-unsigned``): vmlinuz plus modules for
    vfio-pci, uio_pci_generic, ublk_drv, nbd, cuse, tun, null_blk and 9p. Old point releases
    vanish from the archive, so the newest available name is resolved at install time; the
@@ -34,6 +36,15 @@ APT_PACKAGES = {
     "kmod": "/usr/sbin/depmod",
     "pciutils": "/usr/bin/lspci",
     "xz-utils": "/usr/bin/xz",
+    # Ordinary programs the lab tests run against udrv's devices (visible in the guest).
+    "e2fsprogs": "/usr/sbin/mkfs.ext4",
+    "fio": "/usr/bin/fio",
+    "util-linux": "/usr/sbin/blkdiscard",
+    "libnbd-bin": "/usr/bin/nbdinfo",
+    "qemu-utils": "/usr/bin/qemu-img",
+    "iproute2": "/usr/sbin/ip",
+    "iputils-ping": "/usr/bin/ping",
+    "gcc": "/usr/bin/gcc",
 }
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)-unsigned$")
 
