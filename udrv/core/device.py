@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -56,6 +57,13 @@ class Device(abc.ABC):
     def __init__(self, address: str) -> None:
         self.address = address
         self._closed = False
+        self._close_hooks: list[Callable[[], None]] = []
+
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` when the device closes, before the backend lets go (the interrupt and
+        DMA layers use it: vectors are disabled and mappings undone while the fds still exist).
+        Hooks run last-registered first."""
+        self._close_hooks.append(hook)
 
     @property
     @abc.abstractmethod
@@ -109,6 +117,12 @@ class Device(abc.ABC):
         """Release the device; safe to call twice."""
         if not self._closed:
             self._closed = True
+            while self._close_hooks:
+                hook = self._close_hooks.pop()
+                try:
+                    hook()
+                except Exception as exc:  # noqa: BLE001 - the device must still be released
+                    warnings.warn(f"{self.address}: close hook failed: {exc}", stacklevel=2)
             self._close()
 
     @property

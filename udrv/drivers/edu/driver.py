@@ -1,0 +1,117 @@
+"""The edu driver: identification, liveness, factorial (polled or by interrupt), DMA.
+
+Reads like QEMU's docs/specs/edu.rst; register names are in :mod:`.regs`.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Any
+
+from udrv.core.device import Device
+from udrv.drivers.edu import regs
+from udrv.errors import DriverError, PollTimeout
+
+
+class EduError(DriverError):
+    """The edu device misbehaves or a request cannot be done on it."""
+
+
+class Edu:
+    """A driver bound to one edu device.
+
+    Args:
+        device: from ``udrv.open("1234:11e8")``.
+        interrupts: ``"msi"``, ``"intx"`` or ``None`` (polled only).
+        timeout: seconds any single operation may take before EduError/PollTimeout.
+
+    Raises:
+        EduError: the device is not an edu (wrong ids or identification magic).
+    """
+
+    def __init__(self, device: Device, *, interrupts: str | None = "msi", timeout: float = 5.0):
+        self.dev = device
+        self.timeout = timeout
+        self.bar = device.bar(regs.BAR)
+        self._lock = threading.Lock()  # one factorial / DMA at a time: the device has one unit
+        cfg = device.config
+        vendor, dev_id = cfg.read16(0x00), cfg.read16(0x02)
+        if (vendor, dev_id) != (regs.VENDOR_ID, regs.DEVICE_ID):
+            raise EduError(f"{device.address} is {vendor:04x}:{dev_id:04x}, not an edu (1234:11e8)")
+        ident = self.bar.read32(regs.IDENT)
+        if ident & regs.IDENT_MAGIC_MASK != regs.IDENT_MAGIC:
+            raise EduError(f"{device.address}: identification register reads {ident:#010x}, "
+                           "expected 0xRRrr00ed; is BAR0 mapped?")  # fmt: skip
+        self.version = (ident >> 24, (ident >> 16) & 0xFF)
+        self.irq: Any = None
+        if interrupts:
+            self._setup_interrupts(interrupts)
+
+    # -- basics ----------------------------------------------------------------------------
+
+    def check_liveness(self, value: int = 0x12345678) -> bool:
+        """Write ``value`` to the liveness register; the device must return its inversion."""
+        self.bar.write32(regs.LIVENESS, value)
+        return self.bar.read32(regs.LIVENESS) == (~value & 0xFFFF_FFFF)
+
+    def factorial(self, n: int, *, use_irq: bool | None = None) -> int:
+        """n! modulo 2**32, computed by the device.
+
+        Args:
+            use_irq: wait for the completion interrupt (default: when interrupts are set up)
+                instead of polling STATUS.COMPUTING.
+
+        Raises:
+            PollTimeout: the device did not finish within the timeout.
+        """
+        if not 0 <= n <= 0xFFFF_FFFF:
+            raise ValueError(f"factorial input {n} does not fit the 32-bit register")
+        irq = self.irq is not None if use_irq is None else use_irq
+        with self._lock:
+            if irq:
+                if self.irq is None:
+                    raise EduError(f"{self.dev.address}: interrupts are not set up")
+                self.bar.write32(regs.STATUS, regs.STATUS_IRQFACT)
+                self.bar.write32(regs.FACTORIAL, n)
+                self._wait_irq(regs.INTR_FACTORIAL, "factorial")
+            else:
+                self.bar.write32(regs.STATUS, 0)
+                self.bar.write32(regs.FACTORIAL, n)
+                self.bar.poll32(regs.STATUS, regs.STATUS_COMPUTING, 0, timeout=self.timeout,
+                                name="STATUS")  # fmt: skip
+            return self.bar.read32(regs.FACTORIAL)
+
+    # -- interrupts -------------------------------------------------------------------------
+
+    def _setup_interrupts(self, kind: str) -> None:
+        from udrv import irq as udrv_irq
+
+        self.irq = udrv_irq.enable(self.dev, kind, count=1)[0]
+
+    def _wait_irq(self, cause: int, what: str) -> None:
+        """Wait for the interrupt with ``cause`` and acknowledge it (edu.rst "IRQ controller")."""
+        assert self.irq is not None
+        while True:
+            if not self.irq.wait(self.timeout):
+                raise PollTimeout(f"{self.dev.address}: no {what} interrupt within "
+                                  f"{self.timeout:g} s (INTR_STATUS={self.bar.read32(regs.INTR_STATUS):#x})")  # fmt: skip
+            status = self.bar.read32(regs.INTR_STATUS)
+            if status:
+                self.bar.write32(regs.INTR_ACK, status)
+            self.irq.rearm()
+            if status & cause:
+                return
+
+    def close(self) -> None:
+        if self.irq is not None:
+            self.irq.close()
+            self.irq = None
+
+    def __enter__(self) -> Edu:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
