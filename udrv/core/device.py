@@ -99,6 +99,17 @@ class Device(abc.ABC):
                 continue
         return out
 
+    def set_bus_master(self, enable: bool = True) -> None:
+        """Set or clear Bus Master Enable (PCI command register bit 2; PCI 3.0 6.2.2).
+
+        A device can DMA, and so send MSI/MSI-X messages (which are memory writes), only
+        with it set; like the kernel's pci_set_master(), drivers call it when they start.
+        """
+        cmd = self.config.read16(0x04)
+        new = cmd | 0x4 if enable else cmd & ~0x4
+        if new != cmd:
+            self.config.write16(0x04, new)
+
     def reset(self) -> None:
         """Reset the device (function-level reset where the backend offers one).
 
