@@ -50,7 +50,7 @@ GUEST_MODULES = (
 #: Host environment variables a command in the guest keeps (besides UDRV_*).
 ENV_KEEP = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TERM", "CI", "USER")
 KERNEL_CMDLINE = (
-    "console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on mitigations=off "
+    "console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt mitigations=off "
     "no_timer_check tsc=reliable 8250.nr_uarts=1 rdinit=/init"
 )
 QEMU = "qemu-system-x86_64"

@@ -1,0 +1,43 @@
+"""DMA in user space: the seed's ``usr_pci_map`` (consistent buffers, streaming and
+scatter-gather mappings, unmap).
+
+    dma = udrv.dma.for_device(dev, mask_bits=28)
+    with dma.alloc(4096) as buf:         # consistent: buf.iova, buf.array (numpy)
+        ...
+    m = dma.map(bytearray(100))          # streaming; m.iova; m.unmap()
+
+Under VFIO the addresses are IOVAs through the IOMMU; under UIO they are physical addresses
+of hugepage memory (no IOMMU: the device can reach all of RAM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from udrv.core.device import Device
+from udrv.dma.buffer import Direction, DmaBuffer, Mapping
+from udrv.errors import DmaError
+
+__all__ = ["Direction", "DmaBuffer", "Mapping", "for_device"]
+
+
+def for_device(dev: Device, *, mask_bits: int = 64) -> Any:
+    """The DMA API for ``dev``; also sets Bus Master Enable (no DMA without it).
+
+    Args:
+        mask_bits: the device's DMA address width (edu: 28); addresses stay below it.
+    """
+    if dev.backend == "vfio":
+        from udrv.backends.vfio import VfioDevice
+        from udrv.dma.vfio import VfioDma
+
+        assert isinstance(dev, VfioDevice)
+        dma: Any = VfioDma(dev, mask_bits=mask_bits)
+    elif dev.backend == "uio":
+        from udrv.dma.hugepage import HugepageDma
+
+        dma = HugepageDma(dev, mask_bits=mask_bits)
+    else:
+        raise DmaError(f"{dev.address}: the {dev.backend} backend cannot do DMA; use vfio or uio")
+    dev.set_bus_master()
+    return dma
