@@ -25,12 +25,16 @@ class Edu:
         device: from ``udrv.open("1234:11e8")``.
         interrupts: ``"msi"``, ``"intx"`` or ``None`` (polled only).
         timeout: seconds any single operation may take before EduError/PollTimeout.
+        dma_mask_bits: the device's DMA address width (QEMU's ``dma_mask``; 28 by default).
 
     Raises:
         EduError: the device is not an edu (wrong ids or identification magic).
     """
 
-    def __init__(self, device: Device, *, interrupts: str | None = "msi", timeout: float = 5.0):
+    def __init__(
+        self, device: Device, *, interrupts: str | None = "msi", timeout: float = 5.0,
+        dma_mask_bits: int = regs.DMA_MASK_BITS,
+    ) -> None:  # fmt: skip
         self.dev = device
         self.timeout = timeout
         self.bar = device.bar(regs.BAR)
@@ -47,6 +51,11 @@ class Edu:
         self.irq: Any = None
         if interrupts:
             self._setup_interrupts(interrupts)
+        from udrv import dma
+
+        self.dma_mask_bits = dma_mask_bits
+        self.dma_api = dma.for_device(device, mask_bits=dma_mask_bits)
+        self._staging = self.dma_api.alloc(regs.DMA_BUFFER_SIZE)
 
     # -- basics ----------------------------------------------------------------------------
 
@@ -103,7 +112,57 @@ class Edu:
             if status & cause:
                 return
 
+    # -- DMA -------------------------------------------------------------------------------
+
+    def dma_to_device(self, data: bytes, offset: int = 0) -> None:
+        """Copy ``data`` into the device's 4 KiB buffer at ``offset`` by DMA (RAM -> edu)."""
+        self._check_span(offset, len(data))
+        with self._lock:
+            buf = self._staging
+            buf.array[: len(data)] = memoryview(data)
+            self._transfer(buf.iova, regs.DMA_BUFFER + offset, len(data), 0)
+
+    def dma_from_device(self, length: int, offset: int = 0) -> bytes:
+        """Copy ``length`` bytes out of the device's buffer at ``offset`` by DMA (edu -> RAM)."""
+        self._check_span(offset, length)
+        with self._lock:
+            buf = self._staging
+            self._transfer(regs.DMA_BUFFER + offset, buf.iova, length, regs.DMA_CMD_TO_RAM)
+            return bytes(buf.array[:length])
+
+    def dma(self, src: int, dst: int, length: int, *, to_ram: bool) -> None:
+        """A raw transfer between a DMA address (IOVA) and a device-buffer address."""
+        dev_addr = src if to_ram else dst
+        self._check_span(dev_addr - regs.DMA_BUFFER, length)
+        ram = dst if to_ram else src
+        if ram + length > 1 << self.dma_mask_bits:
+            raise EduError(f"{self.dev.address}: DMA address {ram:#x}+{length:#x} is beyond edu's "
+                           f"{self.dma_mask_bits}-bit DMA mask")  # fmt: skip
+        with self._lock:
+            self._transfer(src, dst, length, regs.DMA_CMD_TO_RAM if to_ram else 0)
+
+    def _check_span(self, offset: int, length: int) -> None:
+        if length <= 0 or offset < 0 or offset + length > regs.DMA_BUFFER_SIZE:
+            raise EduError(f"{self.dev.address}: DMA of {length} bytes at buffer offset {offset} "
+                           f"does not fit the {regs.DMA_BUFFER_SIZE}-byte device buffer")  # fmt: skip
+
+    def _transfer(self, src: int, dst: int, length: int, direction: int) -> None:
+        # edu.rst "DMA controller": source, destination, count, then start (+ IRQ when done).
+        if self.bar.read64(regs.DMA_CMD) & regs.DMA_CMD_START:
+            raise EduError(f"{self.dev.address}: a DMA transfer is already running (device busy)")
+        self.bar.write64(regs.DMA_SRC, src)
+        self.bar.write64(regs.DMA_DST, dst)
+        self.bar.write64(regs.DMA_COUNT, length)
+        irq = self.irq is not None
+        self.bar.write64(regs.DMA_CMD, regs.DMA_CMD_START | direction | (regs.DMA_CMD_IRQ if irq else 0))
+        if irq:
+            self._wait_irq(regs.INTR_DMA, "DMA completion")
+        self.bar.poll(regs.DMA_CMD, regs.DMA_CMD_START, 0, timeout=self.timeout, width=8, name="DMA_CMD")
+
     def close(self) -> None:
+        if getattr(self, "_staging", None) is not None:
+            self._staging.close()
+            self._staging = None
         if self.irq is not None:
             self.irq.close()
             self.irq = None
