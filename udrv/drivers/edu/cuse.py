@@ -70,8 +70,8 @@ class EduCharDevice(CharDevice):
             if len(call.data) < size:  # the struct itself was asked for by the _IOC size
                 raise OSError(errno.EFAULT, "short edu_dma argument")
             user_ptr, length, offset = uapi.edu_dma.unpack_from(call.data)
-            if not 0 < length <= 4096:
-                raise OSError(errno.EINVAL, f"length {length} outside 1..4096")
+            if not 0 < length <= 4095:
+                raise OSError(errno.EINVAL, f"length {length} outside 1..4095")
             to_device = call.cmd == uapi.EDU_IOC_DMA_TO_DEVICE
             if to_device:
                 if len(call.data) < size + length:  # now fetch the user buffer it points to

@@ -142,9 +142,10 @@ class Edu:
             self._transfer(src, dst, length, regs.DMA_CMD_TO_RAM if to_ram else 0)
 
     def _check_span(self, offset: int, length: int) -> None:
-        if length <= 0 or offset < 0 or offset + length > regs.DMA_BUFFER_SIZE:
+        if length <= 0 or offset < 0 or offset + length > regs.DMA_BUFFER_USABLE:
             raise EduError(f"{self.dev.address}: DMA of {length} bytes at buffer offset {offset} "
-                           f"does not fit the {regs.DMA_BUFFER_SIZE}-byte device buffer")  # fmt: skip
+                           f"does not fit the device buffer (4 KiB; the last byte is unusable "
+                           f"in QEMU's edu, so offset + length <= {regs.DMA_BUFFER_USABLE})")  # fmt: skip
 
     def _transfer(self, src: int, dst: int, length: int, direction: int) -> None:
         # edu.rst "DMA controller": source, destination, count, then start (+ IRQ when done).

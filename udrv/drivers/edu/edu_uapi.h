@@ -8,7 +8,7 @@
 
 struct edu_dma {
 	__u64 buf;    /* user buffer */
-	__u32 len;    /* 1..4096 bytes */
+	__u32 len;    /* 1..4095 bytes: offset + len <= 4095 (QEMU edu quirk) */
 	__u32 offset; /* in the device's 4 KiB buffer */
 };
 

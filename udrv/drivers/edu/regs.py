@@ -33,4 +33,8 @@ INTR_DMA = 0x100  # "raise interrupt 0x100 after finishing the DMA"
 
 DMA_BUFFER = 0x40000  # "DMA controller": one 4096-byte buffer at this device address
 DMA_BUFFER_SIZE = 4096
+#: What a transfer may really use. QEMU's edu_check_range() (hw/misc/edu.c, QEMU 7.2) treats
+#: a range that ends exactly at the end of the buffer as out of bounds and calls hw_error(),
+#: which aborts the whole VM; so the last byte is unusable and the driver never touches it.
+DMA_BUFFER_USABLE = DMA_BUFFER_SIZE - 1
 DMA_MASK_BITS = 28  # "the device supports only 28 bits (256 MiB) by default"

@@ -1,0 +1,40 @@
+"""Fixtures for tests that run inside the lab guest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+SYS = Path("/sys/bus/pci/devices")
+
+
+def bind(address: str, driver: str | None) -> None:
+    """Bind ``address`` to ``driver`` (None: no driver) with driver_override + drivers_probe."""
+    dev = SYS / address
+    if (dev / "driver").exists():
+        if os.path.basename(os.readlink(dev / "driver")) == driver:
+            return
+        (dev / "driver" / "unbind").write_text(address)
+    (dev / "driver_override").write_text(driver or "\n")
+    if driver:
+        Path("/sys/bus/pci/drivers_probe").write_text(address)
+        assert os.path.basename(os.readlink(dev / "driver")) == driver
+
+
+@pytest.fixture
+def bound(lab_devices: dict[str, str]) -> Iterator[Callable[[str, str | None], str]]:
+    """``bound("edu", "vfio-pci")`` -> address; the device is unbound again afterwards."""
+    done: list[str] = []
+
+    def _bind(name: str, driver: str | None) -> str:
+        address = lab_devices[name]
+        bind(address, driver)
+        done.append(address)
+        return address
+
+    yield _bind
+    for address in done:
+        bind(address, None)
