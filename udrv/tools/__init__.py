@@ -1,0 +1,1 @@
+"""Programs built from udrv's parts: the demo, latency measurement."""
