@@ -107,7 +107,6 @@ class vfio_device_info(ctypes.Structure):
         ("num_regions", ctypes.c_uint32),
         ("num_irqs", ctypes.c_uint32),
         ("cap_offset", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -157,7 +156,6 @@ class vfio_iommu_type1_info(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("iova_pgsizes", ctypes.c_uint64),
         ("cap_offset", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -185,7 +183,7 @@ class vfio_iommu_type1_dma_unmap(ctypes.Structure):
 
 
 for _t, _size in (
-    (vfio_group_status, 8), (vfio_device_info, 24), (vfio_region_info, 32), (vfio_irq_info, 16),
+    (vfio_group_status, 8), (vfio_device_info, 20), (vfio_region_info, 32), (vfio_irq_info, 16),
     (vfio_irq_set, 20), (vfio_info_cap_header, 8), (vfio_region_sparse_mmap_area, 16),
     (vfio_iommu_type1_info, 24), (vfio_iova_range, 16), (vfio_iommu_type1_dma_map, 32),
     (vfio_iommu_type1_dma_unmap, 24),
