@@ -11,7 +11,9 @@ from udrv.pci.sysfs import SYSFS_PCI, find
 BACKENDS = ("auto", "vfio", "uio", "sysfs")
 
 
-def open(selector: str, backend: str = "auto", *, writable: bool = False, root: Path = SYSFS_PCI) -> Device:  # noqa: A001
+def open(
+    selector: str, backend: str = "auto", *, writable: bool = False, root: Path = SYSFS_PCI
+) -> Device:
     """Open a PCI device for a user-space driver.
 
     Args:
@@ -39,10 +41,14 @@ def open(selector: str, backend: str = "auto", *, writable: bool = False, root: 
         elif info.driver == "uio_pci_generic":
             backend = "uio"
         elif info.driver:
-            raise DeviceBusyError(f"{info.address} is bound to {info.driver}; run `udrv bind {info.address}`")
+            raise DeviceBusyError(
+                f"{info.address} is bound to {info.driver}; run `udrv bind {info.address}`"
+            )
         else:
-            raise DeviceBusyError(f"{info.address} is not bound to vfio-pci or uio_pci_generic; "
-                                  f"run `udrv bind {info.address}`")  # fmt: skip
+            raise DeviceBusyError(
+                f"{info.address} is not bound to vfio-pci or uio_pci_generic; "
+                f"run `udrv bind {info.address}`"
+            )
     if backend == "vfio":
         from udrv.backends.vfio import VfioDevice
 

@@ -128,13 +128,13 @@ def test_ioctl_pointer_argument_takes_two_retries(kernel: tuple[Kernel, CuseServ
     fh = _open(k)
     base = dict(fh=fh, flags=F.FUSE_IOCTL_UNRESTRICTED, cmd=IO_PTR, arg=0x1000)
     err, out = k.call(F.Opcode.FUSE_IOCTL, bytes(F.fuse_ioctl_in(**base)))
-    assert F.fuse_ioctl_out.from_buffer_copy(out).in_iovs == 1
+    assert err == 0 and F.fuse_ioctl_out.from_buffer_copy(out).in_iovs == 1
     desc = struct.pack("<QQ", 0x2000, 3)
-    err, out = k.call(F.Opcode.FUSE_IOCTL, bytes(F.fuse_ioctl_in(**base, in_size=16)) + desc)
+    _, out = k.call(F.Opcode.FUSE_IOCTL, bytes(F.fuse_ioctl_in(**base, in_size=16)) + desc)
     head = F.fuse_ioctl_out.from_buffer_copy(out)
     assert (head.in_iovs, head.out_iovs) == (2, 1)
     last = F.fuse_ioctl_in(**base, in_size=19, out_size=3)
-    err, out = k.call(F.Opcode.FUSE_IOCTL, bytes(last) + desc + b"abc")
+    _, out = k.call(F.Opcode.FUSE_IOCTL, bytes(last) + desc + b"abc")
     assert F.fuse_ioctl_out.from_buffer_copy(out).result == 7 and out[16:] == b"ABC"
 
 
@@ -149,8 +149,11 @@ def test_unknown_ioctl_and_opcode_are_errors(kernel: tuple[Kernel, CuseServer]) 
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(opcode=st.sampled_from([*list(F.Opcode), 0, 9999]), body=st.binary(max_size=96),
-       bad_len=st.booleans())  # fmt: skip
+@given(
+    opcode=st.sampled_from([*list(F.Opcode), 0, 9999]),
+    body=st.binary(max_size=96),
+    bad_len=st.booleans(),
+)
 def test_malformed_requests_never_kill_the_server(
     kernel: tuple[Kernel, CuseServer], opcode: int, body: bytes, bad_len: bool
 ) -> None:

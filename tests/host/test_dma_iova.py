@@ -29,7 +29,7 @@ def test_never_hands_out_the_msi_window() -> None:
 def test_exhaustion_is_a_clear_error_and_free_reuses() -> None:
     a = IovaAllocator(mask_bits=21, base=0x100000)  # 1 MiB of space
     big = a.alloc(1 << 20)
-    with pytest.raises(DmaError, match="IOVA space exhausted.*21-bit DMA mask"):
+    with pytest.raises(DmaError, match=r"IOVA space exhausted.*21-bit DMA mask"):
         a.alloc(4096)
     a.free_range(big)
     assert a.alloc(4096) == big
@@ -58,9 +58,14 @@ def test_allocations_never_overlap(ops: list[tuple[bool, int]]) -> None:
     assert total_free + sum(live.values()) == (1 << 24) - 0x100000
 
 
-@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 20000)), max_size=8),
-       st.integers(1, 9000), st.sampled_from([512, 4096, 65536]))  # fmt: skip
-def test_segments_cover_everything_within_limits(spans: list[tuple[int, int]], max_seg: int, boundary: int) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 20000)), max_size=8),
+    st.integers(1, 9000),
+    st.sampled_from([512, 4096, 65536]),
+)
+def test_segments_cover_everything_within_limits(
+    spans: list[tuple[int, int]], max_seg: int, boundary: int
+) -> None:
     segs = segment(spans, max_seg, boundary)
     assert sum(n for _, n in segs) == sum(n for _, n in spans)
     for iova, n in segs:

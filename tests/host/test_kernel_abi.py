@@ -36,26 +36,41 @@ def test_ioctl_numbers(name: str) -> None:
 
 
 STRUCTS = {
-    "vfio_group_status": V.vfio_group_status, "vfio_device_info": V.vfio_device_info,
-    "vfio_region_info": V.vfio_region_info, "vfio_irq_info": V.vfio_irq_info,
-    "vfio_irq_set": V.vfio_irq_set, "vfio_info_cap_header": V.vfio_info_cap_header,
+    "vfio_group_status": V.vfio_group_status,
+    "vfio_device_info": V.vfio_device_info,
+    "vfio_region_info": V.vfio_region_info,
+    "vfio_irq_info": V.vfio_irq_info,
+    "vfio_irq_set": V.vfio_irq_set,
+    "vfio_info_cap_header": V.vfio_info_cap_header,
     "vfio_iommu_type1_info": V.vfio_iommu_type1_info,
     "vfio_iommu_type1_dma_map": V.vfio_iommu_type1_dma_map,
-    "vfio_iommu_type1_dma_unmap": V.vfio_iommu_type1_dma_unmap, "vfio_iova_range": V.vfio_iova_range,
-    "fuse_in_header": F.fuse_in_header, "fuse_out_header": F.fuse_out_header,
-    "cuse_init_in": F.cuse_init_in, "cuse_init_out": F.cuse_init_out, "fuse_open_in": F.fuse_open_in,
-    "fuse_open_out": F.fuse_open_out, "fuse_read_in": F.fuse_read_in, "fuse_write_in": F.fuse_write_in,
-    "fuse_write_out": F.fuse_write_out, "fuse_release_in": F.fuse_release_in,
-    "fuse_ioctl_in": F.fuse_ioctl_in, "fuse_ioctl_out": F.fuse_ioctl_out,
-    "fuse_ioctl_iovec": F.fuse_ioctl_iovec, "fuse_poll_in": F.fuse_poll_in,
-    "fuse_poll_out": F.fuse_poll_out, "fuse_interrupt_in": F.fuse_interrupt_in,
-}  # fmt: skip
+    "vfio_iommu_type1_dma_unmap": V.vfio_iommu_type1_dma_unmap,
+    "vfio_iova_range": V.vfio_iova_range,
+    "fuse_in_header": F.fuse_in_header,
+    "fuse_out_header": F.fuse_out_header,
+    "cuse_init_in": F.cuse_init_in,
+    "cuse_init_out": F.cuse_init_out,
+    "fuse_open_in": F.fuse_open_in,
+    "fuse_open_out": F.fuse_open_out,
+    "fuse_read_in": F.fuse_read_in,
+    "fuse_write_in": F.fuse_write_in,
+    "fuse_write_out": F.fuse_write_out,
+    "fuse_release_in": F.fuse_release_in,
+    "fuse_ioctl_in": F.fuse_ioctl_in,
+    "fuse_ioctl_out": F.fuse_ioctl_out,
+    "fuse_ioctl_iovec": F.fuse_ioctl_iovec,
+    "fuse_poll_in": F.fuse_poll_in,
+    "fuse_poll_out": F.fuse_poll_out,
+    "fuse_interrupt_in": F.fuse_interrupt_in,
+}
 
 
 @pytest.fixture(scope="module")
 def c_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
     if not shutil.which("gcc") or not Path("/usr/include/linux/vfio.h").exists():
-        pytest.skip("gcc or the kernel uapi headers are missing: `apt-get install gcc linux-libc-dev`")
+        pytest.skip(
+            "gcc or the kernel uapi headers are missing: `apt-get install gcc linux-libc-dev`"
+        )
     lines = []
     for name, t in STRUCTS.items():
         offs = " ".join(f'printf(" %zu", offsetof(struct {name}, {f[0]}));' for f in t._fields_)
@@ -105,7 +120,9 @@ def test_vfio_capability_chain_walk_and_loop_detection() -> None:
 
 
 def test_irq_set_payload() -> None:
-    raw = V.irq_set(V.VfioPciIrq.MSIX, V.VFIO_IRQ_SET_DATA_EVENTFD | V.VFIO_IRQ_SET_ACTION_TRIGGER, 0, [5, -1])
+    raw = V.irq_set(
+        V.VfioPciIrq.MSIX, V.VFIO_IRQ_SET_DATA_EVENTFD | V.VFIO_IRQ_SET_ACTION_TRIGGER, 0, [5, -1]
+    )
     hdr = V.vfio_irq_set.from_buffer_copy(raw)
     assert (hdr.argsz, hdr.index, hdr.count) == (28, 2, 2)
     assert raw[20:] == (5).to_bytes(4, "little") + (-1).to_bytes(4, "little", signed=True)

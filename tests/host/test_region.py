@@ -34,7 +34,12 @@ def test_each_width_touches_exactly_its_bytes(width: int, slot: int, data: st.Da
 
 def test_named_accessors(mem: MmioRegion) -> None:
     mem.write64(8, 0x1122334455667788)
-    assert (mem.read8(8), mem.read16(8), mem.read32(8), mem.read32(12)) == (0x88, 0x7788, 0x55667788, 0x11223344)
+    assert (mem.read8(8), mem.read16(8), mem.read32(8), mem.read32(12)) == (
+        0x88,
+        0x7788,
+        0x55667788,
+        0x11223344,
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,7 +81,10 @@ def test_rmw_helpers_and_write1c() -> None:
 def test_poll_timeout_names_register_mask_and_last_value(mem: MmioRegion) -> None:
     mem.write32(0x20, 0x81)
     assert mem.poll32(0x20, 0x80, 0x80, timeout=0.1) == 0x81
-    with pytest.raises(PollTimeout, match=r"register STATUS \(0x20\) & 0x1 did not become 0x0 within 0.05 s \(last value 0x81\)"):
+    with pytest.raises(
+        PollTimeout,
+        match=r"register STATUS \(0x20\) & 0x1 did not become 0x0 within 0.05 s \(last value 0x81\)",
+    ):
         mem.poll32(0x20, 0x1, 0, timeout=0.05, name="STATUS")
 
 

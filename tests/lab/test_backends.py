@@ -51,7 +51,9 @@ def test_selector_forms(bound: Bind) -> None:
 def test_bad_accesses_have_clear_errors(bound: Bind) -> None:
     with udrv.open(bound("edu", "vfio-pci")) as dev:
         bar = dev.bar(0)
-        with pytest.raises(RegionError, match=r"BAR0 of 0000:00:04.0: 4-byte read at 0x100000 is outside the 1 MiB"):
+        with pytest.raises(
+            RegionError, match=r"BAR0 of 0000:00:04.0: 4-byte read at 0x100000 is outside the 1 MiB"
+        ):
             bar.read32(0x100000)
         with pytest.raises(RegionError, match="not 4-byte aligned"):
             bar.read32(2)
@@ -66,7 +68,10 @@ def test_bad_accesses_have_clear_errors(bound: Bind) -> None:
 def test_open_errors_name_the_fix(lab_devices: dict[str, str], bound: Bind) -> None:
     with pytest.raises(DeviceNotFoundError, match=r"no PCI device 0000:00:1e.0 .* `udrv list`"):
         udrv.open("0000:00:1e.0")
-    with pytest.raises(DeviceBusyError, match=r"not bound to vfio-pci or uio_pci_generic; run `udrv bind 0000:00:04.0`"):
+    with pytest.raises(
+        DeviceBusyError,
+        match=r"not bound to vfio-pci or uio_pci_generic; run `udrv bind 0000:00:04.0`",
+    ):
         udrv.open(lab_devices["edu"])
     with pytest.raises(VfioError, match=r"not bound to vfio-pci .* run `udrv bind 0000:00:04.0`"):
         udrv.open(lab_devices["edu"], backend="vfio")
@@ -80,7 +85,9 @@ def test_kernel_driver_binding_is_reported(lab_devices: dict[str, str]) -> None:
 
     subprocess.run(["modprobe", "e1000e"], check=True)
     try:
-        with pytest.raises(DeviceBusyError, match=r"0000:00:05.0 is bound to e1000e; run `udrv bind 0000:00:05.0`"):
+        with pytest.raises(
+            DeviceBusyError, match=r"0000:00:05.0 is bound to e1000e; run `udrv bind 0000:00:05.0`"
+        ):
             udrv.open(lab_devices["e1000e"])
     finally:
         subprocess.run(["rmmod", "e1000e"], check=True)

@@ -21,8 +21,11 @@ pytestmark = pytest.mark.lab()
 
 
 def _start(name: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.lab.helpers.echo_cuse", name],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.lab.helpers.echo_cuse", name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 10
@@ -42,8 +45,13 @@ def echo() -> Iterator[subprocess.Popen[str]]:
 
 
 def test_shell_tools_use_the_node(echo: subprocess.Popen[str]) -> None:
-    r = subprocess.run("printf 'hi there' > /dev/echo0 && head -c 8 /dev/echo0 | od -An -c",
-                       shell=True, capture_output=True, text=True, check=True)  # fmt: skip
+    r = subprocess.run(
+        "printf 'hi there' > /dev/echo0 && head -c 8 /dev/echo0 | od -An -c",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert r.stdout.split() == ["h", "i", "t", "h", "e", "r", "e"]
 
 
@@ -71,7 +79,7 @@ def test_eight_concurrent_clients(echo: subprocess.Popen[str]) -> None:
                 results.append(os.read(fd, 16))
             finally:
                 os.close(fd)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=reader) for _ in range(8)]
@@ -116,7 +124,8 @@ def test_killed_driver_fails_blocked_reader_and_can_serve_again(
     again = _start("echo0")
     try:
         Path("/dev/echo0").write_bytes(b"back")
-        assert Path("/dev/echo0").open("rb").read(4) == b"back"
+        with open("/dev/echo0", "rb") as f:
+            assert f.read(4) == b"back"
     finally:
         again.terminate()
         again.wait(10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,9 @@ def xfer(bar, src: int, dst: int, n: int, to_ram: bool) -> None:  # type: ignore
 
 
 # Transfers never reach the device buffer's last byte: QEMU 7.2's edu aborts the VM on that.
-@pytest.mark.parametrize(("size", "offset"), [(1, 0), (100, 7), (4095, 0), (2047, 2048), (513, 1000)])
+@pytest.mark.parametrize(
+    ("size", "offset"), [(1, 0), (100, 7), (4095, 0), (2047, 2048), (513, 1000)]
+)
 def test_consistent_round_trip(bound: Bind, size: int, offset: int) -> None:
     with udrv.open(bound("edu", "vfio-pci")) as dev:
         dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
@@ -98,7 +101,9 @@ def test_iommu_contains_dma_to_unmapped_iova(bound: Bind) -> None:
             dmesg_before = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
             xfer(bar, R.DMA_BUFFER, target, 4095, True)  # the device tries to write there
             assert bytes(guard.array) == b"\x55" * 4096  # untouched
-            dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout[len(dmesg_before) :]
+            dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout[
+                len(dmesg_before) :
+            ]
             assert "DMAR" in dmesg and "fault" in dmesg.lower()  # the driver can see the fault
             guard.close()
             # The device still works after the fault.
@@ -111,14 +116,14 @@ def test_iommu_contains_dma_to_unmapped_iova(bound: Bind) -> None:
 def test_open_close_cycles_leak_nothing(bound: Bind) -> None:
     address = bound("edu", "vfio-pci")
     fds_before = len(os.listdir("/proc/self/fd"))
-    maps_before = open("/proc/self/maps").read().count("vfio")
+    maps_before = Path("/proc/self/maps").read_text().count("vfio")
     for _ in range(200):
         with udrv.open(address) as dev:
             dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
             dma.alloc(4096)  # left for close() to unmap
             dev.bar(0).read32(0)
     assert len(os.listdir("/proc/self/fd")) == fds_before
-    assert open("/proc/self/maps").read().count("vfio") == maps_before
+    assert Path("/proc/self/maps").read_text().count("vfio") == maps_before
 
 
 def test_uio_hugepage_dma(bound: Bind) -> None:

@@ -51,8 +51,11 @@ def test_driver_works_over_uio(bound: Bind) -> None:
 @pytest.fixture
 def served(bound: Bind) -> Iterator[subprocess.Popen[str]]:
     address = bound("edu", "vfio-pci")
-    proc = subprocess.Popen([sys.executable, "-m", "udrv", "edu", "serve", address, "--name", "edu0"],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "udrv", "edu", "serve", address, "--name", "edu0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert "/dev/edu0" in proc.stdout.readline()
     yield proc
@@ -62,21 +65,34 @@ def served(bound: Bind) -> Iterator[subprocess.Popen[str]]:
 
 
 def test_factorial_from_the_shell(served: subprocess.Popen[str]) -> None:
-    r = subprocess.run("exec 3<>/dev/edu0; printf '\\012\\000\\000\\000' >&3; od -An -tu4 -N4 <&3",
-                       shell=True, capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        "exec 3<>/dev/edu0; printf '\\012\\000\\000\\000' >&3; od -An -tu4 -N4 <&3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.stdout.split() == ["3628800"], r.stderr
 
 
-def test_c_program_uses_factorial_and_dma_ioctls(served: subprocess.Popen[str], tmp_path: Path) -> None:
+def test_c_program_uses_factorial_and_dma_ioctls(
+    served: subprocess.Popen[str], tmp_path: Path
+) -> None:
     exe = tmp_path / "edu_client"
     include = Path(udrv.__file__).parent / "drivers" / "edu"
-    subprocess.run(["gcc", "-O1", "-I", str(include), "-o", str(exe), str(HERE / "helpers" / "edu_client.c")],
-                   check=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        ["gcc", "-O1", "-I", str(include), "-o", str(exe), str(HERE / "helpers" / "edu_client.c")],
+        check=True,
+        timeout=120,
+    )
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == [
-        "factorial 12 479001600", "dma ok", "oversize rejected", "liveness ok f0f0f0f0",
-    ]  # fmt: skip
+        "factorial 12 479001600",
+        "dma ok",
+        "oversize rejected",
+        "liveness ok f0f0f0f0",
+    ]
 
 
 def test_eight_concurrent_clients(served: subprocess.Popen[str]) -> None:
@@ -101,7 +117,9 @@ def test_eight_concurrent_clients(served: subprocess.Popen[str]) -> None:
     assert results == {n: math.factorial(n) for n in range(1, 9)}
 
 
-def test_killed_server_releases_device_and_can_serve_again(served: subprocess.Popen[str], bound: Bind) -> None:
+def test_killed_server_releases_device_and_can_serve_again(
+    served: subprocess.Popen[str], bound: Bind
+) -> None:
     fd = os.open("/dev/edu0", os.O_RDWR)
     served.send_signal(signal.SIGKILL)
     served.wait(10)

@@ -27,7 +27,9 @@ def _roundtrip(bar, vec, value: int = 1) -> int:  # type: ignore[no-untyped-def]
     return int(n)
 
 
-@pytest.mark.parametrize(("driver", "kind"), [("vfio-pci", "msi"), ("vfio-pci", "intx"), ("uio_pci_generic", "intx")])
+@pytest.mark.parametrize(
+    ("driver", "kind"), [("vfio-pci", "msi"), ("vfio-pci", "intx"), ("uio_pci_generic", "intx")]
+)
 def test_raise_and_ack(bound: Bind, driver: str, kind: str) -> None:
     with udrv.open(bound("edu", driver)) as dev:
         vec = udrv.irq.enable(dev, kind)[0]

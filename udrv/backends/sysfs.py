@@ -35,7 +35,9 @@ class SysfsDevice(Device):
             raise BackendError(f"cannot open {path}; {fix}", errno=exc.errno) from None
         self._fds.append(fd)
         size = os.fstat(fd).st_size
-        self._config = FileRegion(fd, name=f"config space of {self.address}", size=size, writable=writable)
+        self._config = FileRegion(
+            fd, name=f"config space of {self.address}", size=size, writable=writable
+        )
 
     @property
     def config(self) -> Region:
@@ -48,10 +50,15 @@ class SysfsDevice(Device):
         if res is None or res.size == 0:
             raise RegionError(f"{self.address} does not implement BAR{index}")
         return RegionInfo(
-            index=index, kind=RegionKind.IO if res.is_io else RegionKind.MEMORY, size=res.size,
-            readable=True, writable=self.writable, mappable=not res.is_io,
-            is_64bit=res.is_64bit, prefetchable=res.prefetchable,
-        )  # fmt: skip
+            index=index,
+            kind=RegionKind.IO if res.is_io else RegionKind.MEMORY,
+            size=res.size,
+            readable=True,
+            writable=self.writable,
+            mappable=not res.is_io,
+            is_64bit=res.is_64bit,
+            prefetchable=res.prefetchable,
+        )
 
     def bar(self, index: int) -> Region:
         if index in self._regions:
@@ -62,7 +69,9 @@ class SysfsDevice(Device):
         try:
             fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as exc:
-            raise RegionError(f"cannot open {path} for {name}; run as root", errno=exc.errno) from None
+            raise RegionError(
+                f"cannot open {path} for {name}; run as root", errno=exc.errno
+            ) from None
         self._fds.append(fd)
         region: Region
         if ri.kind is RegionKind.MEMORY:
@@ -87,7 +96,9 @@ class SysfsDevice(Device):
         try:
             path.write_text("1")
         except OSError as exc:
-            raise BackendError(f"reset of {self.address} through {path} failed", errno=exc.errno) from None
+            raise BackendError(
+                f"reset of {self.address} through {path} failed", errno=exc.errno
+            ) from None
 
     def _close(self) -> None:
         for r in self._regions.values():

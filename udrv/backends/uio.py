@@ -20,8 +20,10 @@ class UioDevice(SysfsDevice):
 
     def __init__(self, info: PciDeviceInfo) -> None:
         if info.driver != "uio_pci_generic":
-            raise UioError(f"{info.address} is bound to {info.driver or 'no driver'}, not "
-                           f"uio_pci_generic; run `udrv bind {info.address} --driver uio_pci_generic`")  # fmt: skip
+            raise UioError(
+                f"{info.address} is bound to {info.driver or 'no driver'}, not "
+                f"uio_pci_generic; run `udrv bind {info.address} --driver uio_pci_generic`"
+            )
         uio_dir = info.path / "uio"
         names = sorted(os.listdir(uio_dir)) if uio_dir.is_dir() else []
         if not names:
@@ -33,5 +35,7 @@ class UioDevice(SysfsDevice):
             self.uio_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             self.close()
-            raise UioError(f"cannot open {path} for {info.address}; run as root", errno=exc.errno) from None
+            raise UioError(
+                f"cannot open {path} for {info.address}; run as root", errno=exc.errno
+            ) from None
         self._fds.append(self.uio_fd)

@@ -61,18 +61,31 @@ class Container(IommuContext):
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise VfioError(f"cannot open {path}; is vfio loaded (`modprobe vfio-pci`)?",
-                            errno=exc.errno) from None  # fmt: skip
+            raise VfioError(
+                f"cannot open {path}; is vfio loaded (`modprobe vfio-pci`)?", errno=exc.errno
+            ) from None
         try:
-            version = ioctl(self.fd, V.VFIO_GET_API_VERSION, what="VFIO_GET_API_VERSION", error=VfioError)
+            version = ioctl(
+                self.fd, V.VFIO_GET_API_VERSION, what="VFIO_GET_API_VERSION", error=VfioError
+            )
             if version != V.VFIO_API_VERSION:
-                raise VfioError(f"{path} speaks VFIO API {version}, udrv speaks {V.VFIO_API_VERSION}")
+                raise VfioError(
+                    f"{path} speaks VFIO API {version}, udrv speaks {V.VFIO_API_VERSION}"
+                )
             for kind in (V.VFIO_TYPE1v2_IOMMU, V.VFIO_TYPE1_IOMMU):
-                if ioctl(self.fd, V.VFIO_CHECK_EXTENSION, kind, what="VFIO_CHECK_EXTENSION", error=VfioError):
+                if ioctl(
+                    self.fd,
+                    V.VFIO_CHECK_EXTENSION,
+                    kind,
+                    what="VFIO_CHECK_EXTENSION",
+                    error=VfioError,
+                ):
                     self.iommu_type = kind
                     break
             else:
-                raise VfioError(f"{path} offers no type1 IOMMU; is the IOMMU enabled (intel_iommu=on)?")
+                raise VfioError(
+                    f"{path} offers no type1 IOMMU; is the IOMMU enabled (intel_iommu=on)?"
+                )
         except BaseException:
             os.close(self.fd)
             raise
@@ -102,17 +115,38 @@ class Container(IommuContext):
         self.info = self._get_info()
         return self.info
 
-    def map_dma(self, vaddr: int, iova: int, size: int, *, readable: bool = True, writable: bool = True) -> None:
-        flags = (V.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (V.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
-        arg = V.vfio_iommu_type1_dma_map(argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_map), flags=flags,
-                                         vaddr=vaddr, iova=iova, size=size)  # fmt: skip
-        ioctl(self.fd, V.VFIO_IOMMU_MAP_DMA, arg, what=f"VFIO_IOMMU_MAP_DMA iova={iova:#x} size={size:#x}",
-              error=VfioError)  # fmt: skip
+    def map_dma(
+        self, vaddr: int, iova: int, size: int, *, readable: bool = True, writable: bool = True
+    ) -> None:
+        flags = (V.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (
+            V.VFIO_DMA_MAP_FLAG_WRITE if writable else 0
+        )
+        arg = V.vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_map),
+            flags=flags,
+            vaddr=vaddr,
+            iova=iova,
+            size=size,
+        )
+        ioctl(
+            self.fd,
+            V.VFIO_IOMMU_MAP_DMA,
+            arg,
+            what=f"VFIO_IOMMU_MAP_DMA iova={iova:#x} size={size:#x}",
+            error=VfioError,
+        )
 
     def unmap_dma(self, iova: int, size: int) -> None:
-        arg = V.vfio_iommu_type1_dma_unmap(argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_unmap), iova=iova, size=size)
-        ioctl(self.fd, V.VFIO_IOMMU_UNMAP_DMA, arg, what=f"VFIO_IOMMU_UNMAP_DMA iova={iova:#x} size={size:#x}",
-              error=VfioError)  # fmt: skip
+        arg = V.vfio_iommu_type1_dma_unmap(
+            argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_unmap), iova=iova, size=size
+        )
+        ioctl(
+            self.fd,
+            V.VFIO_IOMMU_UNMAP_DMA,
+            arg,
+            what=f"VFIO_IOMMU_UNMAP_DMA iova={iova:#x} size={size:#x}",
+            error=VfioError,
+        )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -140,8 +174,10 @@ class VfioDevice(Device):
         self.info = info
         self._closed = True  # until fully opened
         if info.iommu_group is None:
-            raise VfioError(f"{info.address} has no IOMMU group: the IOMMU is off (boot with "
-                            "intel_iommu=on / amd_iommu=on) — or use backend='uio'")  # fmt: skip
+            raise VfioError(
+                f"{info.address} has no IOMMU group: the IOMMU is off (boot with "
+                "intel_iommu=on / amd_iommu=on) — or use backend='uio'"
+            )
         self.group_id = info.iommu_group
         self.container = Container()
         self.group_fd = self.device_fd = -1
@@ -161,58 +197,110 @@ class VfioDevice(Device):
             self.group_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
-                raise VfioError(f"{self.address} is not bound to vfio-pci ({path} is missing); "
-                                f"run `udrv bind {self.address}`") from None  # fmt: skip
+                raise VfioError(
+                    f"{self.address} is not bound to vfio-pci ({path} is missing); "
+                    f"run `udrv bind {self.address}`"
+                ) from None
             if exc.errno in (errno.EACCES, errno.EPERM):
-                raise VfioError(f"no permission to open {path} for {self.address}; run as root or "
-                                f"`udrv bind {self.address} --user $USER`", errno=exc.errno) from None  # fmt: skip
+                raise VfioError(
+                    f"no permission to open {path} for {self.address}; run as root or "
+                    f"`udrv bind {self.address} --user $USER`",
+                    errno=exc.errno,
+                ) from None
             if exc.errno == errno.EBUSY:
-                raise VfioError(f"{path} ({self.address}) is already open in another process",
-                                errno=exc.errno) from None  # fmt: skip
+                raise VfioError(
+                    f"{path} ({self.address}) is already open in another process", errno=exc.errno
+                ) from None
             raise VfioError(f"cannot open {path} for {self.address}", errno=exc.errno) from None
         status = V.vfio_group_status(argsz=ctypes.sizeof(V.vfio_group_status))
-        ioctl(self.group_fd, V.VFIO_GROUP_GET_STATUS, status, what=f"VFIO_GROUP_GET_STATUS on {path}",
-              error=VfioError)  # fmt: skip
+        ioctl(
+            self.group_fd,
+            V.VFIO_GROUP_GET_STATUS,
+            status,
+            what=f"VFIO_GROUP_GET_STATUS on {path}",
+            error=VfioError,
+        )
         if not status.flags & V.VFIO_GROUP_FLAGS_VIABLE:
-            others = [f"{a} ({d or 'no driver'})" for a, d in group_members(self.group_id)
-                      if d not in (None, "vfio-pci")]  # fmt: skip
-            raise VfioError(f"IOMMU group {self.group_id} of {self.address} is not viable: "
-                            f"{', '.join(others) or 'a member'} is bound to another driver; "
-                            f"run `udrv bind {self.address}` to bind the whole group")  # fmt: skip
+            others = [
+                f"{a} ({d or 'no driver'})"
+                for a, d in group_members(self.group_id)
+                if d not in (None, "vfio-pci")
+            ]
+            raise VfioError(
+                f"IOMMU group {self.group_id} of {self.address} is not viable: "
+                f"{', '.join(others) or 'a member'} is bound to another driver; "
+                f"run `udrv bind {self.address}` to bind the whole group"
+            )
         arg = ctypes.c_int32(self.container.fd)
-        ioctl(self.group_fd, V.VFIO_GROUP_SET_CONTAINER, arg, what=f"VFIO_GROUP_SET_CONTAINER on {path}",
-              error=VfioError)  # fmt: skip
+        ioctl(
+            self.group_fd,
+            V.VFIO_GROUP_SET_CONTAINER,
+            arg,
+            what=f"VFIO_GROUP_SET_CONTAINER on {path}",
+            error=VfioError,
+        )
         self.container.set_iommu()
 
     def _open_device(self) -> None:
         name = ctypes.create_string_buffer(self.address.encode())
         try:
-            self.device_fd = ioctl(self.group_fd, V.VFIO_GROUP_GET_DEVICE_FD, name,
-                                   what=f"VFIO_GROUP_GET_DEVICE_FD {self.address}", error=VfioError)  # fmt: skip
+            self.device_fd = ioctl(
+                self.group_fd,
+                V.VFIO_GROUP_GET_DEVICE_FD,
+                name,
+                what=f"VFIO_GROUP_GET_DEVICE_FD {self.address}",
+                error=VfioError,
+            )
         except VfioError as exc:
             if exc.errno == errno.EBUSY:
-                raise VfioError(f"{self.address} is already open (by this or another process); "
-                                "close it first", errno=exc.errno) from None  # fmt: skip
+                raise VfioError(
+                    f"{self.address} is already open (by this or another process); close it first",
+                    errno=exc.errno,
+                ) from None
             raise
         info = V.vfio_device_info(argsz=ctypes.sizeof(V.vfio_device_info))
-        ioctl(self.device_fd, V.VFIO_DEVICE_GET_INFO, info, what="VFIO_DEVICE_GET_INFO", error=VfioError)
-        self.flags, self.num_regions, self.num_irqs = int(info.flags), int(info.num_regions), int(info.num_irqs)
+        ioctl(
+            self.device_fd,
+            V.VFIO_DEVICE_GET_INFO,
+            info,
+            what="VFIO_DEVICE_GET_INFO",
+            error=VfioError,
+        )
+        self.flags, self.num_regions, self.num_irqs = (
+            int(info.flags),
+            int(info.num_regions),
+            int(info.num_irqs),
+        )
         cfg = self._raw_region_info(V.VfioPciRegion.CONFIG)[0]
-        self._config = FileRegion(self.device_fd, name=f"config space of {self.address}", size=int(cfg.size),
-                                  base_offset=int(cfg.offset))  # fmt: skip
+        self._config = FileRegion(
+            self.device_fd,
+            name=f"config space of {self.address}",
+            size=int(cfg.size),
+            base_offset=int(cfg.offset),
+        )
 
     # -- regions -----------------------------------------------------------------------------
 
     def _raw_region_info(self, index: int) -> tuple[V.vfio_region_info, list[tuple[int, int]]]:
         info = V.vfio_region_info(argsz=ctypes.sizeof(V.vfio_region_info), index=index)
-        ioctl(self.device_fd, V.VFIO_DEVICE_GET_REGION_INFO, info,
-              what=f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}", error=VfioError)  # fmt: skip
+        ioctl(
+            self.device_fd,
+            V.VFIO_DEVICE_GET_REGION_INFO,
+            info,
+            what=f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}",
+            error=VfioError,
+        )
         areas: list[tuple[int, int]] = []
         if info.flags & V.VFIO_REGION_INFO_FLAG_CAPS and info.argsz > ctypes.sizeof(info):
             buf = bytearray(info.argsz)
             buf[:12] = bytes(V.vfio_region_info(argsz=info.argsz, index=index))[:12]
-            ioctl(self.device_fd, V.VFIO_DEVICE_GET_REGION_INFO, buf,
-                  what=f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}", error=VfioError)  # fmt: skip
+            ioctl(
+                self.device_fd,
+                V.VFIO_DEVICE_GET_REGION_INFO,
+                buf,
+                what=f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}",
+                error=VfioError,
+            )
             info = V.vfio_region_info.from_buffer_copy(buf)
             for cap in V.capabilities(bytes(buf), info.cap_offset):
                 if cap.id == V.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
@@ -232,13 +320,16 @@ class VfioDevice(Device):
         bar = self._config.read32(0x10 + 4 * index)
         is_io = bool(bar & 1)
         return RegionInfo(
-            index=index, kind=RegionKind.IO if is_io else RegionKind.MEMORY, size=int(info.size),
+            index=index,
+            kind=RegionKind.IO if is_io else RegionKind.MEMORY,
+            size=int(info.size),
             readable=bool(info.flags & V.VFIO_REGION_INFO_FLAG_READ),
             writable=bool(info.flags & V.VFIO_REGION_INFO_FLAG_WRITE),
             mappable=bool(info.flags & V.VFIO_REGION_INFO_FLAG_MMAP),
-            is_64bit=not is_io and (bar >> 1) & 3 == 2, prefetchable=not is_io and bool(bar & 8),
+            is_64bit=not is_io and (bar >> 1) & 3 == 2,
+            prefetchable=not is_io and bool(bar & 8),
             mmap_areas=tuple(areas),
-        )  # fmt: skip
+        )
 
     def bar(self, index: int) -> Region:
         if self._closed:
@@ -253,23 +344,41 @@ class VfioDevice(Device):
         if whole_mappable:
             prot = (mmap.PROT_READ if ri.readable else 0) | (mmap.PROT_WRITE if ri.writable else 0)
             try:
-                m = mmap.mmap(self.device_fd, ri.size, mmap.MAP_SHARED, prot, offset=int(info.offset))
+                m = mmap.mmap(
+                    self.device_fd, ri.size, mmap.MAP_SHARED, prot, offset=int(info.offset)
+                )
             except OSError as exc:
                 raise RegionError(f"mmap of {name} failed", errno=exc.errno) from None
             self._maps.append(m)
-            region = MmioRegion(m, name=name, size=ri.size, readable=ri.readable, writable=ri.writable)
+            region = MmioRegion(
+                m, name=name, size=ri.size, readable=ri.readable, writable=ri.writable
+            )
         else:
             # I/O-port BARs, and BARs with holes (the MSI-X table): pread/pwrite through VFIO.
             # TODO(perf): map the sparse areas and dispatch per offset.
-            region = FileRegion(self.device_fd, name=name, size=ri.size, base_offset=int(info.offset),
-                                readable=ri.readable, writable=ri.writable)  # fmt: skip
+            region = FileRegion(
+                self.device_fd,
+                name=name,
+                size=ri.size,
+                base_offset=int(info.offset),
+                readable=ri.readable,
+                writable=ri.writable,
+            )
         self._regions[index] = region
         return region
 
     def reset(self) -> None:
         if not self.flags & V.VFIO_DEVICE_FLAGS_RESET:
-            raise VfioError(f"{self.address} offers no reset through VFIO (no FLR, PM or bus reset)")
-        ioctl(self.device_fd, V.VFIO_DEVICE_RESET, 0, what=f"VFIO_DEVICE_RESET {self.address}", error=VfioError)
+            raise VfioError(
+                f"{self.address} offers no reset through VFIO (no FLR, PM or bus reset)"
+            )
+        ioctl(
+            self.device_fd,
+            V.VFIO_DEVICE_RESET,
+            0,
+            what=f"VFIO_DEVICE_RESET {self.address}",
+            error=VfioError,
+        )
 
     # -- teardown --------------------------------------------------------------------------
 
@@ -287,8 +396,13 @@ class VfioDevice(Device):
             self.device_fd = -1
         if self.group_fd >= 0:
             with contextlib.suppress(VfioError):
-                ioctl(self.group_fd, V.VFIO_GROUP_UNSET_CONTAINER, 0, what="VFIO_GROUP_UNSET_CONTAINER",
-                      error=VfioError)  # fmt: skip
+                ioctl(
+                    self.group_fd,
+                    V.VFIO_GROUP_UNSET_CONTAINER,
+                    0,
+                    what="VFIO_GROUP_UNSET_CONTAINER",
+                    error=VfioError,
+                )
             os.close(self.group_fd)
             self.group_fd = -1
         self.container.close()

@@ -55,22 +55,22 @@ class BlockDriver(abc.ABC):
     geometry: BlockGeometry
 
     @abc.abstractmethod
-    def read(self, offset: int, buf: memoryview) -> None | Awaitable[None]:
+    def read(self, offset: int, buf: memoryview) -> Awaitable[None] | None:
         """Fill ``buf`` (``len(buf)`` bytes) from the disk at ``offset``."""
 
     @abc.abstractmethod
-    def write(self, offset: int, data: memoryview) -> None | Awaitable[None]:
+    def write(self, offset: int, data: memoryview) -> Awaitable[None] | None:
         """Write ``data`` at ``offset``."""
 
-    def flush(self) -> None | Awaitable[None]:
+    def flush(self) -> Awaitable[None] | None:
         """Make every completed write durable."""
         return None
 
-    def discard(self, offset: int, length: int) -> None | Awaitable[None]:
+    def discard(self, offset: int, length: int) -> Awaitable[None] | None:
         """The range's contents are no longer needed (TRIM/deallocate)."""
         raise OSError(95, "discard not supported")  # EOPNOTSUPP
 
-    def write_zeroes(self, offset: int, length: int) -> None | Awaitable[None]:
+    def write_zeroes(self, offset: int, length: int) -> Awaitable[None] | None:
         """Zero the range; the default writes zero buffers."""
         zero = memoryview(bytes(min(length, 1 << 20)))
         results = []
@@ -81,7 +81,7 @@ class BlockDriver(abc.ABC):
             return _gather(results)
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device (the frontend calls it when it stops)."""
 
 

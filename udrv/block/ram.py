@@ -16,9 +16,12 @@ class RamDisk(BlockDriver):
         if size <= 0 or size % block_size:
             raise ValueError(f"size {size} must be a positive multiple of {block_size}")
         self.geometry = BlockGeometry(
-            block_size=block_size, num_blocks=size // block_size, volatile_cache=False,
-            discard=discard, write_zeroes=True,
-        )  # fmt: skip
+            block_size=block_size,
+            num_blocks=size // block_size,
+            volatile_cache=False,
+            discard=discard,
+            write_zeroes=True,
+        )
         self._mem = mmap.mmap(-1, size)
         self._view = memoryview(self._mem)
 

@@ -46,8 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with dev, edu:
         chardev = EduCharDevice(edu)
         with CuseServer(args.name, chardev):
-            print(f"/dev/{args.name}: edu {edu.version[0]}.{edu.version[1]} at {dev.address} "
-                  f"({args.interrupts}); Ctrl-C to stop", flush=True)  # fmt: skip
+            print(
+                f"/dev/{args.name}: edu {edu.version[0]}.{edu.version[1]} at {dev.address} "
+                f"({args.interrupts}); Ctrl-C to stop",
+                flush=True,
+            )
             stop.wait()
     print(f"served {chardev.factorials} factorials", file=sys.stderr)
     return 0

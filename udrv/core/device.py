@@ -132,7 +132,7 @@ class Device(abc.ABC):
                 hook = self._close_hooks.pop()
                 try:
                     hook()
-                except Exception as exc:  # noqa: BLE001 - the device must still be released
+                except Exception as exc:
                     warnings.warn(f"{self.address}: close hook failed: {exc}", stacklevel=2)
             self._close()
 
@@ -150,8 +150,11 @@ class Device(abc.ABC):
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"{self.address} was not closed; use `with udrv.open(...)`",
-                          ResourceWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{self.address} was not closed; use `with udrv.open(...)`",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -22,14 +22,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from udrv.errors import PollTimeout, RegionError
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("udrv's register access assumes a little-endian host")
 
-_FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_FMT: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _MAX = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
@@ -50,9 +50,13 @@ class Region(abc.ABC):
 
     def _check(self, offset: int, width: int, write: bool) -> None:
         if write and not self.writable:
-            raise RegionError(f"{self.name} is read-only: cannot write {width} bytes at {offset:#x}")
+            raise RegionError(
+                f"{self.name} is read-only: cannot write {width} bytes at {offset:#x}"
+            )
         if not write and not self.readable:
-            raise RegionError(f"{self.name} is write-only: cannot read {width} bytes at {offset:#x}")
+            raise RegionError(
+                f"{self.name} is write-only: cannot read {width} bytes at {offset:#x}"
+            )
         if offset < 0 or offset + width > self.size:
             raise RegionError(
                 f"{self.name}: {width}-byte {'write' if write else 'read'} at {offset:#x} is "
@@ -144,9 +148,16 @@ class Region(abc.ABC):
     # -- polling -----------------------------------------------------------------------------
 
     def poll(
-        self, offset: int, mask: int, value: int, *, timeout: float, width: int = 4,
-        interval: float = 0.0, name: str | None = None,
-    ) -> int:  # fmt: skip
+        self,
+        offset: int,
+        mask: int,
+        value: int,
+        *,
+        timeout: float,
+        width: int = 4,
+        interval: float = 0.0,
+        name: str | None = None,
+    ) -> int:
         """Wait until ``read(offset) & mask == value``; returns the last value read.
 
         Raises:
@@ -180,10 +191,16 @@ class MmioRegion(Region):
     """A memory-mapped window; each access is one load/store of the requested width."""
 
     def __init__(
-        self, buffer: mmap.mmap | bytearray | memoryview, *, name: str, size: int | None = None,
-        offset: int = 0, readable: bool = True, writable: bool = True,
+        self,
+        buffer: mmap.mmap | bytearray | memoryview,
+        *,
+        name: str,
+        size: int | None = None,
+        offset: int = 0,
+        readable: bool = True,
+        writable: bool = True,
         on_close: Callable[[], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         base = memoryview(buffer)
         size = len(base) - offset if size is None else size
         super().__init__(name, size, readable=readable, writable=writable)
@@ -244,8 +261,9 @@ class MmioRegion(Region):
         if (write and not self.writable) or (not write and not self.readable):
             self._check(offset, 1, write)
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise RegionError(f"{self.name}: {length} bytes at {offset:#x} overrun the "
-                              f"{_human(self.size)} region")  # fmt: skip
+            raise RegionError(
+                f"{self.name}: {length} bytes at {offset:#x} overrun the {_human(self.size)} region"
+            )
 
     def close(self) -> None:
         views, self._views = self._views, {}
@@ -261,9 +279,15 @@ class FileRegion(Region):
     """A window accessed with pread/pwrite on a file descriptor at ``base_offset``."""
 
     def __init__(
-        self, fd: int, *, name: str, size: int, base_offset: int = 0, readable: bool = True,
+        self,
+        fd: int,
+        *,
+        name: str,
+        size: int,
+        base_offset: int = 0,
+        readable: bool = True,
         writable: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(name, size, readable=readable, writable=writable)
         self.fd, self.base_offset = fd, base_offset
 
@@ -274,10 +298,13 @@ class FileRegion(Region):
         try:
             data = os.pread(self.fd, width, self.base_offset + offset)
         except OSError as exc:
-            raise RegionError(f"{self.name}: {width}-byte read at {offset:#x} failed",
-                              errno=exc.errno) from None  # fmt: skip
+            raise RegionError(
+                f"{self.name}: {width}-byte read at {offset:#x} failed", errno=exc.errno
+            ) from None
         if len(data) != width:
-            raise RegionError(f"{self.name}: {width}-byte read at {offset:#x} returned {len(data)} bytes")
+            raise RegionError(
+                f"{self.name}: {width}-byte read at {offset:#x} returned {len(data)} bytes"
+            )
         return int.from_bytes(data, "little")
 
     def write(self, offset: int, width: int, value: int) -> None:
@@ -288,8 +315,9 @@ class FileRegion(Region):
         try:
             n = os.pwrite(self.fd, value.to_bytes(width, "little"), self.base_offset + offset)
         except OSError as exc:
-            raise RegionError(f"{self.name}: {width}-byte write at {offset:#x} failed",
-                              errno=exc.errno) from None  # fmt: skip
+            raise RegionError(
+                f"{self.name}: {width}-byte write at {offset:#x} failed", errno=exc.errno
+            ) from None
         if n != width:
             raise RegionError(f"{self.name}: {width}-byte write at {offset:#x} wrote {n} bytes")
 
@@ -300,8 +328,9 @@ class FileRegion(Region):
         try:
             return os.pread(self.fd, length, self.base_offset + offset)
         except OSError as exc:
-            raise RegionError(f"{self.name}: reading {length} bytes at {offset:#x} failed",
-                              errno=exc.errno) from None  # fmt: skip
+            raise RegionError(
+                f"{self.name}: reading {length} bytes at {offset:#x} failed", errno=exc.errno
+            ) from None
 
 
 class RecordingRegion(Region):
@@ -312,9 +341,13 @@ class RecordingRegion(Region):
     """
 
     def __init__(
-        self, size: int, *, name: str = "fake", on_write: Callable[[int, int, int], None] | None = None,
+        self,
+        size: int,
+        *,
+        name: str = "fake",
+        on_write: Callable[[int, int, int], None] | None = None,
         on_read: Callable[[int, int], int | None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(name, size)
         self.mem = bytearray(size)
         self.log: list[tuple[str, int, int, int]] = []

@@ -44,7 +44,9 @@ class Mapping:
     def __enter__(self) -> Mapping:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.unmap()
 
     def __repr__(self) -> str:
@@ -78,15 +80,15 @@ class DmaBuffer(Mapping):
 
     def __setitem__(self, key: int | slice, value: int | bytes) -> None:
         if isinstance(key, slice):
-            self.array[key] = np.frombuffer(bytes(value), dtype=np.uint8)  # type: ignore[arg-type]
+            self.array[key] = np.frombuffer(bytes(value), dtype=np.uint8)  # type: ignore[arg-type,unused-ignore]
         else:
             self.array[key] = value
 
     def __buffer__(self, flags: int) -> memoryview:  # Python 3.12+; 3.11 uses .memoryview()
-        return memoryview(self.array)
+        return self.memoryview()
 
     def memoryview(self) -> memoryview:
-        return memoryview(self.array)
+        return memoryview(self.array.data)
 
     def close(self) -> None:
         """Unmap from the device, then free the memory."""
@@ -97,5 +99,7 @@ class DmaBuffer(Mapping):
     def __enter__(self) -> DmaBuffer:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -39,8 +39,9 @@ def reserve_hugepages(n: int) -> int:
         NR_HUGEPAGES.write_text(str(n))
         return int(NR_HUGEPAGES.read_text())
     except OSError as exc:
-        raise DmaError(f"cannot reserve hugepages through {NR_HUGEPAGES}; run as root",
-                       errno=exc.errno) from None  # fmt: skip
+        raise DmaError(
+            f"cannot reserve hugepages through {NR_HUGEPAGES}; run as root", errno=exc.errno
+        ) from None
 
 
 def virt_to_phys(vaddr: int) -> int:
@@ -56,7 +57,9 @@ def virt_to_phys(vaddr: int) -> int:
         raise DmaError(f"virtual address {vaddr:#x} is not resident; touch it before mapping")
     pfn = entry & PFN_MASK
     if pfn == 0:
-        raise DmaError(f"{PAGEMAP} hides frame numbers: physical addresses need CAP_SYS_ADMIN (run as root)")
+        raise DmaError(
+            f"{PAGEMAP} hides frame numbers: physical addresses need CAP_SYS_ADMIN (run as root)"
+        )
     return pfn * page + vaddr % page
 
 
@@ -70,20 +73,29 @@ class HugepageDma:
 
     def _check(self, phys: int, length: int) -> None:
         if phys + length > self.limit:
-            raise DmaError(f"{self.dev.address}: physical address {phys:#x} is beyond the device's "
-                           f"{self.limit.bit_length() - 1}-bit DMA mask; use VFIO, which maps an IOVA "
-                           "below the mask")  # fmt: skip
+            raise DmaError(
+                f"{self.dev.address}: physical address {phys:#x} is beyond the device's "
+                f"{self.limit.bit_length() - 1}-bit DMA mask; use VFIO, which maps an IOVA "
+                "below the mask"
+            )
 
     def alloc(self, size: int, direction: Direction = Direction.BIDIRECTIONAL) -> DmaBuffer:
         """Consistent memory from one hugepage (at most 2 MiB: physically contiguous)."""
         if not 0 < size <= HUGEPAGE:
-            raise DmaError(f"under UIO a DMA buffer is one 2 MiB hugepage at most, not {size} bytes")
+            raise DmaError(
+                f"under UIO a DMA buffer is one 2 MiB hugepage at most, not {size} bytes"
+            )
         try:
-            mem = mmap.mmap(-1, HUGEPAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB | MAP_POPULATE)
+            mem = mmap.mmap(
+                -1, HUGEPAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB | MAP_POPULATE
+            )
         except OSError as exc:
             have = NR_HUGEPAGES.read_text().strip() if NR_HUGEPAGES.exists() else "?"
-            raise DmaError(f"no free 2 MiB hugepage for DMA ({have} reserved in {NR_HUGEPAGES}); "
-                           "run `udrv hugepages 64`", errno=exc.errno) from None  # fmt: skip
+            raise DmaError(
+                f"no free 2 MiB hugepage for DMA ({have} reserved in {NR_HUGEPAGES}); "
+                "run `udrv hugepages 64`",
+                errno=exc.errno,
+            ) from None
         vaddr = np.frombuffer(mem, dtype=np.uint8).ctypes.data
         try:
             phys = virt_to_phys(vaddr)
@@ -99,12 +111,20 @@ class HugepageDma:
         """Streaming mapping of memory that is physically contiguous (e.g. in a hugepage)."""
         sg = self.map_sg([buffer], direction, max_segment=1 << 62, boundary=1 << 62)
         if len(sg) != 1:
-            raise DmaError("the buffer is not physically contiguous; use map_sg() or a hugepage buffer")
+            raise DmaError(
+                "the buffer is not physically contiguous; use map_sg() or a hugepage buffer"
+            )
         iova, length = sg.segments[0]
         return Mapping(iova, length, lambda: None)
 
-    def map_sg(self, buffers: Any, direction: Direction = Direction.BIDIRECTIONAL, *,
-               max_segment: int = 1 << 32, boundary: int = 1 << 32) -> SgList:  # fmt: skip
+    def map_sg(
+        self,
+        buffers: Any,
+        direction: Direction = Direction.BIDIRECTIONAL,
+        *,
+        max_segment: int = 1 << 32,
+        boundary: int = 1 << 32,
+    ) -> SgList:
         page = os.sysconf("SC_PAGE_SIZE")
         spans: list[tuple[int, int]] = []
         maps: list[Mapping] = []

@@ -21,8 +21,13 @@ class IovaAllocator:
     base: lowest IOVA handed out (keep 0 out: a zero DMA address hides bugs).
     """
 
-    def __init__(self, ranges: list[tuple[int, int]] | None = None, *, mask_bits: int = 64,
-                 base: int = 0x10_0000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ranges: list[tuple[int, int]] | None = None,
+        *,
+        mask_bits: int = 64,
+        base: int = 0x10_0000,
+    ) -> None:
         limit = (1 << mask_bits) - 1
         ranges = ranges or [(0, (1 << 64) - 1)]
         self.free: list[tuple[int, int]] = []  # (start, end exclusive), sorted, disjoint
@@ -32,8 +37,10 @@ class IovaAllocator:
             if e > s:
                 self.free.append((s, e))
         if not self.free:
-            raise DmaError(f"no IOVA space: the IOMMU ranges {ranges} and the {mask_bits}-bit DMA "
-                           "mask leave nothing")  # fmt: skip
+            raise DmaError(
+                f"no IOVA space: the IOMMU ranges {ranges} and the {mask_bits}-bit DMA "
+                "mask leave nothing"
+            )
         self.mask_bits = mask_bits
         self.allocated: dict[int, int] = {}
 
@@ -49,9 +56,11 @@ class IovaAllocator:
                 self.allocated[start] = size
                 return start
         total = sum(e - s for s, e in self.free)
-        raise DmaError(f"IOVA space exhausted: no {size:#x}-byte hole below the {self.mask_bits}-bit "
-                       f"DMA mask ({total:#x} bytes free in {len(self.free)} pieces); unmap buffers "
-                       "you no longer need")  # fmt: skip
+        raise DmaError(
+            f"IOVA space exhausted: no {size:#x}-byte hole below the {self.mask_bits}-bit "
+            f"DMA mask ({total:#x} bytes free in {len(self.free)} pieces); unmap buffers "
+            "you no longer need"
+        )
 
     def free_range(self, iova: int) -> None:
         size = self.allocated.pop(iova, None)

@@ -9,12 +9,15 @@ from udrv.dma.buffer import Mapping
 from udrv.errors import DmaError
 
 
-def segment(spans: Sequence[tuple[int, int]], max_segment: int, boundary: int) -> list[tuple[int, int]]:
+def segment(
+    spans: Sequence[tuple[int, int]], max_segment: int, boundary: int
+) -> list[tuple[int, int]]:
     """Split each (iova, length) so no piece is longer than ``max_segment`` or crosses a
     multiple of ``boundary`` (like the kernel's dma_set_max_seg_size/seg_boundary)."""
     if max_segment <= 0 or boundary <= 0 or boundary & (boundary - 1):
-        raise DmaError(f"bad SG limits: max_segment={max_segment}, boundary={boundary} "
-                       "(a power of two)")  # fmt: skip
+        raise DmaError(
+            f"bad SG limits: max_segment={max_segment}, boundary={boundary} (a power of two)"
+        )
     out = []
     for iova, length in spans:
         while length:
@@ -44,5 +47,7 @@ class SgList:
     def __enter__(self) -> SgList:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.unmap()

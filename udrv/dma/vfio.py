@@ -35,17 +35,30 @@ class VfioDma:
         span = ((vaddr + length + PAGE - 1) & ~(PAGE - 1)) - page_va
         with self._lock:
             if self.avail is not None and len(self._live) >= self.avail:
-                raise DmaError(f"{self.dev.address}: the IOMMU allows {self.avail} DMA mappings "
-                               "(vfio_iommu_type1 dma_entry_limit) and all are in use; unmap some")  # fmt: skip
+                raise DmaError(
+                    f"{self.dev.address}: the IOMMU allows {self.avail} DMA mappings "
+                    "(vfio_iommu_type1 dma_entry_limit) and all are in use; unmap some"
+                )
             base = self.iova.alloc(span)
             try:
-                self.dev.container.map_dma(page_va, base, span, readable=Direction.TO_DEVICE in direction,
-                                           writable=Direction.FROM_DEVICE in direction)  # fmt: skip
+                self.dev.container.map_dma(
+                    page_va,
+                    base,
+                    span,
+                    readable=Direction.TO_DEVICE in direction,
+                    writable=Direction.FROM_DEVICE in direction,
+                )
             except VfioError as exc:
                 self.iova.free_range(base)
-                hint = " (raise `ulimit -l`: pinned memory counts against RLIMIT_MEMLOCK)" if exc.errno == 12 else ""
-                raise DmaError(f"{self.dev.address}: mapping {span:#x} bytes for DMA failed{hint}",
-                               errno=exc.errno) from None  # fmt: skip
+                hint = (
+                    " (raise `ulimit -l`: pinned memory counts against RLIMIT_MEMLOCK)"
+                    if exc.errno == 12
+                    else ""
+                )
+                raise DmaError(
+                    f"{self.dev.address}: mapping {span:#x} bytes for DMA failed{hint}",
+                    errno=exc.errno,
+                ) from None
         return base + (vaddr - page_va), base
 
     def _unmapper(self, base: int, span: int, key: int) -> Any:
@@ -88,8 +101,10 @@ class VfioDma:
         if len(arr) == 0:
             raise DmaError("cannot map an empty buffer for DMA")
         if Direction.FROM_DEVICE in direction and not arr.flags.writeable:
-            raise DmaError("the device would write into a read-only buffer; pass a writable one "
-                           "or Direction.TO_DEVICE")  # fmt: skip
+            raise DmaError(
+                "the device would write into a read-only buffer; pass a writable one "
+                "or Direction.TO_DEVICE"
+            )
         vaddr = arr.ctypes.data
         page_va = vaddr & ~(PAGE - 1)
         span = ((vaddr + len(arr) + PAGE - 1) & ~(PAGE - 1)) - page_va
@@ -99,8 +114,14 @@ class VfioDma:
         self._live[iova] = m
         return m
 
-    def map_sg(self, buffers: Iterable[Any], direction: Direction = Direction.BIDIRECTIONAL, *,
-               max_segment: int = 1 << 32, boundary: int = 1 << 32) -> SgList:  # fmt: skip
+    def map_sg(
+        self,
+        buffers: Iterable[Any],
+        direction: Direction = Direction.BIDIRECTIONAL,
+        *,
+        max_segment: int = 1 << 32,
+        boundary: int = 1 << 32,
+    ) -> SgList:
         """Map several buffers; returns their (iova, length) segments, each at most
         ``max_segment`` long and none crossing a ``boundary``-aligned address."""
         maps = [self.map(b, direction) for b in buffers]

@@ -142,9 +142,14 @@ class CuseServer:
     """
 
     def __init__(
-        self, name: str, device: CharDevice, *, workers: int = 32, cuse_path: str = CUSE_DEVICE,
+        self,
+        name: str,
+        device: CharDevice,
+        *,
+        workers: int = 32,
+        cuse_path: str = CUSE_DEVICE,
         fd: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not name or "/" in name or len(name) > 64:
             raise FrontendError(f"bad CUSE device name {name!r}: one path component, <= 64 chars")
         self.name, self.device = name, device
@@ -153,8 +158,9 @@ class CuseServer:
                 fd = os.open(cuse_path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 fix = "run `modprobe cuse`" if exc.errno == errno.ENOENT else "run as root"
-                raise FrontendError(f"cannot open {cuse_path} for /dev/{name}; {fix}",
-                                    errno=exc.errno) from None  # fmt: skip
+                raise FrontendError(
+                    f"cannot open {cuse_path} for /dev/{name}; {fix}", errno=exc.errno
+                ) from None
         self.fd = fd
         self._handles: dict[int, Any] = {}
         self._next_fh = 1
@@ -301,8 +307,12 @@ class CuseServer:
         if op == F.Opcode.FUSE_POLL:
             arg = _parse(F.fuse_poll_in, body)
             kh = arg.kh if arg.flags & F.FUSE_POLL_SCHEDULE_NOTIFY else None
-            revents = dev.poll(req, self._handle_of(arg.fh), arg.events,
-                               lambda: self.notify_poll(kh) if kh is not None else None)  # fmt: skip
+            revents = dev.poll(
+                req,
+                self._handle_of(arg.fh),
+                arg.events,
+                lambda: self.notify_poll(kh) if kh is not None else None,
+            )
             return bytes(F.fuse_poll_out(revents=revents))
         if op == F.Opcode.FUSE_RELEASE:
             arg = _parse(F.fuse_release_in, body)
@@ -351,9 +361,12 @@ class CuseServer:
             self.reply_error(hdr.unique, errno.EPROTO)
             return
         out = F.cuse_init_out(
-            major=F.FUSE_KERNEL_VERSION, minor=min(arg.minor, F.FUSE_KERNEL_MINOR_VERSION),
-            flags=F.CUSE_UNRESTRICTED_IOCTL, max_read=MAX_READ, max_write=MAX_WRITE,
-        )  # fmt: skip
+            major=F.FUSE_KERNEL_VERSION,
+            minor=min(arg.minor, F.FUSE_KERNEL_MINOR_VERSION),
+            flags=F.CUSE_UNRESTRICTED_IOCTL,
+            max_read=MAX_READ,
+            max_write=MAX_WRITE,
+        )
         info = f"DEVNAME={self.name}\0".encode()
         self.reply(hdr.unique, bytes(out) + info)
         self.initialized.set()
@@ -367,8 +380,9 @@ class CuseServer:
     # -- replies -----------------------------------------------------------------------------
 
     def reply(self, unique: int, payload: bytes, error: int = 0) -> None:
-        hdr = F.fuse_out_header(len=ctypes.sizeof(F.fuse_out_header) + len(payload),
-                                error=error, unique=unique)  # fmt: skip
+        hdr = F.fuse_out_header(
+            len=ctypes.sizeof(F.fuse_out_header) + len(payload), error=error, unique=unique
+        )
         try:
             os.write(self.fd, bytes(hdr) + payload)
         except OSError as exc:

@@ -1,10 +1,10 @@
 """Interrupts in user space: INTx, MSI and MSI-X over VFIO, INTx over UIO.
 
-    vec = udrv.irq.enable(dev, "msi")[0]
-    dev.bar(0).write32(0x60, 1)          # edu: raise
-    vec.wait(timeout=1.0)                # or select on vec.fileno(), or await vec.wait_async()
-    dev.bar(0).write32(0x64, 1)          # acknowledge on the device
-    vec.rearm()                          # INTx: let it fire again (no-op for MSI)
+vec = udrv.irq.enable(dev, "msi")[0]
+dev.bar(0).write32(0x60, 1)          # edu: raise
+vec.wait(timeout=1.0)                # or select on vec.fileno(), or await vec.wait_async()
+dev.bar(0).write32(0x64, 1)          # acknowledge on the device
+vec.rearm()                          # INTx: let it fire again (no-op for MSI)
 """
 
 from __future__ import annotations

@@ -24,8 +24,14 @@ class UioIrqs:
         if dev.config.read8(0x3D) == 0:  # Interrupt Pin: 0 means no INTx
             raise IrqError(f"{dev.address} has no INTx pin; UIO offers no other interrupts")
         self._last = 0  # the total event count /dev/uioN last reported
-        self.vectors = [Vector(dev.uio_fd, name=f"INTx of {dev.address} (/dev/{dev.uio_name})",
-                               read_count=self._count, rearm=self._unmask)]  # fmt: skip
+        self.vectors = [
+            Vector(
+                dev.uio_fd,
+                name=f"INTx of {dev.address} (/dev/{dev.uio_name})",
+                read_count=self._count,
+                rearm=self._unmask,
+            )
+        ]
         self._unmask()
         self.enabled = True
         dev.on_close(self.disable)

@@ -29,9 +29,13 @@ class Vector:
     """
 
     def __init__(
-        self, fd: int, *, name: str, read_count: Callable[[int], int],
+        self,
+        fd: int,
+        *,
+        name: str,
+        read_count: Callable[[int], int],
         rearm: Callable[[], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.fd, self.name = fd, name
         self._read_count, self._rearm = read_count, rearm
         self._handler: threading.Thread | None = None
@@ -100,7 +104,7 @@ class Vector:
                     handler(self._read_count(self.fd))
                     if rearm:
                         self.rearm()
-                except BaseException as exc:  # noqa: BLE001 - reported by stop_handler
+                except BaseException as exc:
                     self.handler_error = exc
                     return
 

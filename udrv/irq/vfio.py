@@ -22,8 +22,13 @@ KINDS = {"intx": V.VfioPciIrq.INTX, "msi": V.VfioPciIrq.MSI, "msix": V.VfioPciIr
 
 def irq_info(dev: VfioDevice, kind: str) -> V.vfio_irq_info:
     info = V.vfio_irq_info(argsz=ctypes.sizeof(V.vfio_irq_info), index=KINDS[kind])
-    ioctl(dev.device_fd, V.VFIO_DEVICE_GET_IRQ_INFO, info, what=f"VFIO_DEVICE_GET_IRQ_INFO {kind} of {dev.address}",
-          error=IrqError)  # fmt: skip
+    ioctl(
+        dev.device_fd,
+        V.VFIO_DEVICE_GET_IRQ_INFO,
+        info,
+        what=f"VFIO_DEVICE_GET_IRQ_INFO {kind} of {dev.address}",
+        error=IrqError,
+    )
     return info
 
 
@@ -40,8 +45,9 @@ class VfioIrqs:
             raise IrqError(f"unknown interrupt kind {kind!r}; use intx, msi or msix")
         offered = int(irq_info(dev, kind).count)
         if count < 1 or count > offered:
-            raise IrqError(f"{dev.address} offers {offered} {kind.upper()} vector(s); "
-                           f"cannot enable {count}")  # fmt: skip
+            raise IrqError(
+                f"{dev.address} offers {offered} {kind.upper()} vector(s); cannot enable {count}"
+            )
         self.dev, self.kind, self.index = dev, kind, KINDS[kind]
         self.fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         try:
@@ -52,7 +58,12 @@ class VfioIrqs:
             raise
         rearm = self._unmask if kind == "intx" else None
         self.vectors = [
-            Vector(fd, name=f"{kind.upper()} {i} of {dev.address}", read_count=eventfd_count, rearm=rearm)
+            Vector(
+                fd,
+                name=f"{kind.upper()} {i} of {dev.address}",
+                read_count=eventfd_count,
+                rearm=rearm,
+            )
             for i, fd in enumerate(self.fds)
         ]
         self.enabled = True
@@ -60,8 +71,13 @@ class VfioIrqs:
 
     def _set(self, flags: int, fds: list[int] | None = None, count: int | None = None) -> None:
         arg = V.irq_set(self.index, flags, 0, fds, count)
-        ioctl(self.dev.device_fd, V.VFIO_DEVICE_SET_IRQS, arg,
-              what=f"VFIO_DEVICE_SET_IRQS {self.kind} of {self.dev.address}", error=IrqError)  # fmt: skip
+        ioctl(
+            self.dev.device_fd,
+            V.VFIO_DEVICE_SET_IRQS,
+            arg,
+            what=f"VFIO_DEVICE_SET_IRQS {self.kind} of {self.dev.address}",
+            error=IrqError,
+        )
 
     def _unmask(self) -> None:
         self._set(V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_UNMASK, count=1)

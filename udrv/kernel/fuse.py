@@ -74,10 +74,21 @@ class cuse_init_in(_S):
 
 class cuse_init_out(_S):
     _fields_ = [
-        *((n, ctypes.c_uint32) for n in ("major", "minor", "unused", "flags", "max_read",
-                                        "max_write", "dev_major", "dev_minor")),
+        *(
+            (n, ctypes.c_uint32)
+            for n in (
+                "major",
+                "minor",
+                "unused",
+                "flags",
+                "max_read",
+                "max_write",
+                "dev_major",
+                "dev_minor",
+            )
+        ),
         ("spare", ctypes.c_uint32 * 10),
-    ]  # fmt: skip
+    ]
 
 
 class fuse_open_in(_S):
@@ -185,12 +196,25 @@ class fuse_notify_poll_wakeup_out(_S):
 
 # Sizes from fuse.h, checked at import (a wrong layout would corrupt every message).
 for _t, _size in (
-    (fuse_in_header, 40), (fuse_out_header, 16), (cuse_init_in, 16), (cuse_init_out, 72),
-    (fuse_open_in, 8), (fuse_open_out, 16), (fuse_release_in, 24), (fuse_read_in, 40),
-    (fuse_write_in, 40), (fuse_write_out, 8), (fuse_flush_in, 24), (fuse_interrupt_in, 8),
-    (fuse_ioctl_in, 32), (fuse_ioctl_iovec, 16), (fuse_ioctl_out, 16), (fuse_poll_in, 24),
-    (fuse_poll_out, 8), (fuse_notify_poll_wakeup_out, 8),
-):  # fmt: skip
+    (fuse_in_header, 40),
+    (fuse_out_header, 16),
+    (cuse_init_in, 16),
+    (cuse_init_out, 72),
+    (fuse_open_in, 8),
+    (fuse_open_out, 16),
+    (fuse_release_in, 24),
+    (fuse_read_in, 40),
+    (fuse_write_in, 40),
+    (fuse_write_out, 8),
+    (fuse_flush_in, 24),
+    (fuse_interrupt_in, 8),
+    (fuse_ioctl_in, 32),
+    (fuse_ioctl_iovec, 16),
+    (fuse_ioctl_out, 16),
+    (fuse_poll_in, 24),
+    (fuse_poll_out, 8),
+    (fuse_notify_poll_wakeup_out, 8),
+):
     assert ctypes.sizeof(_t) == _size, (
         f"{_t.__name__} is {ctypes.sizeof(_t)} bytes, fuse.h says {_size}"
     )

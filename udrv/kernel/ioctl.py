@@ -20,31 +20,38 @@ _IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 
 
-def _IOC(dir_: int, type_: int | str, nr: int, size: int | type[Any]) -> int:  # noqa: N802
+def _IOC(dir_: int, type_: int | str, nr: int, size: int | type[Any]) -> int:
     t = ord(type_) if isinstance(type_, str) else type_
     n = size if isinstance(size, int) else ctypes.sizeof(size)
     if not 0 <= n < 1 << _IOC_SIZEBITS:
         raise ValueError(f"ioctl argument size {n} does not fit {_IOC_SIZEBITS} bits")
-    return (dir_ << _IOC_DIRSHIFT) | (t << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (n << _IOC_SIZESHIFT)
+    return (
+        (dir_ << _IOC_DIRSHIFT)
+        | (t << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (n << _IOC_SIZESHIFT)
+    )
 
 
-def _IO(type_: int | str, nr: int) -> int:  # noqa: N802
+def _IO(type_: int | str, nr: int) -> int:
     return _IOC(_IOC_NONE, type_, nr, 0)
 
 
-def _IOR(type_: int | str, nr: int, size: int | type[Any]) -> int:  # noqa: N802
+def _IOR(type_: int | str, nr: int, size: int | type[Any]) -> int:
     return _IOC(_IOC_READ, type_, nr, size)
 
 
-def _IOW(type_: int | str, nr: int, size: int | type[Any]) -> int:  # noqa: N802
+def _IOW(type_: int | str, nr: int, size: int | type[Any]) -> int:
     return _IOC(_IOC_WRITE, type_, nr, size)
 
 
-def _IOWR(type_: int | str, nr: int, size: int | type[Any]) -> int:  # noqa: N802
+def _IOWR(type_: int | str, nr: int, size: int | type[Any]) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, size)
 
 
-def ioctl(fd: int, request: int, arg: Any = 0, *, what: str, error: type[UdrvError] = UdrvError) -> int:
+def ioctl(
+    fd: int, request: int, arg: Any = 0, *, what: str, error: type[UdrvError] = UdrvError
+) -> int:
     """``ioctl(fd, request, arg)``; ``arg`` is an int, or a ctypes object / bytearray that the
     kernel reads and fills in place. Returns the ioctl's non-negative result.
 

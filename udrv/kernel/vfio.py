@@ -183,20 +183,34 @@ class vfio_iommu_type1_dma_unmap(ctypes.Structure):
 
 
 for _t, _size in (
-    (vfio_group_status, 8), (vfio_device_info, 20), (vfio_region_info, 32), (vfio_irq_info, 16),
-    (vfio_irq_set, 20), (vfio_info_cap_header, 8), (vfio_region_sparse_mmap_area, 16),
-    (vfio_iommu_type1_info, 24), (vfio_iova_range, 16), (vfio_iommu_type1_dma_map, 32),
+    (vfio_group_status, 8),
+    (vfio_device_info, 20),
+    (vfio_region_info, 32),
+    (vfio_irq_info, 16),
+    (vfio_irq_set, 20),
+    (vfio_info_cap_header, 8),
+    (vfio_region_sparse_mmap_area, 16),
+    (vfio_iommu_type1_info, 24),
+    (vfio_iova_range, 16),
+    (vfio_iommu_type1_dma_map, 32),
     (vfio_iommu_type1_dma_unmap, 24),
-):  # fmt: skip
+):
     assert ctypes.sizeof(_t) == _size, f"{_t.__name__}: {ctypes.sizeof(_t)} != vfio.h's {_size}"
 
 
-def irq_set(index: int, flags: int, start: int, fds: list[int] | None = None, count: int | None = None) -> bytearray:
+def irq_set(
+    index: int, flags: int, start: int, fds: list[int] | None = None, count: int | None = None
+) -> bytearray:
     """A ``struct vfio_irq_set`` with ``fds`` (eventfds, -1 to detach) as its data."""
     data = b"".join(fd.to_bytes(4, "little", signed=True) for fd in (fds or []))
     n = len(fds) if fds is not None else (count or 0)
-    hdr = vfio_irq_set(argsz=ctypes.sizeof(vfio_irq_set) + len(data), flags=flags, index=index,
-                       start=start, count=n)  # fmt: skip
+    hdr = vfio_irq_set(
+        argsz=ctypes.sizeof(vfio_irq_set) + len(data),
+        flags=flags,
+        index=index,
+        start=start,
+        count=n,
+    )
     return bytearray(bytes(hdr) + data)
 
 

@@ -25,11 +25,17 @@ class PciAddress:
     function: int
 
     def __post_init__(self) -> None:
-        if not (0 <= self.domain <= 0xFFFF and 0 <= self.bus <= 0xFF and 0 <= self.slot <= 0x1F
-                and 0 <= self.function <= 7):  # fmt: skip
-            raise AddressError(f"PCI address out of range: {self.domain:x}:{self.bus:x}:"
-                               f"{self.slot:x}.{self.function:x} (slots are 00-1f, functions 0-7); "
-                               f"use {FORMS}")  # fmt: skip
+        if not (
+            0 <= self.domain <= 0xFFFF
+            and 0 <= self.bus <= 0xFF
+            and 0 <= self.slot <= 0x1F
+            and 0 <= self.function <= 7
+        ):
+            raise AddressError(
+                f"PCI address out of range: {self.domain:x}:{self.bus:x}:"
+                f"{self.slot:x}.{self.function:x} (slots are 00-1f, functions 0-7); "
+                f"use {FORMS}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> PciAddress:

@@ -78,8 +78,16 @@ class PciDeviceInfo:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
-        d["bars"] = [dict(asdict(b), size=b.size, kind=b.kind, is_64bit=b.is_64bit,
-                          prefetchable=b.prefetchable) for b in self.bars]  # fmt: skip
+        d["bars"] = [
+            dict(
+                asdict(b),
+                size=b.size,
+                kind=b.kind,
+                is_64bit=b.is_64bit,
+                prefetchable=b.prefetchable,
+            )
+            for b in self.bars
+        ]
         return d
 
     def read_config(self) -> bytes:
@@ -120,14 +128,21 @@ def read_device(path: Path) -> PciDeviceInfo:
     except OSError:
         config_size = 0
     return PciDeviceInfo(
-        address=path.name, vendor=_hex(path / "vendor"), device=_hex(path / "device"),
+        address=path.name,
+        vendor=_hex(path / "vendor"),
+        device=_hex(path / "device"),
         subsystem_vendor=_hex(path / "subsystem_vendor"),
-        subsystem_device=_hex(path / "subsystem_device"), class_code=_hex(path / "class"),
+        subsystem_device=_hex(path / "subsystem_device"),
+        class_code=_hex(path / "class"),
         revision=_hex(path / "revision") if (path / "revision").exists() else 0,
-        driver=driver, iommu_group=group, numa_node=int(numa) if numa else None,
-        driver_override=_opt_text(path / "driver_override"), config_size=config_size,
-        bars=bars, path=path,
-    )  # fmt: skip
+        driver=driver,
+        iommu_group=group,
+        numa_node=int(numa) if numa else None,
+        driver_override=_opt_text(path / "driver_override"),
+        config_size=config_size,
+        bars=bars,
+        path=path,
+    )
 
 
 def devices(root: Path = SYSFS_PCI) -> list[PciDeviceInfo]:
@@ -148,13 +163,19 @@ def find(selector: str, root: Path = SYSFS_PCI) -> PciDeviceInfo:
     if isinstance(sel, PciAddress):
         path = root / str(sel)
         if not path.exists():
-            raise DeviceNotFoundError(f"no PCI device {sel} in {root}; `udrv list` shows what there is")
+            raise DeviceNotFoundError(
+                f"no PCI device {sel} in {root}; `udrv list` shows what there is"
+            )
         return read_device(path)
     assert isinstance(sel, IdFilter)
     matches = [d for d in devices(root) if (d.vendor, d.device) == (sel.vendor, sel.device)]
     if not matches:
-        raise DeviceNotFoundError(f"no PCI device with id {sel} in {root}; `udrv list` shows what there is")
+        raise DeviceNotFoundError(
+            f"no PCI device with id {sel} in {root}; `udrv list` shows what there is"
+        )
     if len(matches) > 1:
-        raise DeviceNotFoundError(f"{len(matches)} devices have id {sel} "
-                                  f"({', '.join(d.address for d in matches)}); pick one by address")  # fmt: skip
+        raise DeviceNotFoundError(
+            f"{len(matches)} devices have id {sel} "
+            f"({', '.join(d.address for d in matches)}); pick one by address"
+        )
     return matches[0]

@@ -32,9 +32,13 @@ class Edu:
     """
 
     def __init__(
-        self, device: Device, *, interrupts: str | None = "msi", timeout: float = 5.0,
+        self,
+        device: Device,
+        *,
+        interrupts: str | None = "msi",
+        timeout: float = 5.0,
         dma_mask_bits: int = regs.DMA_MASK_BITS,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.dev = device
         self.timeout = timeout
         self.bar = device.bar(regs.BAR)
@@ -45,8 +49,10 @@ class Edu:
             raise EduError(f"{device.address} is {vendor:04x}:{dev_id:04x}, not an edu (1234:11e8)")
         ident = self.bar.read32(regs.IDENT)
         if ident & regs.IDENT_MAGIC_MASK != regs.IDENT_MAGIC:
-            raise EduError(f"{device.address}: identification register reads {ident:#010x}, "
-                           "expected 0xRRrr00ed; is BAR0 mapped?")  # fmt: skip
+            raise EduError(
+                f"{device.address}: identification register reads {ident:#010x}, "
+                "expected 0xRRrr00ed; is BAR0 mapped?"
+            )
         self.version = (ident >> 24, (ident >> 16) & 0xFF)
         self.irq: Any = None
         if interrupts:
@@ -87,8 +93,9 @@ class Edu:
             else:
                 self.bar.write32(regs.STATUS, 0)
                 self.bar.write32(regs.FACTORIAL, n)
-                self.bar.poll32(regs.STATUS, regs.STATUS_COMPUTING, 0, timeout=self.timeout,
-                                name="STATUS")  # fmt: skip
+                self.bar.poll32(
+                    regs.STATUS, regs.STATUS_COMPUTING, 0, timeout=self.timeout, name="STATUS"
+                )
             return self.bar.read32(regs.FACTORIAL)
 
     # -- interrupts -------------------------------------------------------------------------
@@ -103,8 +110,10 @@ class Edu:
         assert self.irq is not None
         while True:
             if not self.irq.wait(self.timeout):
-                raise PollTimeout(f"{self.dev.address}: no {what} interrupt within "
-                                  f"{self.timeout:g} s (INTR_STATUS={self.bar.read32(regs.INTR_STATUS):#x})")  # fmt: skip
+                raise PollTimeout(
+                    f"{self.dev.address}: no {what} interrupt within "
+                    f"{self.timeout:g} s (INTR_STATUS={self.bar.read32(regs.INTR_STATUS):#x})"
+                )
             status = self.bar.read32(regs.INTR_STATUS)
             if status:
                 self.bar.write32(regs.INTR_ACK, status)
@@ -136,16 +145,20 @@ class Edu:
         self._check_span(dev_addr - regs.DMA_BUFFER, length)
         ram = dst if to_ram else src
         if ram + length > 1 << self.dma_mask_bits:
-            raise EduError(f"{self.dev.address}: DMA address {ram:#x}+{length:#x} is beyond edu's "
-                           f"{self.dma_mask_bits}-bit DMA mask")  # fmt: skip
+            raise EduError(
+                f"{self.dev.address}: DMA address {ram:#x}+{length:#x} is beyond edu's "
+                f"{self.dma_mask_bits}-bit DMA mask"
+            )
         with self._lock:
             self._transfer(src, dst, length, regs.DMA_CMD_TO_RAM if to_ram else 0)
 
     def _check_span(self, offset: int, length: int) -> None:
         if length <= 0 or offset < 0 or offset + length > regs.DMA_BUFFER_USABLE:
-            raise EduError(f"{self.dev.address}: DMA of {length} bytes at buffer offset {offset} "
-                           f"does not fit the device buffer (4 KiB; the last byte is unusable "
-                           f"in QEMU's edu, so offset + length <= {regs.DMA_BUFFER_USABLE})")  # fmt: skip
+            raise EduError(
+                f"{self.dev.address}: DMA of {length} bytes at buffer offset {offset} "
+                f"does not fit the device buffer (4 KiB; the last byte is unusable "
+                f"in QEMU's edu, so offset + length <= {regs.DMA_BUFFER_USABLE})"
+            )
 
     def _transfer(self, src: int, dst: int, length: int, direction: int) -> None:
         # edu.rst "DMA controller": source, destination, count, then start (+ IRQ when done).
@@ -155,10 +168,14 @@ class Edu:
         self.bar.write64(regs.DMA_DST, dst)
         self.bar.write64(regs.DMA_COUNT, length)
         irq = self.irq is not None
-        self.bar.write64(regs.DMA_CMD, regs.DMA_CMD_START | direction | (regs.DMA_CMD_IRQ if irq else 0))
+        self.bar.write64(
+            regs.DMA_CMD, regs.DMA_CMD_START | direction | (regs.DMA_CMD_IRQ if irq else 0)
+        )
         if irq:
             self._wait_irq(regs.INTR_DMA, "DMA completion")
-        self.bar.poll(regs.DMA_CMD, regs.DMA_CMD_START, 0, timeout=self.timeout, width=8, name="DMA_CMD")
+        self.bar.poll(
+            regs.DMA_CMD, regs.DMA_CMD_START, 0, timeout=self.timeout, width=8, name="DMA_CMD"
+        )
 
     def close(self) -> None:
         if getattr(self, "_staging", None) is not None:

@@ -1,10 +1,10 @@
 """The /dev/eduN interface for programs (mirrors ``edu_uapi.h`` next to this file).
 
-    write(fd, &n, 4); read(fd, &result, 4);        /* n! mod 2**32 */
-    struct edu_dma d = { .buf = (uintptr_t)p, .len = 100, .offset = 0 };
-    ioctl(fd, EDU_IOC_DMA_TO_DEVICE, &d);          /* p[0..99] -> device buffer */
-    ioctl(fd, EDU_IOC_DMA_FROM_DEVICE, &d);        /* device buffer -> p[0..99] */
-    ioctl(fd, EDU_IOC_LIVENESS, &v);               /* v becomes ~v, checked by the device */
+write(fd, &n, 4); read(fd, &result, 4);        /* n! mod 2**32 */
+struct edu_dma d = { .buf = (uintptr_t)p, .len = 100, .offset = 0 };
+ioctl(fd, EDU_IOC_DMA_TO_DEVICE, &d);          /* p[0..99] -> device buffer */
+ioctl(fd, EDU_IOC_DMA_FROM_DEVICE, &d);        /* device buffer -> p[0..99] */
+ioctl(fd, EDU_IOC_LIVENESS, &v);               /* v becomes ~v, checked by the device */
 """
 
 from __future__ import annotations
