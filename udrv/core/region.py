@@ -211,43 +211,82 @@ class MmioRegion(Region):
         # One view per width, made once; len(view) * width may be < size for odd sizes.
         self._views = {w: self._base[: size - size % w].cast(_FMT[w]) for w in _FMT}
         self._on_close = on_close
+        self._make_accessors()
 
     def read(self, offset: int, width: int) -> int:
         try:
-            view = self._views[width]
+            return self._readers[width](offset)
         except KeyError:
             raise RegionError(f"{self.name}: bad access width {width}; use 1, 2, 4 or 8") from None
-        if offset < 0 or offset % width or offset + width > self.size or not self.readable:
-            self._check(offset, width, False)
-        return int(view[offset // width])
 
     def write(self, offset: int, width: int, value: int) -> None:
         try:
-            view = self._views[width]
+            writer = self._writers[width]
         except KeyError:
             raise RegionError(f"{self.name}: bad access width {width}; use 1, 2, 4 or 8") from None
-        if offset < 0 or offset % width or offset + width > self.size or not self.writable:
-            self._check(offset, width, True)
-        try:
-            view[offset // width] = value
-        except (ValueError, TypeError, OverflowError):
-            self._check_value(value, width)
-            raise
+        writer(offset, value)
 
-    # The hot path: no dispatch through read()/write().
-    def read32(self, offset: int) -> int:
-        if offset < 0 or offset & 3 or offset + 4 > self.size or not self.readable:
-            self._check(offset, 4, False)
-        return int(self._views[4][offset >> 2])
+    def _reject(self, offset: int, width: int, write: bool) -> int:
+        self._check(offset, width, write)  # raises with the full message
+        raise RegionError(f"{self.name}: bad {width}-byte access at {offset:#x}")
 
-    def write32(self, offset: int, value: int) -> None:
-        if offset < 0 or offset & 3 or offset + 4 > self.size or not self.writable:
-            self._check(offset, 4, True)
-        try:
-            self._views[4][offset >> 2] = value
-        except (ValueError, TypeError, OverflowError):
-            self._check_value(value, 4)
-            raise
+    def _make_accessors(self) -> None:
+        """Per-width closures, installed as ``read8``... ``write64`` on the instance: the hot
+        path is one range check and one indexed load or store, no attribute lookups."""
+        self._readers: dict[int, Callable[[int], int]] = {}
+        self._writers: dict[int, Callable[[int, int], None]] = {}
+        pow2 = self.size & (self.size - 1) == 0
+        for width, view in self._views.items():
+            shift = width.bit_length() - 1
+            # BARs are powers of two: then one AND finds a negative, out-of-range or unaligned
+            # offset (negative ints have all high bits set). Otherwise a range check.
+            bad = ~(self.size - 1) | (width - 1) if pow2 else None
+
+            read: Callable[[int], int]
+            write: Callable[[int, int], None]
+            if not self.readable:
+
+                def read(offset: int, w: int = width) -> int:
+                    return self._reject(offset, w, False)
+            elif bad is not None:
+
+                def read(
+                    offset: int, v: memoryview = view, b: int = bad, s: int = shift, w: int = width
+                ) -> int:
+                    if offset & b:
+                        self._reject(offset, w, False)
+                    return v[offset >> s]
+            else:
+                lim, m = self.size - width, width - 1
+
+                def read(
+                    offset: int, v: memoryview = view, m: int = m, lim: int = lim, s: int = shift
+                ) -> int:
+                    if offset & m or not 0 <= offset <= lim:
+                        self._reject(offset, m + 1, False)
+                    return v[offset >> s]
+
+            if not self.writable:
+
+                def write(offset: int, value: int, w: int = width) -> None:
+                    self._reject(offset, w, True)
+            else:
+                ok = bad if bad is not None else None
+                lim, m = self.size - width, width - 1
+
+                def write(offset: int, value: int, v: memoryview = view, b: int | None = ok,
+                          m: int = m, lim: int = lim, s: int = shift, w: int = width) -> None:  # fmt: skip
+                    if (offset & b) if b is not None else (offset & m or not 0 <= offset <= lim):
+                        self._reject(offset, w, True)
+                    try:
+                        v[offset >> s] = value
+                    except (ValueError, TypeError, OverflowError):
+                        self._check_value(value, w)
+                        raise
+
+            self._readers[width], self._writers[width] = read, write
+            setattr(self, f"read{width * 8}", read)
+            setattr(self, f"write{width * 8}", write)
 
     def read_bytes(self, offset: int, length: int) -> bytes:
         self._check_span(offset, length, False)
@@ -266,6 +305,10 @@ class MmioRegion(Region):
             )
 
     def close(self) -> None:
+        for w in (1, 2, 4, 8):  # drop the closures holding the views
+            self.__dict__.pop(f"read{w * 8}", None)
+            self.__dict__.pop(f"write{w * 8}", None)
+        self._readers, self._writers = {}, {}
         views, self._views = self._views, {}
         for v in views.values():
             v.release()
