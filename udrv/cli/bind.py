@@ -36,6 +36,8 @@ def cmd_bind(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from udrv.core.bind import restore
 
+    from udrv.pci.address import PciAddress
+
     driver = restore(args.address)
-    print(f"{args.address}: back to {driver or 'no driver'}")
+    print(f"{PciAddress.parse(args.address)}: back to {driver or 'no driver'}")
     return 0
