@@ -1,0 +1,51 @@
+"""`udrv e1000 serve ADDRESS --tap NAME`: an e1000 as a Linux network interface."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    e = sub.add_parser("e1000", help="Intel 8254x (e1000) NIC driver")
+    esub = e.add_subparsers(dest="e1000_command", metavar="COMMAND", required=True)
+    s = esub.add_parser("serve", help="drive the NIC and connect it to a TAP interface")
+    s.add_argument("address", help="PCI address or 8086:100e")
+    s.add_argument("--tap", default="udrv0", help="TAP interface name (udrv0)")
+    s.add_argument("--mtu", type=int, default=1500)
+    s.add_argument("--polling", action="store_true", help="no interrupts: poll the rings")
+    s.add_argument("--promiscuous", action="store_true")
+    s.add_argument("--itr-us", type=int, default=50, help="interrupt throttling interval")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import udrv
+    from udrv.drivers.e1000 import E1000
+    from udrv.drivers.e1000.bridge import bridge
+    from udrv.frontends.tap import Tap
+
+    logging.basicConfig(level=logging.INFO, format="udrv e1000: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with udrv.open(args.address) as dev:
+        nic = E1000(dev, interrupts=None if args.polling else "intx", itr_us=args.itr_us,
+                    promiscuous=args.promiscuous)  # fmt: skip
+        with nic, Tap(args.tap, mac=nic.mac, mtu=args.mtu) as tap:
+            mac = ":".join(f"{b:02x}" for b in nic.mac)
+            print(f"{tap.name}: {nic.model} at {dev.address}, MAC {mac}, link "
+                  f"{'up' if nic.link_up else 'down'}; Ctrl-C to stop", flush=True)  # fmt: skip
+            bridge(nic, tap, stop)
+            stats = nic.update_stats()
+    print(
+        "counters: "
+        + ", ".join(f"{k}={v}" for k, v in stats.items() if v)
+        + f", tap_rx={tap.rx_frames}, tap_tx={tap.tx_frames}, dropped_tx={nic.dropped_tx}",
+        file=sys.stderr,
+    )
+    return 0
