@@ -8,11 +8,15 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    b = sub.add_parser("bind", help="bind a device (and its IOMMU group) to vfio-pci or uio_pci_generic")
+    b = sub.add_parser(
+        "bind", help="bind a device (and its IOMMU group) to vfio-pci or uio_pci_generic"
+    )
     b.add_argument("address")
     b.add_argument("--driver", choices=["vfio-pci", "uio_pci_generic"], default="vfio-pci")
     b.add_argument("--user", help="let this user open the VFIO group")
-    b.add_argument("--force", action="store_true", help="unbind even if it backs a mount or the default route")
+    b.add_argument(
+        "--force", action="store_true", help="unbind even if it backs a mount or the default route"
+    )
     b.set_defaults(func=cmd_bind)
     r = sub.add_parser("restore", help="give a device back to its original kernel driver")
     r.add_argument("address")
@@ -35,7 +39,6 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from udrv.core.bind import restore
-
     from udrv.pci.address import PciAddress
 
     driver = restore(args.address)

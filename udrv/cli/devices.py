@@ -30,7 +30,10 @@ def register(sub: Any) -> None:
     info.add_argument("-v", "--verbose", action="store_true", help="add a hex dump of config space")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
-    for name, helptext in (("peek", "read a register in a BAR"), ("poke", "write a register in a BAR")):
+    for name, helptext in (
+        ("peek", "read a register in a BAR"),
+        ("poke", "write a register in a BAR"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("address")
         p.add_argument("bar", type=int)
@@ -58,7 +61,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     devs = devices()
     if args.json:
-        print(json.dumps([dict(d.to_dict(), ready_for=ready_for(d.driver), **names(d)) for d in devs], indent=1))
+        print(
+            json.dumps(
+                [dict(d.to_dict(), ready_for=ready_for(d.driver), **names(d)) for d in devs],
+                indent=1,
+            )
+        )
         return 0
     table = Table("address", "device", "class", "driver", "group", "ready for")
     for d in devs:
@@ -82,14 +90,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             for c in cs.capabilities])  # fmt: skip
         print(json.dumps(out, indent=1, default=str))
         return 0
-    n = names(d)
-    print(f"{d.address} {n['class_name']}: {n['vendor_name']} {n['device_name']} [{d.ids}]")
-    print(f"\tDriver: {d.driver or '-'}; IOMMU group: {d.iommu_group}; ready for: {ready_for(d.driver)}")
-    for b in d.bars:
-        if b.index < 6:
-            print(f"\tRegion {b.index}: {b.kind} at {b.start:#x} [size={b.size:#x}]"
-                  f"{' 64-bit' if b.is_64bit else ''}{' prefetchable' if b.prefetchable else ''}")
-    for line in describe(cs):
+    print(d.address)
+    print(
+        f"\tDriver: {d.driver or '-'}; IOMMU group: {d.iommu_group}; ready for: {ready_for(d.driver)}"
+    )
+    for line in describe(cs, resources=d.bars, names=True):
         print(f"\t{line}")
     if args.verbose:
         raw = d.read_config()
@@ -100,7 +105,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _check_width(offset: int, width: int) -> None:
     if offset % (width // 8):
-        raise RegionError(f"offset {offset:#x} is not aligned to the {width}-bit width; use a multiple of {width // 8}")
+        raise RegionError(
+            f"offset {offset:#x} is not aligned to the {width}-bit width; use a multiple of {width // 8}"
+        )
 
 
 def cmd_peek(args: argparse.Namespace) -> int:
@@ -108,7 +115,7 @@ def cmd_peek(args: argparse.Namespace) -> int:
 
     _check_width(args.offset, args.width)
     with udrv.open(args.address, args.backend) as dev:
-        value = dev.bar(args.bar).read(args.offset, args.width // 8)
+        value = dev.bar(args.bar).read_width(args.offset, args.width // 8)
     print(f"{value:#0{args.width // 4 + 2}x}")
     return 0
 
@@ -117,9 +124,8 @@ def cmd_poke(args: argparse.Namespace) -> int:
     import udrv
 
     _check_width(args.offset, args.width)
-    kw = {"writable": True} if args.backend == "sysfs" else {}
-    with udrv.open(args.address, args.backend, **kw) as dev:
-        dev.bar(args.bar).write(args.offset, args.width // 8, args.value)
+    with udrv.open(args.address, args.backend, writable=args.backend == "sysfs") as dev:
+        dev.bar(args.bar).write_width(args.offset, args.width // 8, args.value)
     return 0
 
 
@@ -130,13 +136,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     with udrv.open(args.address, "sysfs", writable=writing) as dev:
         cfg = dev.config
         if args.offset is None:
-            raw = cfg.read_bytes(0, cfg.size)
+            raw = cfg.read(0, cfg.size)
             for off in range(0, len(raw), 16):
                 print(f"{off:03x}: " + " ".join(f"{b:02x}" for b in raw[off : off + 16]))
             return 0
         _check_width(args.offset, args.width)
         if writing:
-            cfg.write(args.offset, args.width // 8, args.value)
+            cfg.write_width(args.offset, args.width // 8, args.value)
         else:
-            print(f"{cfg.read(args.offset, args.width // 8):#0{args.width // 4 + 2}x}")
+            print(f"{cfg.read_width(args.offset, args.width // 8):#0{args.width // 4 + 2}x}")
     return 0

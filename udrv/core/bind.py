@@ -38,6 +38,9 @@ class Sysfs:
         return self.root / "bus" / "pci"
 
 
+SYSFS = Sysfs()  # the real one
+
+
 def _driver(sysfs: Sysfs, address: str) -> str | None:
     link = sysfs.pci / "devices" / address / "driver"
     return os.path.basename(os.readlink(link)) if link.is_symlink() else None
@@ -55,7 +58,7 @@ def _is_bridge(sysfs: Sysfs, address: str) -> bool:
     return int(cls, 16) >> 16 == 0x06  # base class 06: bridges may stay with their driver
 
 
-def users_of(address: str, sysfs: Sysfs = Sysfs()) -> list[str]:
+def users_of(address: str, sysfs: Sysfs = SYSFS) -> list[str]:
     """Why unbinding ``address`` would hurt: mounted filesystems and the default route on it."""
     devpath = os.path.realpath(sysfs.pci / "devices" / address)
     found = []
@@ -80,7 +83,9 @@ def _write(path: Path, value: str, what: str) -> None:
     try:
         path.write_text(value)
     except OSError as exc:
-        raise BindError(f"{what}: writing {value.strip()!r} to {path} failed", errno=exc.errno) from None
+        raise BindError(
+            f"{what}: writing {value.strip()!r} to {path} failed", errno=exc.errno
+        ) from None
 
 
 def _modprobe(driver: str, sysfs: Sysfs) -> None:
@@ -88,8 +93,10 @@ def _modprobe(driver: str, sysfs: Sysfs) -> None:
         return
     proc = subprocess.run(["modprobe", driver], capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not (sysfs.pci / "drivers" / driver).exists():
-        raise BindError(f"the {driver} driver is not available: `modprobe {driver}` said "
-                        f"{proc.stderr.strip() or 'nothing'}; is the module installed?")
+        raise BindError(
+            f"the {driver} driver is not available: `modprobe {driver}` said "
+            f"{proc.stderr.strip() or 'nothing'}; is the module installed?"
+        )
 
 
 def _bind_one(address: str, driver: str, sysfs: Sysfs) -> None:
@@ -110,7 +117,7 @@ def _bind_one(address: str, driver: str, sysfs: Sysfs) -> None:
 
 
 def bind(address: str, driver: str = "vfio-pci", *, user: str | None = None, force: bool = False,
-         sysfs: Sysfs = Sysfs()) -> list[str]:  # fmt: skip
+         sysfs: Sysfs = SYSFS) -> list[str]:  # fmt: skip
     """Bind ``address`` (and for vfio-pci its whole IOMMU group) to ``driver``.
 
     Returns:
@@ -127,7 +134,9 @@ def bind(address: str, driver: str = "vfio-pci", *, user: str | None = None, for
         raise BindError(f"no PCI device {address}; `udrv list` shows what there is")
     members = [address]
     if driver == "vfio-pci":
-        members = [a for a in _group_members(sysfs, address) if a == address or not _is_bridge(sysfs, a)]
+        members = [
+            a for a in _group_members(sysfs, address) if a == address or not _is_bridge(sysfs, a)
+        ]
     for a in members:
         why = users_of(a, sysfs)
         if why and not force:
@@ -140,7 +149,7 @@ def bind(address: str, driver: str = "vfio-pci", *, user: str | None = None, for
     return members
 
 
-def grant(address: str, user: str, sysfs: Sysfs = Sysfs()) -> str:
+def grant(address: str, user: str, sysfs: Sysfs = SYSFS) -> str:
     """Let ``user`` open the device's VFIO group; returns a warning if memlock is too low."""
     try:
         pw = pwd.getpwnam(user)
@@ -160,7 +169,7 @@ def grant(address: str, user: str, sysfs: Sysfs = Sysfs()) -> str:
     return ""
 
 
-def restore(address: str, sysfs: Sysfs = Sysfs()) -> str | None:
+def restore(address: str, sysfs: Sysfs = SYSFS) -> str | None:
     """Give ``address`` back to the driver it had before :func:`bind`; returns that driver."""
     address = str(PciAddress.parse(address))
     state = sysfs.state / f"{address}.json"

@@ -12,32 +12,49 @@ of hugepage memory (no IOMMU: the device can reach all of RAM).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from udrv.core.device import Device
 from udrv.dma.buffer import Direction, DmaBuffer, Mapping
+from udrv.dma.sg import SgList
 from udrv.errors import DmaError
 
-__all__ = ["Direction", "DmaBuffer", "Mapping", "for_device"]
+if TYPE_CHECKING:
+    from udrv.dma.hugepage import HugepageDma
+    from udrv.dma.vfio import VfioDma
+
+__all__ = ["Direction", "DmaBuffer", "Mapping", "SgList", "for_device"]
 
 
-def for_device(dev: Device, *, mask_bits: int = 64) -> Any:
-    """The DMA API for ``dev``; also sets Bus Master Enable (no DMA without it).
+def for_device(dev: Device, *, mask_bits: int = 64) -> VfioDma | HugepageDma:
+    """The DMA API for ``dev`` (VFIO or UIO, chosen by ``dev.backend``); also sets Bus
+    Master Enable (no DMA without it). Mappings left open are undone when ``dev`` closes.
+
+    Both implementations offer ``alloc(size)``, ``map(buffer, direction)`` and
+    ``map_sg(buffers, direction, max_segment=, boundary=)``.
 
     Args:
         mask_bits: the device's DMA address width (edu: 28); addresses stay below it.
+
+    Raises:
+        DmaError: the backend (sysfs) cannot do DMA.
+        VfioError: the IOMMU information cannot be read.
     """
+    dma: VfioDma | HugepageDma
     if dev.backend == "vfio":
         from udrv.backends.vfio import VfioDevice
         from udrv.dma.vfio import VfioDma
 
         assert isinstance(dev, VfioDevice)
-        dma: Any = VfioDma(dev, mask_bits=mask_bits)
+        dma = VfioDma(dev, mask_bits=mask_bits)
     elif dev.backend == "uio":
         from udrv.dma.hugepage import HugepageDma
 
         dma = HugepageDma(dev, mask_bits=mask_bits)
     else:
-        raise DmaError(f"{dev.address}: the {dev.backend} backend cannot do DMA; use vfio or uio")
+        raise DmaError(
+            f"{dev.address}: the {dev.backend} backend cannot do DMA; open it with "
+            "backend='vfio' (or 'uio')"
+        )
     dev.set_bus_master()
     return dma

@@ -68,6 +68,7 @@ class DmaBuffer(Mapping):
         self.array: npt.NDArray[np.uint8] = np.frombuffer(mem, dtype=np.uint8, count=size)
 
     def view(self, dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
+        """The buffer reinterpreted as ``dtype`` (zero-copy; e.g. a ring of descriptors)."""
         return self.array.view(dtype)
 
     def __len__(self) -> int:
@@ -88,13 +89,27 @@ class DmaBuffer(Mapping):
         return self.memoryview()
 
     def memoryview(self) -> memoryview:
+        """A writable, zero-copy memoryview of the buffer."""
         return memoryview(self.array.data)
 
     def close(self) -> None:
-        """Unmap from the device, then free the memory."""
+        """Unmap from the device, then free the memory; safe to call twice.
+
+        If numpy views of :attr:`array` are still alive, the memory is freed when the last
+        of them goes (the device lost access already: that is what matters for safety).
+        """
         self.unmap()
-        del self.array
-        self._mem.close()
+        if self._mem.closed:
+            return
+        self.array = np.empty(0, dtype=np.uint8)
+        try:
+            self._mem.close()
+        except BufferError:
+            pass  # exported views remain; the mmap is freed with them
+
+    @property
+    def closed(self) -> bool:
+        return not self.mapped and self._mem.closed
 
     def __enter__(self) -> DmaBuffer:
         return self

@@ -14,6 +14,7 @@ import contextlib
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +28,79 @@ from udrv.errors import DmaError
 HUGEPAGE = 2 << 20
 MAP_HUGETLB = 0x40000  # <asm-generic/mman-common.h> / <linux/mman.h>
 MAP_POPULATE = 0x8000  # <asm-generic/mman-common.h>
-NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+#: The 2 MiB pool (Documentation/admin-guide/mm/hugetlbpage.rst, "/sys/kernel/mm/hugepages").
+HUGEPAGES_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+NR_HUGEPAGES = HUGEPAGES_2M / "nr_hugepages"
 PAGEMAP = "/proc/self/pagemap"
-PFN_MASK = (1 << 55) - 1
-PAGE_PRESENT = 1 << 63
+PFN_MASK = (1 << 55) - 1  # pagemap.rst: bits 0-54 page frame number
+PAGE_PRESENT = 1 << 63  # pagemap.rst: bit 63 page present
 
 
-def reserve_hugepages(n: int) -> int:
-    """Ask the kernel for ``n`` 2 MiB hugepages; returns how many it has now."""
+@dataclass(frozen=True)
+class HugepageStatus:
+    """The 2 MiB hugepage pool: pages reserved (``nr_hugepages``) and still free."""
+
+    total: int
+    free: int
+
+
+def hugepage_status(pool: Path | None = None) -> HugepageStatus:
+    """How many 2 MiB hugepages are reserved and free (0/0 when the kernel has none)."""
+    pool = pool or HUGEPAGES_2M
     try:
-        NR_HUGEPAGES.write_text(str(n))
-        return int(NR_HUGEPAGES.read_text())
+        return HugepageStatus(
+            int((pool / "nr_hugepages").read_text()), int((pool / "free_hugepages").read_text())
+        )
+    except FileNotFoundError:
+        return HugepageStatus(0, 0)
+    except (OSError, ValueError) as exc:
+        raise DmaError(f"cannot read the hugepage pool in {pool}: {exc}") from None
+
+
+def reserve_hugepages(n: int, pool: Path | None = None) -> int:
+    """Ask the kernel for ``n`` 2 MiB hugepages in total; returns how many it has now.
+
+    The kernel may grant fewer when memory is fragmented; the caller compares.
+
+    Raises:
+        DmaError: ``n`` is negative, or the pool cannot be written (not root, no hugetlbfs).
+    """
+    if n < 0:
+        raise DmaError(f"cannot reserve {n} hugepages; give a count >= 0")
+    path = (pool or HUGEPAGES_2M) / "nr_hugepages"
+    try:
+        path.write_text(str(n))
+        return int(path.read_text())
     except OSError as exc:
         raise DmaError(
-            f"cannot reserve hugepages through {NR_HUGEPAGES}; run as root", errno=exc.errno
+            f"cannot reserve {n} hugepages through {path}; run as root (or boot with "
+            f"hugepages={n})",
+            errno=exc.errno,
         ) from None
 
 
-def virt_to_phys(vaddr: int) -> int:
-    """The physical address of a (resident) virtual address of this process."""
+def virt_to_phys(vaddr: int, pagemap: str = PAGEMAP) -> int:
+    """The physical address of a (resident) virtual address of this process.
+
+    Raises:
+        DmaError: the page is not resident, or pagemap hides frame numbers (not root).
+    """
     page = os.sysconf("SC_PAGE_SIZE")
     try:
-        with open(PAGEMAP, "rb") as f:
+        with open(pagemap, "rb") as f:
             f.seek(vaddr // page * 8)
-            (entry,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(8)
     except OSError as exc:
-        raise DmaError(f"cannot read {PAGEMAP}", errno=exc.errno) from None
+        raise DmaError(f"cannot read {pagemap}", errno=exc.errno) from None
+    if len(raw) != 8:
+        raise DmaError(f"{pagemap} has no entry for virtual address {vaddr:#x}")
+    (entry,) = struct.unpack("<Q", raw)
     if not entry & PAGE_PRESENT:
         raise DmaError(f"virtual address {vaddr:#x} is not resident; touch it before mapping")
     pfn = entry & PFN_MASK
     if pfn == 0:
         raise DmaError(
-            f"{PAGEMAP} hides frame numbers: physical addresses need CAP_SYS_ADMIN (run as root)"
+            f"{pagemap} hides frame numbers: physical addresses need CAP_SYS_ADMIN (run as root)"
         )
     return pfn * page + vaddr % page
 
@@ -90,10 +132,10 @@ class HugepageDma:
                 -1, HUGEPAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB | MAP_POPULATE
             )
         except OSError as exc:
-            have = NR_HUGEPAGES.read_text().strip() if NR_HUGEPAGES.exists() else "?"
+            st = hugepage_status()
             raise DmaError(
-                f"no free 2 MiB hugepage for DMA ({have} reserved in {NR_HUGEPAGES}); "
-                "run `udrv hugepages 64`",
+                f"no free 2 MiB hugepage for DMA ({st.total} reserved, {st.free} free in "
+                f"{HUGEPAGES_2M}); run `udrv hugepages {max(64, st.total + 16)}`",
                 errno=exc.errno,
             ) from None
         vaddr = np.frombuffer(mem, dtype=np.uint8).ctypes.data

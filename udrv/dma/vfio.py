@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ class VfioDma:
         self.dev = dev
         info = dev.container.refresh_info()
         self.iova = IovaAllocator(info.iova_ranges or None, mask_bits=mask_bits)
+        # DMA_AVAIL is what is left when we start; each of our mappings uses one entry.
         self.avail = info.dma_avail  # None: the kernel does not say
         self._live: dict[int, Mapping] = {}
         self._lock = threading.Lock()
@@ -61,7 +62,7 @@ class VfioDma:
                 ) from None
         return base + (vaddr - page_va), base
 
-    def _unmapper(self, base: int, span: int, key: int) -> Any:
+    def _unmapper(self, base: int, span: int, key: int) -> Callable[[], None]:
         def release() -> None:
             with self._lock:
                 self._live.pop(key, None)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
 from udrv.errors import IrqError
@@ -21,9 +23,11 @@ class Vector:
     """An interrupt source.
 
     Args:
-        fd: readable when the interrupt fired; ``read_count(fd)`` consumes the event.
+        fd: readable when the interrupt fired; non-blocking; ``read_count(fd)`` consumes the
+            event and returns 0 when nothing is pending.
         name: for messages, e.g. ``"MSI 0 of 0000:00:04.0"``.
-        read_count: returns how many interrupts were signalled since the last read.
+        read_count: returns how many interrupts were signalled since the last read (0 if
+            another reader consumed the event first).
         rearm: re-enables a level interrupt once the driver acknowledged the device (INTx);
             None for edge/message interrupts.
     """
@@ -39,47 +43,105 @@ class Vector:
         self.fd, self.name = fd, name
         self._read_count, self._rearm = read_count, rearm
         self._handler: threading.Thread | None = None
-        self._stop_r = self._stop_w = -1
+        self._stop_fd = -1
+        self._async_waiting = False
+        self._poller: select.poll | None = None
+        self.handler_error: BaseException | None = None
         self.closed = False
 
     def fileno(self) -> int:
+        """The fd to hand to select/poll/epoll: readable while an interrupt is pending."""
         return self.fd
 
-    def wait(self, timeout: float | None = None) -> int:
-        """Block until the interrupt fires; returns the count (0 on timeout)."""
+    def _check_open(self) -> None:
         if self.closed:
-            raise IrqError(f"{self.name} is disabled")
-        r, _, _ = select.select([self.fd], [], [], timeout)
-        if not r:
-            return 0
-        return self._read_count(self.fd)
+            raise IrqError(f"{self.name} is disabled; enable the interrupts again to wait")
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the interrupt fires.
+
+        Args:
+            timeout: seconds; None waits forever, 0 only polls.
+
+        Returns:
+            How many interrupts were signalled since the last wait (0 on timeout).
+
+        Raises:
+            IrqError: the vector is disabled, or has a handler thread consuming its events.
+        """
+        if self.closed or self._handler is not None:
+            self._refuse_wait()
+        # Fast path: the interrupt is often pending already (the fd is non-blocking), and
+        # one read is cheaper than poll + read.
+        n = self._read_count(self.fd)
+        if n or timeout == 0:
+            return n
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.fd, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = (
+                None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
+            )
+            if self._poller.poll(left):
+                n = self._read_count(self.fd)
+                if n:
+                    return n
+            if deadline is not None and time.monotonic() >= deadline:
+                return 0
+
+    def _refuse_wait(self) -> None:
+        self._check_open()
+        raise IrqError(f"{self.name} has a handler thread; stop_handler() before wait()")
 
     def poll(self) -> int:
         """The count if the interrupt fired, else 0, without blocking."""
         return self.wait(0)
 
     async def wait_async(self) -> int:
-        """``await vector.wait_async()``; cancelling it leaves no reader registered."""
-        if self.closed:
-            raise IrqError(f"{self.name} is disabled")
+        """``await vector.wait_async()``: the count, without blocking the event loop.
+
+        Cancelling it (``asyncio.wait_for`` timeouts included) removes the reader from the
+        loop and consumes nothing: a pending interrupt stays pending for the next wait.
+
+        Raises:
+            IrqError: disabled, or another coroutine is already waiting on this vector.
+        """
+        self._check_open()
+        if self._async_waiting:
+            raise IrqError(f"another coroutine is already waiting on {self.name}")
+        n = self._read_count(self.fd)  # already pending: no trip through the event loop
+        if n:
+            return n
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
         def ready() -> None:
-            if not fut.done():
-                try:
-                    fut.set_result(self._read_count(self.fd))
-                except OSError as exc:
-                    fut.set_exception(exc)
+            if fut.done():
+                return
+            try:
+                n = self._read_count(self.fd)
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
+            if n:
+                fut.set_result(n)
 
+        self._async_waiting = True
         loop.add_reader(self.fd, ready)
         try:
             return await fut
         finally:
             loop.remove_reader(self.fd)
+            self._async_waiting = False
 
     def rearm(self) -> None:
-        """After acknowledging the device: let a level (INTx) interrupt fire again."""
+        """After acknowledging the device: let a level (INTx) interrupt fire again.
+
+        A no-op for MSI/MSI-X. Call it after the device's own acknowledge (edu: INTR_ACK),
+        or the line is still asserted and fires again at once.
+        """
         if self._rearm is not None:
             self._rearm()
 
@@ -89,19 +151,27 @@ class Vector:
         The handler must acknowledge the device; with ``rearm`` the vector is re-armed after
         it returns. An exception in the handler stops the thread and is re-raised by
         :meth:`stop_handler`.
+
+        Raises:
+            IrqError: the vector is disabled or already has a handler.
         """
+        self._check_open()
         if self._handler is not None:
-            raise IrqError(f"{self.name} already has a handler thread")
-        self._stop_r, self._stop_w = os.pipe()
-        self.handler_error: BaseException | None = None
+            raise IrqError(f"{self.name} already has a handler thread; stop_handler() first")
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.handler_error = None
+        stop_fd = self._stop_fd
 
         def loop() -> None:
             while True:
-                r, _, _ = select.select([self.fd, self._stop_r], [], [])
-                if self._stop_r in r:
+                r, _, _ = select.select([self.fd, stop_fd], [], [])
+                if stop_fd in r:
                     return
                 try:
-                    handler(self._read_count(self.fd))
+                    n = self._read_count(self.fd)
+                    if not n:
+                        continue
+                    handler(n)
                     if rearm:
                         self.rearm()
                 except BaseException as exc:
@@ -111,29 +181,46 @@ class Vector:
         self._handler = threading.Thread(target=loop, name=f"irq {self.name}", daemon=True)
         self._handler.start()
 
-    def stop_handler(self) -> None:
+    @property
+    def handler_running(self) -> bool:
+        return self._handler is not None and self._handler.is_alive()
+
+    def stop_handler(self, timeout: float = 5.0) -> None:
+        """Stop the handler thread (if any) and wait for it to end.
+
+        Raises:
+            IrqError: the handler raised (the original exception is chained), or the thread
+                did not end within ``timeout`` (the handler is stuck).
+        """
         if self._handler is None:
             return
-        os.write(self._stop_w, b"x")
-        self._handler.join(5)
+        os.eventfd_write(self._stop_fd, 1)
+        self._handler.join(timeout)
+        alive = self._handler.is_alive()
         self._handler = None
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        if alive:
+            # The handler is stuck; leave the stop fd open for it (closing it could let a
+            # new fd reuse the number under the thread's select).
+            raise IrqError(f"the handler thread of {self.name} did not stop within {timeout} s")
+        os.close(self._stop_fd)
+        self._stop_fd = -1
         if self.handler_error is not None:
             err, self.handler_error = self.handler_error, None
             raise IrqError(f"interrupt handler of {self.name} failed: {err!r}") from err
 
     def close(self) -> None:
+        """Stop the handler thread; the owner (VFIO/UIO layer) closes the fd afterwards."""
         with contextlib.suppress(IrqError):
             self.stop_handler()
         self.closed = True
 
     def __repr__(self) -> str:
-        return f"<Vector {self.name}>"
+        state = " disabled" if self.closed else ""
+        return f"<Vector {self.name}{state}>"
 
 
 def eventfd_count(fd: int) -> int:
-    """Read (and reset) an eventfd's 64-bit counter."""
+    """Read (and reset) a non-blocking eventfd's 64-bit counter; 0 when nothing is pending."""
     try:
         return os.eventfd_read(fd)
     except BlockingIOError:

@@ -1,6 +1,12 @@
 """Enumerate PCI devices from sysfs (``/sys/bus/pci/devices``), read-only.
 
-``root`` is a parameter everywhere so tests can point it at a fake tree.
+Each device directory (Documentation/ABI/testing/sysfs-bus-pci) has ``vendor``, ``device``,
+``subsystem_vendor``, ``subsystem_device``, ``class``, ``revision`` (hex text), ``driver`` and
+``iommu_group`` (symlinks), ``numa_node``, ``driver_override``, ``config`` and ``resource``:
+one line per resource, ``start end flags`` in hex, lines 0-5 the BARs, 6 the expansion ROM,
+7-12 the SR-IOV VF BARs, 13-16 a bridge's windows (drivers/pci/pci-sysfs.c).
+
+``root`` is a parameter everywhere so tests can point it at a fake tree. Nothing here writes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 
 from udrv.errors import DeviceNotFoundError
 from udrv.pci.address import IdFilter, PciAddress, parse_selector
+from udrv.pci.config import ConfigSpace, decode
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
@@ -19,7 +26,15 @@ SYSFS_PCI = Path("/sys/bus/pci/devices")
 IORESOURCE_IO = 0x00000100
 IORESOURCE_MEM = 0x00000200
 IORESOURCE_PREFETCH = 0x00002000
+IORESOURCE_READONLY = 0x00004000
 IORESOURCE_MEM_64 = 0x00100000
+IORESOURCE_DISABLED = 0x10000000
+IORESOURCE_UNSET = 0x20000000
+
+#: ``resource`` line numbers (include/linux/pci.h: PCI_ROM_RESOURCE, PCI_BRIDGE_RESOURCES).
+PCI_ROM_RESOURCE = 6
+PCI_IOV_RESOURCES = 7
+PCI_BRIDGE_RESOURCES = 13
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,19 @@ class Resource:
     def kind(self) -> str:
         return "io" if self.is_io else "memory"
 
+    @property
+    def is_rom(self) -> bool:
+        return self.index == PCI_ROM_RESOURCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            asdict(self),
+            size=self.size,
+            kind=self.kind,
+            is_64bit=self.is_64bit,
+            prefetchable=self.prefetchable,
+        )
+
 
 @dataclass
 class PciDeviceInfo:
@@ -68,35 +96,66 @@ class PciDeviceInfo:
     numa_node: int | None
     driver_override: str | None
     config_size: int
-    bars: list[Resource] = field(default_factory=list)
+    bars: list[Resource] = field(default_factory=list)  # BARs 0-5 and the ROM (6)
     path: Path = SYSFS_PCI
+    windows: list[Resource] = field(default_factory=list)  # a bridge's windows (13-16)
+    vf_bars: list[Resource] = field(default_factory=list)  # SR-IOV VF BARs (7-12)
 
     @property
     def ids(self) -> str:
+        """``vendor:device`` in hex, as a selector takes it."""
         return f"{self.vendor:04x}:{self.device:04x}"
 
+    @property
+    def pci_address(self) -> PciAddress:
+        return PciAddress.parse(self.address)
+
+    @property
+    def has_extended_config(self) -> bool:
+        """Config space is 4096 bytes (PCIe / PCI-X 2.0), not 256."""
+        return self.config_size >= 4096
+
+    def bar(self, index: int) -> Resource | None:
+        """BAR ``index`` (0-5) or the ROM (6), or ``None`` when not implemented."""
+        return next((b for b in self.bars if b.index == index), None)
+
+    def decode_config(self) -> ConfigSpace:
+        """Config space read now and decoded (needs root for more than the header).
+
+        Raises:
+            ConfigSpaceError: the config space is broken; OSError: it cannot be read.
+        """
+        return decode(self.read_config())
+
     def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready values (ints, strings, lists, dicts)."""
         d = asdict(self)
         d["path"] = str(self.path)
-        d["bars"] = [
-            dict(
-                asdict(b),
-                size=b.size,
-                kind=b.kind,
-                is_64bit=b.is_64bit,
-                prefetchable=b.prefetchable,
-            )
-            for b in self.bars
-        ]
+        for key in ("bars", "windows", "vf_bars"):
+            d[key] = [r.to_dict() for r in getattr(self, key)]
+        d["ids"] = self.ids
+        d["has_extended_config"] = self.has_extended_config
         return d
 
-    def read_config(self) -> bytes:
-        """Config space as sysfs gives it (256 bytes, or 4096 for PCIe; 64 if unprivileged)."""
-        return (self.path / "config").read_bytes()
+    def read_config(self, size: int | None = None) -> bytes:
+        """Config space as sysfs gives it (256 bytes, or 4096 for PCIe; 64 if unprivileged).
+
+        Args:
+            size: read at most this many bytes from offset 0.
+        """
+        with open(self.path / "config", "rb") as f:
+            return f.read() if size is None else f.read(size)
 
 
 def _hex(path: Path) -> int:
-    return int(path.read_text().strip(), 16)
+    try:
+        return int(path.read_text().strip(), 16)
+    except FileNotFoundError:
+        raise DeviceNotFoundError(
+            f"{path} is missing: the device went away, or {path.parent} is not a PCI device"
+        ) from None
+    except ValueError:
+        raise DeviceNotFoundError(f"{path} does not hold a hex number") from None
 
 
 def _opt_text(path: Path) -> str | None:
@@ -107,22 +166,42 @@ def _opt_text(path: Path) -> str | None:
     return None if text in ("", "(null)") else text
 
 
-def read_device(path: Path) -> PciDeviceInfo:
-    """Describe the device whose sysfs directory is ``path``."""
-    driver = os.path.basename(os.readlink(path / "driver")) if (path / "driver").exists() else None
-    group = None
-    if (path / "iommu_group").exists():
-        group = int(os.path.basename(os.readlink(path / "iommu_group")))
-    numa = _opt_text(path / "numa_node")
-    bars = []
+def _link_name(path: Path) -> str | None:
     try:
-        lines = (path / "resource").read_text().splitlines()
+        return os.path.basename(os.readlink(path))
     except OSError:
-        lines = []
-    for i, line in enumerate(lines[:7]):
-        start, end, flags = (int(x, 16) for x in line.split())
+        return None
+
+
+def read_resources(path: Path) -> list[Resource]:
+    """The implemented lines of a sysfs ``resource`` file (flags non-zero); malformed
+    lines are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            start, end, flags = (int(x, 16) for x in line.split())
+        except ValueError:
+            continue
         if flags:
-            bars.append(Resource(i, start, end, flags))
+            out.append(Resource(i, start, end, flags))
+    return out
+
+
+def read_device(path: Path) -> PciDeviceInfo:
+    """Describe the device whose sysfs directory is ``path``.
+
+    Raises:
+        DeviceNotFoundError: ``path`` is not (or no longer) a PCI device directory.
+    """
+    if not path.is_dir():
+        raise DeviceNotFoundError(f"no PCI device at {path}; `udrv list` shows what there is")
+    group = _link_name(path / "iommu_group")
+    numa = _opt_text(path / "numa_node")
+    resources = read_resources(path / "resource")
     try:
         config_size = (path / "config").stat().st_size
     except OSError:
@@ -135,21 +214,56 @@ def read_device(path: Path) -> PciDeviceInfo:
         subsystem_device=_hex(path / "subsystem_device"),
         class_code=_hex(path / "class"),
         revision=_hex(path / "revision") if (path / "revision").exists() else 0,
-        driver=driver,
-        iommu_group=group,
-        numa_node=int(numa) if numa else None,
+        driver=_link_name(path / "driver"),
+        iommu_group=int(group) if group and group.isdigit() else None,
+        numa_node=int(numa) if numa and numa.lstrip("-").isdigit() else None,
         driver_override=_opt_text(path / "driver_override"),
         config_size=config_size,
-        bars=bars,
+        bars=[r for r in resources if r.index <= PCI_ROM_RESOURCE],
         path=path,
+        windows=[r for r in resources if r.index >= PCI_BRIDGE_RESOURCES],
+        vf_bars=[r for r in resources if PCI_IOV_RESOURCES <= r.index < PCI_BRIDGE_RESOURCES],
     )
 
 
-def devices(root: Path = SYSFS_PCI) -> list[PciDeviceInfo]:
-    """Every PCI function, in address order."""
+def devices(root: Path = SYSFS_PCI, selector: str | None = None) -> list[PciDeviceInfo]:
+    """Every PCI function, in address order; only those ``selector`` picks when given.
+
+    A device that disappears while being read (hot unplug) is left out.
+
+    Raises:
+        AddressError: ``selector`` cannot be parsed.
+    """
+    sel = parse_selector(selector) if selector is not None else None
     if not root.is_dir():
         return []
-    return [read_device(root / name) for name in sorted(os.listdir(root))]
+    out = []
+    for name in sorted(os.listdir(root)):
+        if isinstance(sel, PciAddress) and name != str(sel):
+            continue
+        try:
+            dev = read_device(root / name)
+        except DeviceNotFoundError:
+            continue
+        if isinstance(sel, IdFilter) and not sel.matches(dev.vendor, dev.device):
+            continue
+        out.append(dev)
+    return out
+
+
+def find_all(selector: str, root: Path = SYSFS_PCI) -> list[PciDeviceInfo]:
+    """Every device an address or ``vendor:device`` selects (at least one).
+
+    Raises:
+        AddressError: the selector cannot be parsed.
+        DeviceNotFoundError: nothing matches.
+    """
+    found = devices(root, selector)
+    if not found:
+        sel = parse_selector(selector)
+        what = f"PCI device {sel}" if isinstance(sel, PciAddress) else f"PCI device with id {sel}"
+        raise DeviceNotFoundError(f"no {what} in {root}; `udrv list` shows what there is")
+    return found
 
 
 def find(selector: str, root: Path = SYSFS_PCI) -> PciDeviceInfo:
@@ -159,23 +273,10 @@ def find(selector: str, root: Path = SYSFS_PCI) -> PciDeviceInfo:
         AddressError: the selector cannot be parsed.
         DeviceNotFoundError: nothing matches, or an id filter matches several devices.
     """
-    sel = parse_selector(selector)
-    if isinstance(sel, PciAddress):
-        path = root / str(sel)
-        if not path.exists():
-            raise DeviceNotFoundError(
-                f"no PCI device {sel} in {root}; `udrv list` shows what there is"
-            )
-        return read_device(path)
-    assert isinstance(sel, IdFilter)
-    matches = [d for d in devices(root) if (d.vendor, d.device) == (sel.vendor, sel.device)]
-    if not matches:
-        raise DeviceNotFoundError(
-            f"no PCI device with id {sel} in {root}; `udrv list` shows what there is"
-        )
+    matches = find_all(selector, root)
     if len(matches) > 1:
         raise DeviceNotFoundError(
-            f"{len(matches)} devices have id {sel} "
+            f"{len(matches)} devices have id {parse_selector(selector)} "
             f"({', '.join(d.address for d in matches)}); pick one by address"
         )
     return matches[0]

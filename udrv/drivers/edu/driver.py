@@ -178,9 +178,9 @@ class Edu:
         )
 
     def close(self) -> None:
-        if getattr(self, "_staging", None) is not None:
-            self._staging.close()
-            self._staging = None
+        staging = self.__dict__.pop("_staging", None)
+        if staging is not None:
+            staging.close()
         if self.irq is not None:
             self.irq.close()
             self.irq = None
