@@ -39,7 +39,9 @@ pytest: lab
 test: lint typecheck pytest
 
 bench: lab
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.mmio
+	$(BIN)/python -m bench.irq
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     mmio: dict[str, dict[str, float]] = results["mmio"]  # type: ignore[assignment]
+    if args.quick:  # a smoke test: too few repeats to judge the goal on a busy machine
+        return 0
     return 0 if all(r["ratio_function"] <= GOAL for r in mmio.values()) else 1
 
 

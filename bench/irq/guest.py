@@ -160,11 +160,7 @@ def run_all(address: str, rounds: int) -> dict[str, list[int]]:
     styles = ["floor", "blocking", "epoll", "asyncio", "thread"]
     python_styles(address, "msi", styles, warm)
     for style, samples in python_styles(address, "msi", styles, rounds).items():
-        label = (
-            "Py VFIO MSI (raw eventfd_read: interpreter floor)"
-            if style == "floor"
-            else f"Py VFIO MSI ({style})"
-        )
+        label = "Py VFIO MSI (raw read: floor)" if style == "floor" else f"Py VFIO MSI ({style})"
         res[label] = samples
     python_styles(address, "intx", ["blocking"], warm)
     res["Py VFIO INTx (blocking)"] = python_styles(address, "intx", ["blocking"], rounds)[

@@ -95,6 +95,10 @@ def test_for_device_sets_bus_master(monkeypatch: pytest.MonkeyPatch, iommu: Fake
     monkeypatch.setattr(bv, "VfioDevice", FakeVfioDevice)
     d = udrv.dma.for_device(dev, mask_bits=28)  # type: ignore[arg-type]
     assert isinstance(d, VfioDma) and dev.bus_master
+    # One allocator per device, or two callers would get the same IOVAs.
+    assert udrv.dma.for_device(dev, mask_bits=28) is d  # type: ignore[arg-type]
+    with pytest.raises(DmaError, match="already set up with a 28-bit mask"):
+        udrv.dma.for_device(dev, mask_bits=64)  # type: ignore[arg-type]
 
 
 def test_alloc_is_an_array_the_device_sees(dma: VfioDma, iommu: FakeContainer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,7 +119,11 @@ def test_oversize_frames_are_dropped_and_counted(driver: subprocess.Popen[str]) 
     sh("ip link set udrv0 mtu 1500")
     ping("10.9.0.2")  # the driver survives and still works
     err = stop_driver(driver)
-    assert "dropped_tx=2" in err, err
+    m = re.search(r"dropped_tx=(\d+) \(sizes ([\d ]+)\)", err)
+    assert m, err
+    sizes = [int(x) for x in m[2].split()]
+    assert 3014 in sizes and 1515 in sizes and 14 not in sizes, err
+    assert int(m[1]) == len(sizes)
 
 
 def test_killed_driver_restarts_and_traffic_resumes(peer: str) -> None:

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from udrv.core.region import Region
@@ -98,6 +98,19 @@ class Device(abc.ABC):
             except Exception:
                 continue
         return out
+
+    @property
+    def irq(self) -> Any:
+        """The device's interrupts (:class:`udrv.irq.Interrupts`): ``dev.irq.enable("msi")``."""
+        from udrv import irq
+
+        return irq.for_device(self)
+
+    def dma(self, *, mask_bits: int = 64) -> Any:
+        """The device's DMA API (IOVAs under VFIO, physical addresses under UIO)."""
+        from udrv import dma
+
+        return dma.for_device(self, mask_bits=mask_bits)
 
     def set_bus_master(self, enable: bool = True) -> None:
         """Set or clear Bus Master Enable (PCI command register bit 2; PCI 3.0 6.2.2).

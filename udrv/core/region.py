@@ -763,9 +763,10 @@ class RecordingRegion(Region):
             self.on_write(offset, width, value)
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
-        self._check_span(offset, len(memoryview(buf).cast("B")), "read")
+        n = memoryview(buf).nbytes
+        self._check_span(offset, n, "read")
         self.target.read_into(offset, buf)
-        self.log.append(Access("read", offset, len(buf), bytes(buf)))
+        self.log.append(Access("read", offset, n, bytes(buf)))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = bytes(data)

@@ -417,7 +417,7 @@ class BoundRegister:
         for name, x in fields.items():
             f = self.reg.field(name)
             if self.reg.field_access(f) in ("ro", "rc"):
-                raise self._refuse(f"setting field {name} of", f"read-only in field {name}")
+                raise self._refuse(f"setting field {name} of", "read-only")
             set_ = f.put(set_, x)
             clear |= f.mask
         return self._rmw(clear, set_, "set")

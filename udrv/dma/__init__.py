@@ -40,6 +40,15 @@ def for_device(dev: Device, *, mask_bits: int = 64) -> VfioDma | HugepageDma:
         DmaError: the backend (sysfs) cannot do DMA.
         VfioError: the IOMMU information cannot be read.
     """
+    cached = getattr(dev, "_udrv_dma", None)
+    if cached is not None:
+        # One allocator per device: a second one would hand out the same IOVAs again.
+        if cached.mask_bits != mask_bits:
+            raise DmaError(
+                f"{dev.address}: DMA is already set up with a {cached.mask_bits}-bit mask; "
+                f"use that (asked for {mask_bits} bits)"
+            )
+        return cached
     dma: VfioDma | HugepageDma
     if dev.backend == "vfio":
         from udrv.backends.vfio import VfioDevice
@@ -57,4 +66,5 @@ def for_device(dev: Device, *, mask_bits: int = 64) -> VfioDma | HugepageDma:
             "backend='vfio' (or 'uio')"
         )
     dev.set_bus_master()
+    dev._udrv_dma = dma  # type: ignore[attr-defined]
     return dma

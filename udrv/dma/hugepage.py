@@ -109,7 +109,7 @@ class HugepageDma:
     """The DMA API under UIO: physical addresses of hugepage memory."""
 
     def __init__(self, dev: Device, *, mask_bits: int = 64) -> None:
-        self.dev, self.limit = dev, 1 << mask_bits
+        self.dev, self.limit, self.mask_bits = dev, 1 << mask_bits, mask_bits
         self._live: list[Mapping] = []
         dev.on_close(self.close)
 

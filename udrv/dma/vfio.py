@@ -21,7 +21,7 @@ class VfioDma:
     """The DMA API of one VFIO device (one container)."""
 
     def __init__(self, dev: VfioDevice, *, mask_bits: int = 64) -> None:
-        self.dev = dev
+        self.dev, self.mask_bits = dev, mask_bits
         info = dev.container.refresh_info()
         self.iova = IovaAllocator(info.iova_ranges or None, mask_bits=mask_bits)
         # DMA_AVAIL is what is left when we start; each of our mappings uses one entry.

@@ -51,6 +51,7 @@ class E1000:
         self.model = R.DEVICE_IDS[dev_id]
         self.stats: dict[str, int] = dict.fromkeys([*R.STATS, *R.STATS64], 0)
         self.dropped_tx = 0
+        self.dropped_sizes: list[int] = []  # the last few, for the log
         self.tx_resets = 0
         self.dma = udma.for_device(device)
         self.reset()
@@ -196,6 +197,7 @@ class E1000:
         for frame in frames:
             if not 14 <= len(frame) <= MAX_FRAME - 4:
                 self.dropped_tx += 1  # runt or oversize: never handed to the NIC
+                self.dropped_sizes = [*self.dropped_sizes[-15:], len(frame)]
                 continue
             if not self.tx["status"][tail] & R.TXD_STAT_DD:
                 break  # ring full: the slot is still in flight
