@@ -1,0 +1,80 @@
+"""The NVMe driver on QEMU's nvme device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+
+import pytest
+
+import udrv
+from udrv.drivers.nvme import Nvme, NvmeError
+from udrv.errors import FrontendError
+
+pytestmark = pytest.mark.lab("nvme:size=32M,serial=udrvtest1", "edu")
+Bind = Callable[[str, "str | None"], str]
+
+
+def test_identify_matches_the_qemu_options(bound: Bind) -> None:
+    address = bound("nvme", "vfio-pci")
+    out = subprocess.run(
+        ["udrv", "nvme", "identify", address], capture_output=True, text=True, check=True
+    ).stdout
+    assert "QEMU NVMe Ctrl" in out and "serial udrvtest1" in out
+    assert "namespace 1: 65536 blocks of 512 bytes = 32 MiB" in out
+
+
+def test_read_write_flush_zeroes_discard(bound: Bind) -> None:
+    with udrv.open(bound("nvme", "vfio-pci")) as dev, Nvme(dev, queues=2, depth=16) as nvme:
+        assert nvme.geometry.size == 32 << 20 and len(nvme.io) == 2
+        for offset, size in (
+            (0, 512),
+            (4096, 8192),
+            (1 << 20, 300 * 1024),
+            (nvme.geometry.size - 4096, 4096),
+        ):
+            data = os.urandom(size)
+            nvme.write(offset, memoryview(data))
+            back = bytearray(size)
+            nvme.read(offset, memoryview(back))
+            assert back == data, (offset, size)
+        nvme.flush()
+        nvme.write_zeroes(4096, 4096)
+        back = bytearray(8192)
+        nvme.read(4096, memoryview(back))
+        assert back[:4096] == bytes(4096) and back[4096:] != bytes(4096)
+        # Deallocate: what deallocated blocks read back is up to the device (DLFEAT); the
+        # command must succeed and leave the neighbours alone.
+        keep = os.urandom(4096)
+        nvme.write((2 << 20) + 512 * 1024, memoryview(keep))
+        nvme.discard(2 << 20, 512 * 1024)
+        back = bytearray(4096)
+        nvme.read((2 << 20) + 512 * 1024, memoryview(back))
+        assert back == keep
+
+
+def test_bad_requests_have_clear_errors(bound: Bind, lab_devices: dict[str, str]) -> None:
+    with (
+        udrv.open(bound("nvme", "vfio-pci")) as dev,
+        pytest.raises(NvmeError, match=r"queue depth 5000 is outside 2\.\.2048 \(CAP\.MQES"),
+    ):
+        Nvme(dev, depth=5000)
+    with udrv.open(bound("nvme", "vfio-pci")) as dev, Nvme(dev) as nvme:
+        with pytest.raises(FrontendError, match="past the end of the disk"):
+            nvme.read(nvme.geometry.size, memoryview(bytearray(512)))
+        with pytest.raises(FrontendError, match="not aligned to 512"):
+            nvme.write(100, memoryview(bytes(512)))
+    with (
+        udrv.open(bound("edu", "vfio-pci")) as dev,
+        pytest.raises(NvmeError, match="not an NVMe controller"),
+    ):
+        Nvme(dev)
+
+
+def test_no_such_namespace(bound: Bind) -> None:
+    with (
+        udrv.open(bound("nvme", "vfio-pci")) as dev,
+        pytest.raises(NvmeError, match=r"no namespace 7; active: \[1\]"),
+    ):
+        Nvme(dev, nsid=7)
