@@ -42,6 +42,7 @@ bench: lab
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.mmio
 	$(BIN)/python -m bench.irq
+	$(BIN)/python -m bench.net
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

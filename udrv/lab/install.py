@@ -44,6 +44,7 @@ APT_PACKAGES = {
     "qemu-utils": "/usr/bin/qemu-img",
     "iproute2": "/usr/sbin/ip",
     "iputils-ping": "/usr/bin/ping",
+    "iperf3": "/usr/bin/iperf3",
     "gcc": "/usr/bin/gcc",
 }
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)-unsigned$")

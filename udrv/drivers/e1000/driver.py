@@ -64,6 +64,8 @@ class E1000:
         self.tx = self._tx_mem.view(np.uint8)[: tx_ring * 16].view(R.TX_DESC)
         self.rx_bufs = self._rx_mem.array[rx_ring * 16 :].reshape(rx_ring, BUF_SIZE)
         self.tx_bufs = self._tx_mem.array[tx_ring * 16 :].reshape(tx_ring, BUF_SIZE)
+        self._rx_bufs_mv = memoryview(self.rx_bufs.reshape(-1))
+        self._tx_bufs_mv = memoryview(self.tx_bufs.reshape(-1))
         self._init_rx(promiscuous)
         self._init_tx()
         self.irq: Any = None
@@ -172,46 +174,57 @@ class E1000:
         start = self.rx_next
         order = (np.arange(min(max_frames, n - 1)) + start) % n
         done = self.rx["status"][order] & R.RXD_STAT_DD
-        count = int(np.argmin(done)) if not done.all() else len(done)
+        count = len(done) if done.all() else int(np.argmin(done))
         if count == 0:
             return []
         idx = order[:count]
-        lengths = self.rx["length"][idx]
-        errors = self.rx["errors"][idx]
+        lengths = self.rx["length"][idx].tolist()
+        errors = self.rx["errors"][idx].tolist()
+        mv = self._rx_bufs_mv
         frames = [
-            self.rx_bufs[i, :ln].tobytes()
-            for i, ln, err in zip(idx, lengths, errors, strict=True)
+            bytes(mv[i * BUF_SIZE : i * BUF_SIZE + ln])
+            for i, ln, err in zip(idx.tolist(), lengths, errors, strict=True)
             if not err
         ]
         self.rx["status"][idx] = 0
-        self.rx_next = int((start + count) % n)
+        self.rx_next = (start + count) % n
         # Give the descriptors back: the tail is one behind the next we will read.
         self.bar.write32(R.RDT, (self.rx_next - 1) % n)
         return frames
 
     def transmit(self, frames: list[bytes]) -> int:
-        """Queue frames (one descriptor each); returns how many were queued."""
+        """Queue frames (one descriptor each, one doorbell per batch); returns how many of
+        ``frames`` were consumed (queued, or dropped as runt/oversize)."""
         n = self.ntx
-        sent = 0
         tail = self.tx_tail
+        # Free slots: the NIC set DD on every descriptor it finished (RS asks it to).
+        want = min(len(frames), n - 1)
+        slots = (np.arange(want) + tail) % n
+        free = self.tx["status"][slots] & R.TXD_STAT_DD
+        room = want if free.all() else int(np.argmin(free))
+        mv = self._tx_bufs_mv
+        lengths = []
+        consumed = 0
         for frame in frames:
-            if not 14 <= len(frame) <= MAX_FRAME - 4:
+            if len(lengths) == room:
+                break
+            consumed += 1
+            size = len(frame)
+            if not 14 <= size <= MAX_FRAME - 4:
                 self.dropped_tx += 1  # runt or oversize: never handed to the NIC
-                self.dropped_sizes = [*self.dropped_sizes[-15:], len(frame)]
+                self.dropped_sizes = [*self.dropped_sizes[-15:], size]
                 continue
-            if not self.tx["status"][tail] & R.TXD_STAT_DD:
-                break  # ring full: the slot is still in flight
-            self.tx_bufs[tail, : len(frame)] = np.frombuffer(frame, dtype=np.uint8)
-            d = self.tx[tail]
-            d["length"] = len(frame)
-            d["cmd"] = R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS
-            d["status"] = 0
-            tail = (tail + 1) % n
-            sent += 1
-        if sent:
-            self.tx_tail = tail
-            self.bar.write32(R.TDT, tail)  # one doorbell per batch
-        return sent
+            off = ((tail + len(lengths)) % n) * BUF_SIZE
+            mv[off : off + size] = frame
+            lengths.append(size)
+        if lengths:
+            idx = slots[: len(lengths)]
+            self.tx["length"][idx] = lengths
+            self.tx["cmd"][idx] = R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS
+            self.tx["status"][idx] = 0
+            self.tx_tail = (tail + len(lengths)) % n
+            self.bar.write32(R.TDT, self.tx_tail)
+        return consumed
 
     def tx_pending(self) -> bool:
         """Descriptors handed to the NIC that it has not finished (DD not yet set)."""
