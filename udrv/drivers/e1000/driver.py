@@ -64,8 +64,8 @@ class E1000:
         self.tx = self._tx_mem.view(np.uint8)[: tx_ring * 16].view(R.TX_DESC)
         self.rx_bufs = self._rx_mem.array[rx_ring * 16 :].reshape(rx_ring, BUF_SIZE)
         self.tx_bufs = self._tx_mem.array[tx_ring * 16 :].reshape(tx_ring, BUF_SIZE)
-        self._rx_bufs_mv = memoryview(self.rx_bufs.reshape(-1))
-        self._tx_bufs_mv = memoryview(self.tx_bufs.reshape(-1))
+        self._rx_bufs_mv = memoryview(self.rx_bufs.reshape(-1).data)
+        self._tx_bufs_mv = memoryview(self.tx_bufs.reshape(-1).data)
         self._init_rx(promiscuous)
         self._init_tx()
         self.irq: Any = None
@@ -203,7 +203,7 @@ class E1000:
         free = self.tx["status"][slots] & R.TXD_STAT_DD
         room = want if free.all() else int(np.argmin(free))
         mv = self._tx_bufs_mv
-        lengths = []
+        lengths: list[int] = []
         consumed = 0
         for frame in frames:
             if len(lengths) == room:
