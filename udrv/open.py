@@ -1,4 +1,4 @@
-"""``udrv.open()``: the seed's ``usr_pci_open(bus, slot, function)``, on today's kernels."""
+"""``udrv.open()``: pick a PCI device and a backend, return a :class:`~udrv.core.device.Device`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,38 @@ from pathlib import Path
 
 from udrv.core.device import Device
 from udrv.errors import BackendError, DeviceBusyError
-from udrv.pci.sysfs import SYSFS_PCI, find
+from udrv.pci.sysfs import SYSFS_PCI, PciDeviceInfo, find
 
 BACKENDS = ("auto", "vfio", "uio", "sysfs")
+#: The driver a device must be bound to for each backend that needs one.
+DRIVERS = {"vfio": "vfio-pci", "uio": "uio_pci_generic"}
+
+
+def choose_backend(info: PciDeviceInfo, backend: str = "auto") -> str:
+    """The backend ``open(..., backend)`` uses for this device.
+
+    ``auto`` follows the driver binding: vfio-pci -> ``vfio``, uio_pci_generic -> ``uio``.
+
+    Raises:
+        BackendError: ``backend`` is not one of :data:`BACKENDS`.
+        DeviceBusyError: ``auto``, and the device is bound to another driver or to none.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    for name, driver in DRIVERS.items():
+        if info.driver == driver:
+            return name
+    addr = info.address
+    if info.driver:
+        raise DeviceBusyError(
+            f"{addr} is bound to {info.driver}; run `udrv bind {addr}` to hand it to vfio-pci "
+            "(or open it with backend='sysfs' to inspect it)"
+        )
+    raise DeviceBusyError(
+        f"{addr} is not bound to vfio-pci or uio_pci_generic; run `udrv bind {addr}`"
+    )
 
 
 def open(
@@ -17,43 +46,37 @@ def open(
     """Open a PCI device for a user-space driver.
 
     Args:
-        selector: ``0000:00:04.0``, ``00:04.0`` or ``vendor:device`` (exactly one match).
-        backend: ``"vfio"`` (IOMMU-protected), ``"uio"`` (uio_pci_generic, no IOMMU),
-            ``"sysfs"`` (config + BARs, for inspection), or ``"auto"``: whatever the device
-            is bound to (vfio-pci or uio_pci_generic).
-        writable: sysfs backend only: allow writes to config and BARs.
+        selector: ``0000:00:04.0``, ``00:04.0`` or ``vendor:device`` such as ``1234:11e8``
+            (which must match exactly one device).
+        backend: ``"vfio"`` (IOMMU-protected; the device bound to vfio-pci), ``"uio"``
+            (uio_pci_generic, no IOMMU), ``"sysfs"`` (config and BARs only, for inspection,
+            whatever the device is bound to), or ``"auto"``: vfio or uio after the driver
+            the device is bound to.
+        writable: sysfs backend only: allow writes to config space and BARs (off by default
+            so that inspecting a device the host uses cannot change it).
+        root: the sysfs PCI devices directory (tests use a fake tree).
 
     Returns:
-        A :class:`~udrv.core.device.Device`; use it in a ``with`` block.
+        The :class:`~udrv.core.device.Device`; use it in a ``with`` block or ``close()`` it.
 
     Raises:
-        DeviceNotFoundError, AddressError: bad selector.
-        DeviceBusyError: ``auto`` and the device is bound to neither vfio-pci nor
-            uio_pci_generic; the message says to run `udrv bind`.
-        VfioError, UioError, BackendError: the backend cannot open it (message names the fix).
+        AddressError: the selector cannot be parsed.
+        DeviceNotFoundError: nothing matches, or a vendor:device id matches several devices
+            (the message lists them).
+        DeviceBusyError: bound to a kernel driver (or, with ``auto``, to none); the message
+            says to run `udrv bind`.
+        VfioError, UioError, BackendError: the backend cannot open it; the message names
+            the fix.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     info = find(selector, root)
-    if backend == "auto":
-        if info.driver == "vfio-pci":
-            backend = "vfio"
-        elif info.driver == "uio_pci_generic":
-            backend = "uio"
-        elif info.driver:
-            raise DeviceBusyError(
-                f"{info.address} is bound to {info.driver}; run `udrv bind {info.address}`"
-            )
-        else:
-            raise DeviceBusyError(
-                f"{info.address} is not bound to vfio-pci or uio_pci_generic; "
-                f"run `udrv bind {info.address}`"
-            )
-    if backend == "vfio":
+    chosen = choose_backend(info, backend)
+    if chosen == "vfio":
         from udrv.backends.vfio import VfioDevice
 
         return VfioDevice(info)
-    if backend == "uio":
+    if chosen == "uio":
         from udrv.backends.uio import UioDevice
 
         return UioDevice(info)

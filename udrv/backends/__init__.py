@@ -138,7 +138,9 @@ class SparseRegion(Region):
         self._check(offset, width, "read")
         region, at, n = self._route(offset, width)
         # Areas are page-aligned and accesses naturally aligned, so one never straddles.
-        return region.read_width(at, width) if n == width else self.fallback.read_width(offset, width)
+        return (
+            region.read_width(at, width) if n == width else self.fallback.read_width(offset, width)
+        )
 
     def write_width(self, offset: int, width: int, value: int) -> None:
         self._check(offset, width, "write", value)

@@ -1,41 +1,78 @@
 """The UIO backend (``uio_pci_generic``): sysfs config and BARs plus ``/dev/uioN``.
 
-No IOMMU: DMA needs physical addresses (hugepages, see udrv.dma). Interrupts: INTx only;
-``read(/dev/uioN)`` returns a 4-byte event count. uio_pci_generic has no irqcontrol, so a
-driver re-enables the interrupt by clearing the Interrupt Disable bit in the PCI command
-register (the kernel set it when the interrupt fired).
+uio_pci_generic (drivers/uio/uio_pci_generic.c) offers no memory maps of its own: the BARs
+are reached through sysfs ``resourceN`` exactly as in the sysfs backend (opened writable:
+binding a device to uio_pci_generic is how a user hands it to user space). ``/dev/uioN`` is
+opened and kept for interrupts (:mod:`udrv.irq.uio`): INTx only, ``read()`` returns a 4-byte
+event count, and since uio_pci_generic has no irqcontrol a driver re-enables the interrupt by
+clearing Interrupt Disable in the command register (the kernel set it when the line fired).
+
+No IOMMU: DMA needs physical addresses (hugepages, see :mod:`udrv.dma`). Reset only where
+the kernel offers sysfs ``reset``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 from udrv.backends.sysfs import SysfsDevice
-from udrv.errors import UioError
+from udrv.errors import DeviceBusyError, UioError
 from udrv.pci.sysfs import PciDeviceInfo
+
+DEV = Path("/dev")
+
+
+def uio_name(info: PciDeviceInfo) -> str:
+    """The ``uioN`` node of a device bound to uio_pci_generic (``ADDR/uio/uioN`` in sysfs).
+
+    Raises:
+        UioError: the device has no uio node.
+    """
+    uio_dir = info.path / "uio"
+    names = sorted(os.listdir(uio_dir)) if uio_dir.is_dir() else []
+    if not names:
+        raise UioError(
+            f"{info.address} has no UIO node ({uio_dir} is empty or missing); "
+            f"run `udrv bind {info.address} --driver uio_pci_generic`"
+        )
+    return names[0]
 
 
 class UioDevice(SysfsDevice):
+    """A device bound to uio_pci_generic. Created by :func:`udrv.open`.
+
+    Attributes:
+        uio_name: ``uioN``.
+        uio_fd: the open ``/dev/uioN`` (interrupt events).
+
+    Raises:
+        DeviceBusyError: bound to another kernel driver.
+        UioError: not bound at all, no uio node, or ``/dev/uioN`` cannot be opened.
+    """
+
     backend = "uio"
 
     def __init__(self, info: PciDeviceInfo) -> None:
+        self._closed = True  # until fully opened (__del__ and close() look at it)
+        fix = f"run `udrv bind {info.address} --driver uio_pci_generic`"
+        if info.driver is None:
+            raise UioError(f"{info.address} is not bound to uio_pci_generic (no driver); {fix}")
         if info.driver != "uio_pci_generic":
-            raise UioError(
-                f"{info.address} is bound to {info.driver or 'no driver'}, not "
-                f"uio_pci_generic; run `udrv bind {info.address} --driver uio_pci_generic`"
+            raise DeviceBusyError(
+                f"{info.address} is bound to {info.driver}, not uio_pci_generic; {fix}"
             )
-        uio_dir = info.path / "uio"
-        names = sorted(os.listdir(uio_dir)) if uio_dir.is_dir() else []
-        if not names:
-            raise UioError(f"{info.address} is bound to uio_pci_generic but has no {uio_dir}/uioN")
+        name = uio_name(info)
         super().__init__(info, writable=True)
-        self.uio_name = names[0]
-        path = f"/dev/{self.uio_name}"
+        self.uio_name = name
+        path = DEV / name
         try:
             self.uio_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             self.close()
+            hint = "run as root" if exc.errno in (errno.EACCES, errno.EPERM) else fix
             raise UioError(
-                f"cannot open {path} for {info.address}; run as root", errno=exc.errno
+                f"cannot open {path} for {info.address}; {hint}", errno=exc.errno
             ) from None
         self._fds.append(self.uio_fd)

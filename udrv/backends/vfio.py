@@ -1,18 +1,36 @@
 """The VFIO backend: an IOMMU-protected device through a container, a group and a device fd.
 
-Layout (Documentation/driver-api/vfio.rst): the *container* (``/dev/vfio/vfio``) holds an
-IOMMU context (type1); a *group* (``/dev/vfio/N``, N from the device's ``iommu_group`` link)
-is attached to it once every device in the group is bound to vfio-pci or to no driver
-(viable); the *device fd* comes from the group and offers regions, IRQs and reset.
+Layout (Documentation/driver-api/vfio.rst, include/uapi/linux/vfio.h):
 
-DMA mapping goes through an :class:`IommuContext`. Today that is the container (type1);
-the newer iommufd path (``/dev/iommu`` + ``/dev/vfio/devices/vfioX`` cdevs) would be a second
-implementation beside it. The lab's 6.12 Debian kernel is built without IOMMUFD, so only the
-container path is implemented and tested.
+1. the *container* ``/dev/vfio/vfio``: API version check, then an IOMMU model (type1v2, else
+   type1) once a group is attached; it is the IOMMU context DMA mappings go into;
+2. the *group* ``/dev/vfio/N`` (N from the device's ``iommu_group`` link): usable only when
+   *viable*, i.e. every device in the group is bound to vfio-pci (or to no driver);
+   ``VFIO_GROUP_SET_CONTAINER`` attaches it to the container;
+3. the *device fd* from ``VFIO_GROUP_GET_DEVICE_FD``: regions (BARs 0-5, ROM 6, config 7) at
+   ``offset`` from ``VFIO_DEVICE_GET_REGION_INFO``, interrupts, reset.
+
+DMA goes through an :class:`IommuContext`; today that is the type1 :class:`Container`. The
+newer iommufd path (``/dev/iommu`` + the device's cdev ``/dev/vfio/devices/vfioX``,
+``VFIO_DEVICE_BIND_IOMMUFD``, ``IOMMU_IOAS_MAP``) would be a second IommuContext plus a second
+way to get the device fd; everything after the device fd (regions, irqs, reset) is shared.
+The lab's Debian 6.12 kernel is built without IOMMUFD (no ``/dev/iommu``), so only the
+container/group path is implemented and tested.
+
+Regions: a memory BAR with ``VFIO_REGION_INFO_FLAG_MMAP`` is mmapped; when a
+``VFIO_REGION_INFO_CAP_SPARSE_MMAP`` capability lists the mmappable areas, only those are
+mapped and the rest goes through pread/pwrite (:class:`udrv.backends.SparseRegion`).
+Since Linux 4.16 vfio-pci no longer carves the MSI-X table out: it reports
+``VFIO_REGION_INFO_CAP_MSIX_MAPPABLE`` instead and the whole BAR is mappable (seen in the lab
+on e1000e's BAR3). I/O-port BARs, config space and unmappable BARs use pread/pwrite on the
+device fd, one system call per access.
+
+Host tests replace :data:`VFIO_DIR`, :data:`IOMMU_GROUPS` and the module's ``ioctl``.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import errno
@@ -21,99 +39,159 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from udrv.backends import ConfigRegion, PortRegion, SparseRegion
 from udrv.core.device import Device, RegionInfo, RegionKind
 from udrv.core.region import FileRegion, MmioRegion, Region
-from udrv.errors import RegionError, VfioError
+from udrv.errors import DeviceBusyError, RegionError, VfioError
 from udrv.kernel import vfio as V
 from udrv.kernel.ioctl import ioctl
 from udrv.pci.sysfs import PciDeviceInfo
 
 VFIO_DIR = Path("/dev/vfio")
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
+#: vfio.h: the MSI-X table of this BAR may be mmapped (no sparse hole needed).
+VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = 3
+#: Drivers a group member may have without making the group unviable (drivers/vfio/group.c
+#: accepts pci-stub; bridges are accepted whatever their driver).
+_HARMLESS_DRIVERS = (None, "vfio-pci", "pci-stub")
+
+
+# -- the IOMMU context ---------------------------------------------------------------------
 
 
 @dataclass
 class IommuInfo:
-    """What the IOMMU allows: page sizes, valid IOVA ranges (inclusive), mapping budget."""
+    """What the IOMMU allows: page sizes (bitmap), valid IOVA ranges (inclusive ends), and
+    how many more mappings may be made (``None``: not reported)."""
 
     pgsizes: int
     iova_ranges: list[tuple[int, int]] = field(default_factory=list)
     dma_avail: int | None = None
 
 
-class IommuContext:
-    """Where DMA mappings are made. The VFIO type1 container implements it."""
+class IommuContext(abc.ABC):
+    """Where a device's DMA mappings are made: the type1 container today, an iommufd IOAS
+    later. :mod:`udrv.dma` uses only this interface."""
 
     info: IommuInfo
 
+    @abc.abstractmethod
     def map_dma(self, vaddr: int, iova: int, size: int, *, readable: bool, writable: bool) -> None:
-        raise NotImplementedError
+        """Map ``size`` bytes of this process at ``vaddr`` to ``iova`` for the device."""
 
+    @abc.abstractmethod
     def unmap_dma(self, iova: int, size: int) -> None:
-        raise NotImplementedError
+        """Undo a :meth:`map_dma`."""
+
+    @abc.abstractmethod
+    def refresh_info(self) -> IommuInfo:
+        """Read :attr:`info` again (``dma_avail`` changes as mappings are made)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the context; its mappings go with it."""
+
+
+def _ioctl_with_caps(fd: int, request: int, head: ctypes.Structure, what: str) -> bytearray:
+    """Issue a VFIO *_INFO ioctl, and again with the size the kernel asked for (``argsz``)
+    when it has capabilities to add. Returns the whole reply."""
+    ioctl(fd, request, head, what=what, error=VfioError)
+    size = ctypes.sizeof(head)
+    argsz = int(head.argsz)
+    if argsz <= size:
+        return bytearray(bytes(head))
+    buf = bytearray(argsz)
+    buf[:size] = bytes(head)
+    ioctl(fd, request, buf, what=what, error=VfioError)
+    return buf
 
 
 class Container(IommuContext):
-    """``/dev/vfio/vfio`` with the type1 IOMMU driver (v2 where offered)."""
+    """``/dev/vfio/vfio`` with the type1 IOMMU driver (v2 where offered).
+
+    Raises:
+        VfioError: vfio is not loaded, speaks another API version, or offers no type1 IOMMU.
+    """
 
     def __init__(self) -> None:
         path = VFIO_DIR / "vfio"
+        self.path = path
+        self.iommu_type = 0
+        self.info = IommuInfo(pgsizes=0)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
+            hint = (
+                "run as root"
+                if exc.errno in (errno.EACCES, errno.EPERM)
+                else "is vfio-pci loaded? (`modprobe vfio-pci`)"
+            )
             raise VfioError(
-                f"cannot open {path}; is vfio loaded (`modprobe vfio-pci`)?", errno=exc.errno
+                f"cannot open the VFIO container {path}; {hint}", errno=exc.errno
             ) from None
         try:
             version = ioctl(
-                self.fd, V.VFIO_GET_API_VERSION, what="VFIO_GET_API_VERSION", error=VfioError
+                self.fd,
+                V.VFIO_GET_API_VERSION,
+                what=f"VFIO_GET_API_VERSION on {path}",
+                error=VfioError,
             )
             if version != V.VFIO_API_VERSION:
                 raise VfioError(
-                    f"{path} speaks VFIO API {version}, udrv speaks {V.VFIO_API_VERSION}"
+                    f"{path} speaks VFIO API {version}, udrv speaks {V.VFIO_API_VERSION}; "
+                    "this kernel's VFIO is not supported"
                 )
             for kind in (V.VFIO_TYPE1v2_IOMMU, V.VFIO_TYPE1_IOMMU):
                 if ioctl(
                     self.fd,
                     V.VFIO_CHECK_EXTENSION,
                     kind,
-                    what="VFIO_CHECK_EXTENSION",
+                    what=f"VFIO_CHECK_EXTENSION {kind} on {path}",
                     error=VfioError,
                 ):
                     self.iommu_type = kind
                     break
             else:
                 raise VfioError(
-                    f"{path} offers no type1 IOMMU; is the IOMMU enabled (intel_iommu=on)?"
+                    f"{path} offers no type1 IOMMU; enable the IOMMU (boot with intel_iommu=on "
+                    "or amd_iommu=on) and load vfio_iommu_type1"
                 )
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
-        self.info = IommuInfo(pgsizes=0)
+
+    @property
+    def iommu_set(self) -> bool:
+        return bool(self.info.pgsizes)
 
     def set_iommu(self) -> None:
-        ioctl(self.fd, V.VFIO_SET_IOMMU, self.iommu_type, what="VFIO_SET_IOMMU", error=VfioError)
-        self.info = self._get_info()
-
-    def _get_info(self) -> IommuInfo:
-        info = V.vfio_iommu_type1_info(argsz=ctypes.sizeof(V.vfio_iommu_type1_info))
-        ioctl(self.fd, V.VFIO_IOMMU_GET_INFO, info, what="VFIO_IOMMU_GET_INFO", error=VfioError)
-        result = IommuInfo(pgsizes=int(info.iova_pgsizes))
-        if info.flags & V.VFIO_IOMMU_INFO_CAPS and info.argsz > ctypes.sizeof(info):
-            buf = bytearray(info.argsz)
-            buf[:4] = info.argsz.to_bytes(4, "little")
-            ioctl(self.fd, V.VFIO_IOMMU_GET_INFO, buf, what="VFIO_IOMMU_GET_INFO", error=VfioError)
-            full = V.vfio_iommu_type1_info.from_buffer_copy(buf)
-            for cap in V.capabilities(bytes(buf), full.cap_offset):
-                if cap.id == V.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
-                    result.iova_ranges = V.iova_ranges(bytes(buf), cap)
-                elif cap.id == V.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
-                    result.dma_avail = V.dma_avail(bytes(buf), cap)
-        return result
+        """``VFIO_SET_IOMMU`` (needs a group attached), then read the IOMMU's info."""
+        ioctl(
+            self.fd,
+            V.VFIO_SET_IOMMU,
+            self.iommu_type,
+            what=f"VFIO_SET_IOMMU type {self.iommu_type}",
+            error=VfioError,
+        )
+        self.refresh_info()
 
     def refresh_info(self) -> IommuInfo:
-        self.info = self._get_info()
-        return self.info
+        """``VFIO_IOMMU_GET_INFO`` with its IOVA-range and DMA-avail capabilities."""
+        head = V.vfio_iommu_type1_info(argsz=ctypes.sizeof(V.vfio_iommu_type1_info))
+        buf = _ioctl_with_caps(self.fd, V.VFIO_IOMMU_GET_INFO, head, "VFIO_IOMMU_GET_INFO")
+        full = V.vfio_iommu_type1_info.from_buffer_copy(buf)
+        info = IommuInfo(pgsizes=int(full.iova_pgsizes))
+        if full.flags & V.VFIO_IOMMU_INFO_CAPS and full.cap_offset:
+            try:
+                for cap in V.capabilities(bytes(buf), full.cap_offset):
+                    if cap.id == V.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+                        info.iova_ranges = V.iova_ranges(bytes(buf), cap)
+                    elif cap.id == V.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
+                        info.dma_avail = V.dma_avail(bytes(buf), cap)
+            except ValueError as exc:
+                raise VfioError(f"VFIO_IOMMU_GET_INFO on {self.path}: {exc}") from None
+        self.info = info
+        return info
 
     def map_dma(
         self, vaddr: int, iova: int, size: int, *, readable: bool = True, writable: bool = True
@@ -149,103 +227,114 @@ class Container(IommuContext):
         )
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
+
+
+# -- the group -------------------------------------------------------------------------------
 
 
 def group_members(group: int) -> list[tuple[str, str | None]]:
-    """(address, driver) of every device in IOMMU group ``group``."""
+    """(address, driver) of every device in IOMMU group ``group``, from sysfs."""
     out = []
     devdir = IOMMU_GROUPS / str(group) / "devices"
-    for name in sorted(os.listdir(devdir)) if devdir.exists() else []:
+    for name in sorted(os.listdir(devdir)) if devdir.is_dir() else []:
         drv = devdir / name / "driver"
-        out.append((name, os.path.basename(os.readlink(drv)) if drv.exists() else None))
+        out.append((name, os.path.basename(os.readlink(drv)) if drv.is_symlink() else None))
     return out
 
 
-class VfioDevice(Device):
-    """A device opened through VFIO. Created by :func:`udrv.open`."""
+def _is_bridge(group: int, address: str) -> bool:
+    try:
+        cls = (IOMMU_GROUPS / str(group) / "devices" / address / "class").read_text()
+        return int(cls, 16) >> 16 == 0x06
+    except (OSError, ValueError):
+        return False
 
-    backend = "vfio"
 
-    def __init__(self, info: PciDeviceInfo) -> None:
-        super().__init__(info.address)
-        self.info = info
-        self._closed = True  # until fully opened
-        if info.iommu_group is None:
-            raise VfioError(
-                f"{info.address} has no IOMMU group: the IOMMU is off (boot with "
-                "intel_iommu=on / amd_iommu=on) — or use backend='uio'"
-            )
-        self.group_id = info.iommu_group
-        self.container = Container()
-        self.group_fd = self.device_fd = -1
-        self._regions: dict[int, Region] = {}
-        self._maps: list[mmap.mmap] = []
+class Group:
+    """``/dev/vfio/N``, checked viable and attached to ``container``.
+
+    Raises:
+        VfioError: the group node is missing (not bound to vfio-pci), not permitted, busy, or
+            the group is not viable (the message names the devices in the way).
+    """
+
+    def __init__(self, group: int, address: str, container: Container) -> None:
+        self.id, self.address = group, address
+        self.path = path = VFIO_DIR / str(group)
+        self.attached = False
         try:
-            self._open_group()
-            self._open_device()
-        except BaseException:
-            self._release()
-            raise
-        self._closed = False
-
-    def _open_group(self) -> None:
-        path = VFIO_DIR / str(self.group_id)
-        try:
-            self.group_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise VfioError(
-                    f"{self.address} is not bound to vfio-pci ({path} is missing); "
-                    f"run `udrv bind {self.address}`"
-                ) from None
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise VfioError(
-                    f"no permission to open {path} for {self.address}; run as root or "
-                    f"`udrv bind {self.address} --user $USER`",
-                    errno=exc.errno,
-                ) from None
-            if exc.errno == errno.EBUSY:
-                raise VfioError(
-                    f"{path} ({self.address}) is already open in another process", errno=exc.errno
-                ) from None
-            raise VfioError(f"cannot open {path} for {self.address}", errno=exc.errno) from None
-        status = V.vfio_group_status(argsz=ctypes.sizeof(V.vfio_group_status))
-        ioctl(
-            self.group_fd,
-            V.VFIO_GROUP_GET_STATUS,
-            status,
-            what=f"VFIO_GROUP_GET_STATUS on {path}",
-            error=VfioError,
-        )
-        if not status.flags & V.VFIO_GROUP_FLAGS_VIABLE:
-            others = [
-                f"{a} ({d or 'no driver'})"
-                for a, d in group_members(self.group_id)
-                if d not in (None, "vfio-pci")
-            ]
-            raise VfioError(
-                f"IOMMU group {self.group_id} of {self.address} is not viable: "
-                f"{', '.join(others) or 'a member'} is bound to another driver; "
-                f"run `udrv bind {self.address}` to bind the whole group"
+            raise self._open_error(exc) from None
+        try:
+            status = V.vfio_group_status(argsz=ctypes.sizeof(V.vfio_group_status))
+            ioctl(
+                self.fd,
+                V.VFIO_GROUP_GET_STATUS,
+                status,
+                what=f"VFIO_GROUP_GET_STATUS on {path}",
+                error=VfioError,
             )
-        arg = ctypes.c_int32(self.container.fd)
-        ioctl(
-            self.group_fd,
-            V.VFIO_GROUP_SET_CONTAINER,
-            arg,
-            what=f"VFIO_GROUP_SET_CONTAINER on {path}",
-            error=VfioError,
-        )
-        self.container.set_iommu()
+            if not status.flags & V.VFIO_GROUP_FLAGS_VIABLE:
+                raise self._not_viable()
+            ioctl(
+                self.fd,
+                V.VFIO_GROUP_SET_CONTAINER,
+                ctypes.c_int32(container.fd),
+                what=f"VFIO_GROUP_SET_CONTAINER on {path}",
+                error=VfioError,
+            )
+            self.attached = True
+        except BaseException:
+            self.close()
+            raise
 
-    def _open_device(self) -> None:
+    def _open_error(self, exc: OSError) -> VfioError:
+        path, addr = self.path, self.address
+        if exc.errno == errno.ENOENT:
+            return VfioError(
+                f"{addr} is not bound to vfio-pci ({path} does not exist); run `udrv bind {addr}`"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return VfioError(
+                f"no permission on {path} (IOMMU group of {addr}); run "
+                f"`udrv bind {addr} --user $USER` or run as root",
+                errno=exc.errno,
+            )
+        if exc.errno == errno.EBUSY:
+            return VfioError(
+                f"{path} (IOMMU group of {addr}) is already opened by another process, or "
+                "by this one: close that device first",
+                errno=exc.errno,
+            )
+        return VfioError(f"cannot open {path} for {addr}", errno=exc.errno)
+
+    def _not_viable(self) -> VfioError:
+        blockers = [
+            f"{a} (bound to {d})"
+            for a, d in group_members(self.id)
+            if d not in _HARMLESS_DRIVERS and not _is_bridge(self.id, a)
+        ]
+        who = ", ".join(blockers) if blockers else "another device in it"
+        return VfioError(
+            f"IOMMU group {self.id} of {self.address} is not viable: {who} is still bound to a "
+            "kernel driver, and VFIO needs every device of a group bound to vfio-pci or to none; "
+            f"run `udrv bind {self.address}` (it binds the whole group)"
+        )
+
+    def get_device_fd(self) -> int:
+        """``VFIO_GROUP_GET_DEVICE_FD`` for the device.
+
+        Raises:
+            VfioError: EBUSY when the device is already open.
+        """
         name = ctypes.create_string_buffer(self.address.encode())
         try:
-            self.device_fd = ioctl(
-                self.group_fd,
+            return ioctl(
+                self.fd,
                 V.VFIO_GROUP_GET_DEVICE_FD,
                 name,
                 what=f"VFIO_GROUP_GET_DEVICE_FD {self.address}",
@@ -254,16 +343,126 @@ class VfioDevice(Device):
         except VfioError as exc:
             if exc.errno == errno.EBUSY:
                 raise VfioError(
-                    f"{self.address} is already open (by this or another process); close it first",
+                    f"{self.address} is already opened (by another process, or by this one: "
+                    "close that device first)",
                     errno=exc.errno,
                 ) from None
             raise
+
+    def close(self) -> None:
+        """Detach from the container and close (the kernel would also detach on close)."""
+        if getattr(self, "fd", -1) < 0:
+            return
+        if self.attached:
+            with contextlib.suppress(VfioError):
+                ioctl(
+                    self.fd,
+                    V.VFIO_GROUP_UNSET_CONTAINER,
+                    0,
+                    what=f"VFIO_GROUP_UNSET_CONTAINER on {self.path}",
+                    error=VfioError,
+                )
+            self.attached = False
+        os.close(self.fd)
+        self.fd = -1
+
+
+# -- the device ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VfioRegionInfo:
+    """``struct vfio_region_info`` with its capabilities decoded."""
+
+    index: int
+    flags: int
+    size: int
+    offset: int  # of the region in the device fd
+    #: VFIO_REGION_INFO_CAP_SPARSE_MMAP's (offset, size) areas, or None without that cap
+    sparse_areas: tuple[tuple[int, int], ...] | None = None
+    msix_mappable: bool = False  # VFIO_REGION_INFO_CAP_MSIX_MAPPABLE
+    cap_ids: tuple[int, ...] = ()
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & V.VFIO_REGION_INFO_FLAG_READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & V.VFIO_REGION_INFO_FLAG_WRITE)
+
+    @property
+    def mmap(self) -> bool:
+        return bool(self.flags & V.VFIO_REGION_INFO_FLAG_MMAP)
+
+    def mmap_areas(self) -> list[tuple[int, int]]:
+        """The (offset, size) areas that may be mmapped (nothing without FLAG_MMAP)."""
+        if not self.mmap:
+            return []
+        if self.sparse_areas is None:
+            return [(0, self.size)]
+        return [(o, s) for o, s in self.sparse_areas if s > 0]
+
+
+class VfioDevice(Device):
+    """A device opened through VFIO. Created by :func:`udrv.open`.
+
+    Attributes:
+        container: the :class:`Container` (the device's :class:`IommuContext`).
+        group: the :class:`Group`.
+        device_fd: the VFIO device fd (regions, interrupts).
+        flags, num_regions, num_irqs: from ``VFIO_DEVICE_GET_INFO``.
+
+    Raises:
+        DeviceBusyError: the device is bound to another kernel driver.
+        VfioError: no IOMMU group, not bound to vfio-pci, no permission, busy, group not
+            viable, or a VFIO ioctl failed; the message names the fix.
+    """
+
+    backend = "vfio"
+
+    def __init__(self, info: PciDeviceInfo) -> None:
+        super().__init__(info.address)
+        self._closed = True  # until fully opened (__del__ and close() look at it)
+        self.info = info
+        self._regions: dict[int, Region] = {}
+        self._region_info: dict[int, VfioRegionInfo] = {}
+        self.device_fd = -1
+        addr = info.address
+        if info.driver not in (None, "vfio-pci"):
+            raise DeviceBusyError(
+                f"{addr} is bound to {info.driver}, not vfio-pci; run `udrv bind {addr}`"
+            )
+        if info.iommu_group is None:
+            raise VfioError(
+                f"{addr} has no IOMMU group: the IOMMU is off (boot with intel_iommu=on or "
+                "amd_iommu=on), or use backend='uio'"
+            )
+        if info.driver is None:
+            raise VfioError(f"{addr} is not bound to vfio-pci (no driver); run `udrv bind {addr}`")
+        self.container = Container()
+        try:
+            self.group = Group(info.iommu_group, addr, self.container)
+            try:
+                if not self.container.iommu_set:
+                    self.container.set_iommu()
+                self.device_fd = self.group.get_device_fd()
+                self._read_device_info()
+            except BaseException:
+                self._release()
+                raise
+        except BaseException:
+            self.container.close()
+            raise
+        self._closed = False
+
+    def _read_device_info(self) -> None:
         info = V.vfio_device_info(argsz=ctypes.sizeof(V.vfio_device_info))
         ioctl(
             self.device_fd,
             V.VFIO_DEVICE_GET_INFO,
             info,
-            what="VFIO_DEVICE_GET_INFO",
+            what=f"VFIO_DEVICE_GET_INFO {self.address}",
             error=VfioError,
         )
         self.flags, self.num_regions, self.num_irqs = (
@@ -271,106 +470,191 @@ class VfioDevice(Device):
             int(info.num_regions),
             int(info.num_irqs),
         )
-        cfg = self._raw_region_info(V.VfioPciRegion.CONFIG)[0]
-        self._config = FileRegion(
+        if not self.flags & V.VFIO_DEVICE_FLAGS_PCI:
+            raise VfioError(f"{self.address}: VFIO does not present it as a PCI device")
+        cfg = self.vfio_region_info(V.VfioPciRegion.CONFIG)
+        self._config = ConfigRegion(
             self.device_fd,
             name=f"config space of {self.address}",
-            size=int(cfg.size),
-            base_offset=int(cfg.offset),
+            size=cfg.size,
+            base_offset=cfg.offset,
+            readable=cfg.readable,
+            writable=cfg.writable,
+            index=int(V.VfioPciRegion.CONFIG),
         )
+
+    # -- IOMMU -------------------------------------------------------------------------------
+
+    @property
+    def iommu(self) -> IommuContext:
+        """Where this device's DMA mappings go."""
+        return self.container
+
+    @property
+    def iommu_info(self) -> IommuInfo:
+        """Page sizes, valid IOVA ranges and the mapping budget, as of the last refresh."""
+        return self.container.info
+
+    @property
+    def group_fd(self) -> int:
+        return self.group.fd
 
     # -- regions -----------------------------------------------------------------------------
 
-    def _raw_region_info(self, index: int) -> tuple[V.vfio_region_info, list[tuple[int, int]]]:
-        info = V.vfio_region_info(argsz=ctypes.sizeof(V.vfio_region_info), index=index)
-        ioctl(
-            self.device_fd,
-            V.VFIO_DEVICE_GET_REGION_INFO,
-            info,
-            what=f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}",
-            error=VfioError,
+    def vfio_region_info(self, index: int) -> VfioRegionInfo:
+        """``VFIO_DEVICE_GET_REGION_INFO`` for region ``index`` (cached: it never changes).
+
+        Raises:
+            VfioError: the ioctl failed (e.g. EINVAL for an index the device lacks).
+        """
+        if index in self._region_info:
+            return self._region_info[index]
+        what = f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}"
+        head = V.vfio_region_info(argsz=ctypes.sizeof(V.vfio_region_info), index=index)
+        buf = _ioctl_with_caps(self.device_fd, V.VFIO_DEVICE_GET_REGION_INFO, head, what)
+        full = V.vfio_region_info.from_buffer_copy(buf)
+        sparse: tuple[tuple[int, int], ...] | None = None
+        msix_mappable = False
+        ids: list[int] = []
+        if full.flags & V.VFIO_REGION_INFO_FLAG_CAPS and full.cap_offset:
+            try:
+                for cap in V.capabilities(bytes(buf), full.cap_offset):
+                    ids.append(cap.id)
+                    if cap.id == V.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
+                        sparse = tuple(V.sparse_mmap_areas(bytes(buf), cap))
+                    elif cap.id == VFIO_REGION_INFO_CAP_MSIX_MAPPABLE:
+                        msix_mappable = True
+            except (ValueError, IndexError) as exc:
+                raise VfioError(f"{what}: {exc}") from None
+        result = VfioRegionInfo(
+            index=index,
+            flags=int(full.flags),
+            size=int(full.size),
+            offset=int(full.offset),
+            sparse_areas=sparse,
+            msix_mappable=msix_mappable,
+            cap_ids=tuple(ids),
         )
-        areas: list[tuple[int, int]] = []
-        if info.flags & V.VFIO_REGION_INFO_FLAG_CAPS and info.argsz > ctypes.sizeof(info):
-            buf = bytearray(info.argsz)
-            buf[:12] = bytes(V.vfio_region_info(argsz=info.argsz, index=index))[:12]
-            ioctl(
-                self.device_fd,
-                V.VFIO_DEVICE_GET_REGION_INFO,
-                buf,
-                what=f"VFIO_DEVICE_GET_REGION_INFO {index} of {self.address}",
-                error=VfioError,
-            )
-            info = V.vfio_region_info.from_buffer_copy(buf)
-            for cap in V.capabilities(bytes(buf), info.cap_offset):
-                if cap.id == V.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
-                    areas = V.sparse_mmap_areas(bytes(buf), cap)
-        return info, areas
+        self._region_info[index] = result
+        return result
 
     @property
     def config(self) -> Region:
         return self._config
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise VfioError(f"{self.address} is closed; open it again with udrv.open()")
+
     def region_info(self, index: int) -> RegionInfo:
+        self._check_open()
         if not 0 <= index <= 5:
             raise RegionError(f"{self.address}: BAR index {index} out of range; BARs are 0-5")
-        info, areas = self._raw_region_info(index)
-        if info.size == 0:
+        vri = self.vfio_region_info(index)
+        if vri.size == 0:
             raise RegionError(f"{self.address} does not implement BAR{index}")
+        # vfio-pci virtualizes the BAR registers but keeps their low flag bits (PCI 3.0 6.2.5.1).
         bar = self._config.read32(0x10 + 4 * index)
         is_io = bool(bar & 1)
         return RegionInfo(
             index=index,
             kind=RegionKind.IO if is_io else RegionKind.MEMORY,
-            size=int(info.size),
-            readable=bool(info.flags & V.VFIO_REGION_INFO_FLAG_READ),
-            writable=bool(info.flags & V.VFIO_REGION_INFO_FLAG_WRITE),
-            mappable=bool(info.flags & V.VFIO_REGION_INFO_FLAG_MMAP),
+            size=vri.size,
+            readable=vri.readable,
+            writable=vri.writable,
+            mappable=vri.mmap and not is_io,
             is_64bit=not is_io and (bar >> 1) & 3 == 2,
             prefetchable=not is_io and bool(bar & 8),
-            mmap_areas=tuple(areas),
+            mmap_areas=vri.sparse_areas or (),
+        )
+
+    def _map(self, vri: VfioRegionInfo, start: int, size: int, name: str) -> MmioRegion:
+        prot = (mmap.PROT_READ if vri.readable else 0) | (mmap.PROT_WRITE if vri.writable else 0)
+        try:
+            m = mmap.mmap(self.device_fd, size, mmap.MAP_SHARED, prot, offset=vri.offset + start)
+        except OSError as exc:
+            raise RegionError(
+                f"mmap of {name} at {start:#x} (+{size:#x}) failed", errno=exc.errno
+            ) from None
+        return MmioRegion(
+            m,
+            name=name,
+            size=size,
+            readable=vri.readable,
+            writable=vri.writable,
+            index=vri.index,
+            close_buffer=True,
+        )
+
+    def _file_region(self, vri: VfioRegionInfo, name: str, size: int) -> FileRegion:
+        """A memory BAR (or the part of one) that cannot be mmapped: pread/pwrite."""
+        return FileRegion(
+            self.device_fd,
+            name=name,
+            size=size,
+            base_offset=vri.offset,
+            readable=vri.readable,
+            writable=vri.writable,
+            index=vri.index,
         )
 
     def bar(self, index: int) -> Region:
-        if self._closed:
-            raise VfioError(f"{self.address} is closed")
+        self._check_open()
         if index in self._regions:
             return self._regions[index]
         ri = self.region_info(index)
-        info, areas = self._raw_region_info(index)
+        vri = self.vfio_region_info(index)
         name = f"BAR{index} of {self.address}"
         region: Region
-        whole_mappable = ri.mappable and (not areas or areas == [(0, ri.size)])
-        if whole_mappable:
-            prot = (mmap.PROT_READ if ri.readable else 0) | (mmap.PROT_WRITE if ri.writable else 0)
-            try:
-                m = mmap.mmap(
-                    self.device_fd, ri.size, mmap.MAP_SHARED, prot, offset=int(info.offset)
-                )
-            except OSError as exc:
-                raise RegionError(f"mmap of {name} failed", errno=exc.errno) from None
-            self._maps.append(m)
-            region = MmioRegion(
-                m, name=name, size=ri.size, readable=ri.readable, writable=ri.writable
-            )
-        else:
-            # I/O-port BARs, and BARs with holes (the MSI-X table): pread/pwrite through VFIO.
-            # TODO(perf): map the sparse areas and dispatch per offset.
-            region = FileRegion(
+        if ri.kind is RegionKind.IO:
+            region = PortRegion(
                 self.device_fd,
                 name=name,
                 size=ri.size,
-                base_offset=int(info.offset),
-                readable=ri.readable,
-                writable=ri.writable,
+                base_offset=vri.offset,
+                readable=vri.readable,
+                writable=vri.writable,
+                index=index,
             )
+        else:
+            areas = vri.mmap_areas()
+            if areas == [(0, ri.size)]:
+                region = self._map(vri, 0, ri.size, name)
+            elif areas:
+                mapped: list[tuple[int, MmioRegion]] = []
+                try:
+                    for start, size in areas:
+                        mapped.append((start, self._map(vri, start, size, f"{name} [{start:#x}]")))
+                    region = SparseRegion(
+                        name,
+                        ri.size,
+                        areas=mapped,
+                        fallback=self._file_region(vri, name, ri.size),
+                        index=index,
+                        readable=vri.readable,
+                        writable=vri.writable,
+                    )
+                except BaseException:
+                    for _, r in mapped:
+                        r.close()
+                    raise
+            else:
+                region = self._file_region(vri, name, ri.size)
         self._regions[index] = region
         return region
 
     def reset(self) -> None:
+        """``VFIO_DEVICE_RESET`` (FLR, PM or bus reset, whatever the kernel found).
+
+        Raises:
+            VfioError: the device offers no reset (no ``VFIO_DEVICE_FLAGS_RESET``: edu has
+                neither FLR nor PM), or the reset failed.
+        """
+        self._check_open()
         if not self.flags & V.VFIO_DEVICE_FLAGS_RESET:
             raise VfioError(
-                f"{self.address} offers no reset through VFIO (no FLR, PM or bus reset)"
+                f"{self.address} cannot be reset through VFIO: it has no function-level, PM "
+                "or bus reset the kernel can use (VFIO_DEVICE_FLAGS_RESET is clear)"
             )
         ioctl(
             self.device_fd,
@@ -380,32 +664,20 @@ class VfioDevice(Device):
             error=VfioError,
         )
 
-    # -- teardown --------------------------------------------------------------------------
+    # -- teardown: mappings, then the device fd, then the group, then the container --------
 
     def _release(self) -> None:
-        for r in self._regions.values():
-            with contextlib.suppress(Exception):
-                r.close()
+        for region in [*self._regions.values(), getattr(self, "_config", None)]:
+            if region is not None:
+                with contextlib.suppress(Exception):
+                    region.close()
         self._regions.clear()
-        for m in self._maps:
-            with contextlib.suppress(Exception):
-                m.close()
-        self._maps.clear()
         if self.device_fd >= 0:
             os.close(self.device_fd)
             self.device_fd = -1
-        if self.group_fd >= 0:
-            with contextlib.suppress(VfioError):
-                ioctl(
-                    self.group_fd,
-                    V.VFIO_GROUP_UNSET_CONTAINER,
-                    0,
-                    what="VFIO_GROUP_UNSET_CONTAINER",
-                    error=VfioError,
-                )
-            os.close(self.group_fd)
-            self.group_fd = -1
-        self.container.close()
+        if getattr(self, "group", None) is not None:
+            self.group.close()
 
     def _close(self) -> None:
         self._release()
+        self.container.close()

@@ -192,8 +192,8 @@ class Lab:
             cmd += dev.qemu_args(self.session)
         if self.trace:
             out = self.trace_file or self.session / "trace.log"
-            cmd += ["-trace", f"enable={self.trace[0]},file={out}"]
-            cmd += [a for p in self.trace[1:] for a in ("-trace", f"enable={p}")]
+            # QEMU 7.2 takes the trace file from the last -trace option: name it on each.
+            cmd += [a for p in self.trace for a in ("-trace", f"enable={p},file={out}")]
         return cmd + self.extra_qemu_args
 
     def start(self) -> Lab:
