@@ -49,8 +49,6 @@ from udrv.pci.sysfs import PciDeviceInfo
 
 VFIO_DIR = Path("/dev/vfio")
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
-#: vfio.h: the MSI-X table of this BAR may be mmapped (no sparse hole needed).
-VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = 3
 #: Drivers a group member may have without making the group unviable (drivers/vfio/group.c
 #: accepts pci-stub; bridges are accepted whatever their driver).
 _HARMLESS_DRIVERS = (None, "vfio-pci", "pci-stub")
@@ -522,7 +520,7 @@ class VfioDevice(Device):
                     ids.append(cap.id)
                     if cap.id == V.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
                         sparse = tuple(V.sparse_mmap_areas(bytes(buf), cap))
-                    elif cap.id == VFIO_REGION_INFO_CAP_MSIX_MAPPABLE:
+                    elif cap.id == V.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE:
                         msix_mappable = True
             except (ValueError, IndexError) as exc:
                 raise VfioError(f"{what}: {exc}") from None
