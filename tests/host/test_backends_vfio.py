@@ -65,7 +65,7 @@ class FakeKernel:
         # index: (flags, size, caps)
         self.regions: dict[int, tuple[int, int, bytes]] = {
             0: (mmap_, 0x20000, b""),
-            1: (mmap_, 0x20000, cap(bv.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, b"")),
+            1: (mmap_, 0x20000, cap(V.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, b"")),
             2: (mem, 0x20, b""),
             # BAR3 as kernels before 4.16 reported it: the MSI-X table page is a hole.
             3: (mmap_, 0x4000, sparse_cap([(0x1000, 0x3000)])),
