@@ -78,3 +78,72 @@ def test_no_such_namespace(bound: Bind) -> None:
         pytest.raises(NvmeError, match=r"no namespace 7; active: \[1\]"),
     ):
         Nvme(dev, nsid=7)
+
+
+@pytest.mark.parametrize("interrupts", [True, False], ids=["msix", "polled"])
+def test_async_many_commands_in_flight(bound: Bind, interrupts: bool) -> None:
+    """32 concurrent writes then reads of distinct random blocks per loop, two loops (threads)
+    on two queue pairs; every block reads back what was written to it."""
+    import asyncio
+    import random
+    import threading
+
+    from udrv.drivers.nvme import AsyncNvme
+
+    with udrv.open(bound("nvme", "vfio-pci")) as dev, Nvme(dev, queues=2, depth=16,
+                                                          interrupts=interrupts) as nvme:  # fmt: skip
+        assert all((q.vector is not None) == interrupts for q in nvme.io)
+        drv = AsyncNvme(nvme)
+        blocks = drv.geometry.num_blocks
+        errors: list[BaseException] = []
+        both_done, checked = threading.Barrier(3), threading.Barrier(3)
+
+        async def job(seed: int) -> int:
+            rng = random.Random(seed)
+            sizes = [rng.choice((512, 4096, 64 * 1024, 300 * 1024)) for _ in range(32)]
+            offsets = [
+                (seed * blocks // 2 + i * (blocks // 64)) * 512 for i in range(32)
+            ]  # disjoint
+            datas = [os.urandom(n) for n in sizes]
+            await asyncio.gather(
+                *(drv.write(o, memoryview(d)) for o, d in zip(offsets, datas, strict=True))
+            )
+            await drv.flush()
+            backs = [bytearray(n) for n in sizes]
+            await asyncio.gather(
+                *(drv.read(o, memoryview(b)) for o, b in zip(offsets, backs, strict=True))
+            )
+            assert backs == [bytearray(d) for d in datas]
+            with pytest.raises(FrontendError, match="past the end"):
+                await drv.read(drv.geometry.size, memoryview(bytearray(512)))
+            await drv.write_zeroes(offsets[0], 4096)
+            back = bytearray(4096)
+            await drv.read(offsets[0], memoryview(back))
+            assert back == bytes(4096)
+            await drv.discard(offsets[1], 512)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, both_done.wait, 60)
+            await loop.run_in_executor(None, checked.wait, 60)  # keep the loop (and queue)
+            return len(sizes)
+
+        def thread(seed: int) -> None:
+            try:
+                asyncio.run(job(seed))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=thread, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        both_done.wait(120)
+        # A third loop while both live has no queue pair left: a clear error, no sharing.
+        with pytest.raises(NvmeError, match="more frontend queues than the 2 NVMe I/O queue"):
+            asyncio.run(drv.read(0, memoryview(bytearray(512))))
+        checked.wait(10)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        # Once a loop is closed its queue pair serves the next one.
+        back = bytearray(512)
+        asyncio.run(drv.read(0, memoryview(back)))
+        drv.close()

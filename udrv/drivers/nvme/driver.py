@@ -9,6 +9,7 @@ CSTS.CFS so that a dead controller is reported as such.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -21,8 +22,13 @@ from udrv.block.driver import BlockDriver, BlockGeometry
 from udrv.core.device import Device
 from udrv.drivers.nvme import regs as R
 from udrv.errors import DriverError, PollTimeout
+from udrv.irq import Vector
 
 PAGE = 4096
+#: A submission queue entry (4.2, figure 105): CDW0 (opcode, CID), NSID, CDW2-3, MPTR,
+#: PRP1, PRP2, CDW10-12; CDW13-15 zero.
+_SQE = struct.Struct("<II8x8xQQIII12x")
+assert _SQE.size == 64
 
 
 class NvmeError(DriverError):
@@ -76,6 +82,12 @@ class QueuePair:
         self.cq_doorbell = R.DOORBELLS + (2 * qid + 1) * stride
         self.lock = threading.Lock()  # the queue's entries and doorbells
         self.busy = threading.Lock()  # a whole request using this queue's bounce buffer
+        # Scalar views for the hot path (push/reap): plain memoryviews are several times
+        # cheaper per element than numpy scalars.
+        raw = self.mem.memoryview()
+        self._sq_raw = raw[: depth * 64]
+        self._cq_words = raw[cq_off : cq_off + depth * 16].cast("I")
+        self.vector: Vector | None = None  # MSI-X vector of the completion queue, if any
 
     def submit(self, opcode: int, *, nsid: int = 0, prp1: int = 0, prp2: int = 0,
                cdw10: int = 0, cdw11: int = 0, cdw12: int = 0, cdw13: int = 0,
@@ -95,6 +107,38 @@ class QueuePair:
             self.tail = (self.tail + 1) % self.depth
             self.nvme.bar.write32(self.sq_doorbell, self.tail)  # x86: the SQE is visible first
             return self._complete(self.cid, opcode, timeout)
+
+    # -- the asynchronous path: push commands, reap completions (4.1, 4.6) ------------------
+
+    def push(self, opcode: int, cid: int, nsid: int, prp1: int, prp2: int, cdw10: int = 0,
+             cdw11: int = 0, cdw12: int = 0) -> None:  # fmt: skip
+        """Write one SQE with command id ``cid`` and ring the doorbell; do not wait.
+
+        The caller keeps at most depth - 1 commands in flight (a full queue has tail + 1 ==
+        head, 4.1.2), each with a distinct ``cid``.
+        """
+        _SQE.pack_into(self._sq_raw, self.tail * 64, opcode | (cid << 16), nsid, prp1, prp2,
+                       cdw10, cdw11, cdw12)  # fmt: skip
+        self.tail = (self.tail + 1) % self.depth
+        self.nvme.bar.write32(self.sq_doorbell, self.tail)  # x86: the SQE is visible first
+
+    def reap(self) -> list[tuple[int, int, int]]:
+        """Consume every new completion: ``[(cid, status, dw0)]``; one CQ doorbell write."""
+        done = []
+        words, head, phase = self._cq_words, self.head, self.phase
+        while True:
+            dw3 = words[head * 4 + 3]
+            if (dw3 >> 16) & 1 != phase:
+                break
+            done.append((dw3 & 0xFFFF, dw3 >> 17, words[head * 4]))
+            head += 1
+            if head == self.depth:
+                head, phase = 0, phase ^ 1
+        if done:
+            self.nvme.sq_heads[self.qid] = words[(head - 1) % self.depth * 4 + 2] & 0xFFFF
+            self.head, self.phase = head, phase
+            self.nvme.bar.write32(self.cq_doorbell, head)
+        return done
 
     def _complete(self, cid: int, opcode: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -137,10 +181,15 @@ class Nvme(BlockDriver):
         queues: I/O queue pairs to create.
         depth: entries per I/O queue (at most CAP.MQES + 1).
         nsid: the namespace served as a block device.
+        timeout: seconds before a command counts as lost.
+        interrupts: give each I/O completion queue an MSI-X vector (``QueuePair.vector``)
+            when the device offers MSI-X; otherwise completions are only polled. The
+            synchronous methods always poll; :class:`~udrv.drivers.nvme.aio.AsyncNvme`
+            waits on the vectors.
     """
 
     def __init__(self, device: Device, *, queues: int = 1, depth: int = 64, nsid: int = 1,
-                 timeout: float = 5.0) -> None:  # fmt: skip
+                 timeout: float = 5.0, interrupts: bool = True) -> None:  # fmt: skip
         self.dev = device
         cls = device.config.read32(0x08) >> 8
         if cls != 0x010802:
@@ -192,18 +241,29 @@ class Nvme(BlockDriver):
         granted = self.admin.submit(R.ADMIN_SET_FEATURES, cdw10=R.FEAT_NUMBER_OF_QUEUES,
                                     cdw11=((queues - 1) << 16) | (queues - 1))  # fmt: skip
         nq = min((granted & 0xFFFF) + 1, (granted >> 16) + 1, queues)
+        vectors = self._enable_msix(nq) if interrupts else []
         self.io: list[QueuePair] = []
         for qid in range(1, nq + 1):
             q = QueuePair(self, qid, depth)
+            # Create I/O CQ (5.3): CDW11 = interrupt vector << 16 | IEN (bit 1) | PC (bit 0).
+            cdw11 = R.CQ_PC | ((qid << 16) | R.CQ_IEN if vectors else 0)
             self.admin.submit(
-                R.ADMIN_CREATE_CQ, prp1=q.cq_iova, cdw10=((depth - 1) << 16) | qid, cdw11=1
+                R.ADMIN_CREATE_CQ, prp1=q.cq_iova, cdw10=((depth - 1) << 16) | qid, cdw11=cdw11
             )
+            q.vector = vectors[qid] if vectors else None
             self.admin.submit(R.ADMIN_CREATE_SQ, prp1=q.sq_iova, cdw10=((depth - 1) << 16) | qid,
                               cdw11=(qid << 16) | 1)  # fmt: skip
             self.io.append(q)
         # Bounce buffers, one per queue: transfers up to max_transfer, plus a PRP list page.
         self._bounce = [self.dma.alloc(self.geometry.max_transfer + PAGE) for _ in self.io]
         self._next_q = 0
+
+    def _enable_msix(self, nq: int) -> list[Vector]:
+        """MSI-X vectors 0 (admin) .. nq (I/O queue nq), or [] if the device has too few."""
+        irq = self.dev.irq
+        if irq.available().get("msix", 0) < nq + 1:
+            return []
+        return irq.enable("msix", nq + 1)
 
     # -- controller state (7.6.1, 7.6.2) -----------------------------------------------------
 

@@ -42,6 +42,7 @@ assert SQE.itemsize == 64 and CQE.itemsize == 16
 # 5 Admin commands.
 ADMIN_DELETE_SQ, ADMIN_CREATE_SQ = 0x00, 0x01
 ADMIN_DELETE_CQ, ADMIN_CREATE_CQ = 0x04, 0x05
+CQ_PC, CQ_IEN = 1 << 0, 1 << 1  # Create I/O CQ CDW11: physically contiguous, interrupts on (5.3)
 ADMIN_IDENTIFY = 0x06
 ADMIN_SET_FEATURES = 0x09
 FEAT_NUMBER_OF_QUEUES = 0x07  # 5.21.1.7
