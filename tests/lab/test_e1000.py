@@ -140,3 +140,31 @@ def test_killed_driver_restarts_and_traffic_resumes(peer: str) -> None:
         ping("10.9.0.2")
     finally:
         stop_driver(proc)
+
+
+def test_link_down_and_up(driver: subprocess.Popen[str]) -> None:
+    """A cable pull from the QEMU monitor: the NIC reports link down (STATUS.LU, an LSC
+    interrupt), udrv0 loses its carrier and traffic stops; link up brings both back."""
+    from udrv.lab.monitor import command
+
+    carrier = Path("/sys/class/net/udrv0/carrier")
+
+    def wait_carrier(value: str) -> None:
+        deadline = time.monotonic() + 15
+        while carrier.read_text().strip() != value:
+            assert time.monotonic() < deadline, f"udrv0 carrier did not become {value}"
+            time.sleep(0.1)
+
+    ping("10.9.0.2")
+    assert carrier.read_text().strip() == "1"
+    command("set_link udrv4 off")  # the lab names NIC A's netdev after its slot
+    try:
+        wait_carrier("0")
+        r = subprocess.run(["ping", "-c", "2", "-W", "1", "10.9.0.2"], capture_output=True)
+        assert r.returncode != 0
+    finally:
+        command("set_link udrv4 on")
+    wait_carrier("1")
+    ping("10.9.0.2")
+    err = stop_driver(driver)
+    assert "udrv0: link down" in err and "udrv0: link up" in err, err

@@ -34,6 +34,7 @@ from types import TracebackType
 from udrv.errors import LabError, LabSetupError, LabTimeout
 from udrv.lab.devices import DeviceSpec, PlacedDevice, devices_env, place
 from udrv.lab.install import ensure_initramfs
+from udrv.lab.monitor import Relay
 from udrv.lab.paths import installed
 
 #: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
@@ -136,6 +137,8 @@ class Lab:
         self.kernel_release = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._n = 0
+        self.monitor_socket = self.session / "monitor.sock"
+        self._relay = Relay(self.monitor_socket, self.ctl)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -188,6 +191,8 @@ class Lab:
             "-device",
             "virtio-9p-pci,fsdev=fsres,mount_tag=udrvresults,addr=03.1",
         ]
+        # HMP for the guest's requests (udrv.lab.monitor): link up/down and the like.
+        cmd += ["-monitor", f"unix:{self.monitor_socket},server=on,wait=off"]
         for dev in self.placed:
             cmd += dev.qemu_args(self.session)
         if self.trace:
@@ -232,6 +237,7 @@ class Lab:
                     )
                 time.sleep(0.02)
             self.kernel_release = ready.read_text().strip()
+            self._relay.start()
         except BaseException:
             self.close()
             raise
@@ -253,6 +259,7 @@ class Lab:
     def close(self) -> None:
         """Power the guest off (kill it if it does not stop) and remove the session files."""
         proc, self._proc = self._proc, None
+        self._relay.stop()
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(OSError):
                 (self.ctl / "poweroff").touch()
