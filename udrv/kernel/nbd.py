@@ -1,0 +1,67 @@
+"""NBD: the kernel's ioctls (``/usr/include/linux/nbd.h``) and the wire protocol.
+
+Wire constants are from the NBD protocol specification (NetworkBlockDevice/nbd,
+doc/proto.md); sections are named next to them. Everything on the wire is big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from udrv.kernel.ioctl import _IO
+
+# -- ioctls (linux/nbd.h) --------------------------------------------------------------------
+NBD_SET_SOCK = _IO(0xAB, 0)
+NBD_SET_BLKSIZE = _IO(0xAB, 1)
+NBD_DO_IT = _IO(0xAB, 3)
+NBD_CLEAR_SOCK = _IO(0xAB, 4)
+NBD_SET_SIZE_BLOCKS = _IO(0xAB, 7)
+NBD_DISCONNECT = _IO(0xAB, 8)
+NBD_SET_TIMEOUT = _IO(0xAB, 9)
+NBD_SET_FLAGS = _IO(0xAB, 10)
+
+# -- transmission flags (nbd.h; proto.md "Transmission flags") --------------------------------
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_FLAG_SEND_TRIM = 1 << 5
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+
+# -- requests and simple replies (proto.md "Transmission phase") -------------------------------
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, cookie, offset, length
+REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_TRIM = 0, 1, 2, 3, 4
+NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_FLAG_FUA = 1 << 0
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+CMD_NAMES = {0: "READ", 1: "WRITE", 2: "DISC", 3: "FLUSH", 4: "TRIM", 6: "WRITE_ZEROES"}
+
+# Error values on the wire (proto.md "Error values"): a fixed subset of errno numbers.
+NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL = 1, 5, 12, 22
+NBD_ENOSPC, NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN = 28, 75, 95, 108
+WIRE_ERRNOS = {NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW,
+               NBD_ENOTSUP, NBD_ESHUTDOWN}  # fmt: skip
+
+# -- handshake (proto.md "Fixed newstyle negotiation") ----------------------------------------
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags (server)
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0  # client flags
+NBD_FLAG_C_NO_ZEROES = 1 << 1
+NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT, NBD_OPT_LIST = 1, 2, 3
+NBD_OPT_INFO, NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY = 6, 7, 8
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+NBD_REP_ACK, NBD_REP_SERVER, NBD_REP_INFO = 1, 2, 3
+NBD_REP_ERR = 1 << 31
+NBD_REP_ERR_UNSUP = NBD_REP_ERR | 1
+NBD_REP_ERR_POLICY = NBD_REP_ERR | 2
+NBD_REP_ERR_INVALID = NBD_REP_ERR | 3
+NBD_REP_ERR_UNKNOWN = NBD_REP_ERR | 6
+NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE = 0, 1, 2, 3
+OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
