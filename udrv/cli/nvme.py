@@ -1,9 +1,12 @@
-"""`udrv nvme identify ADDRESS`: the controller and its namespaces."""
+"""`udrv nvme identify ADDRESS` and `udrv nvme serve ADDRESS`: the controller as a disk."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
+
+from udrv.cli import blockserve
 
 
 def register(sub: Any) -> None:
@@ -12,6 +15,12 @@ def register(sub: Any) -> None:
     ident = nsub.add_parser("identify", help="print the controller and its namespaces")
     ident.add_argument("address", help="PCI address or 1b36:0010")
     ident.set_defaults(func=cmd_identify)
+    srv = nsub.add_parser("serve", help="serve a namespace as /dev/ublkbN or /dev/nbdN")
+    srv.add_argument("address", help="PCI address or 1b36:0010")
+    srv.add_argument("--nsid", type=int, default=1, help="namespace to serve (default 1)")
+    srv.add_argument("--polled", action="store_true", help="poll completions, no MSI-X")
+    blockserve.add_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
@@ -31,3 +40,29 @@ def cmd_identify(args: argparse.Namespace) -> int:
                 f"  namespace {nsid}: {ns.blocks} blocks of {ns.block_size} bytes = {ns.size // (1 << 20)} MiB"
             )
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import udrv
+    from udrv.drivers.nvme import AsyncNvme, Nvme, NvmeError
+
+    # One NVMe queue pair per frontend queue, as deep (it holds depth - 1 commands: a full
+    # NVMe queue keeps one entry empty; the last request waits for a slot).
+    with (
+        udrv.open(args.address) as dev,
+        Nvme(dev, queues=args.queues, depth=args.depth, nsid=args.nsid,
+             interrupts=not args.polled) as nvme,
+    ):  # fmt: skip
+        if len(nvme.io) < args.queues:
+            raise NvmeError(f"{dev.address} granted {len(nvme.io)} I/O queues, not "
+                            f"{args.queues}; use --queues {len(nvme.io)}")  # fmt: skip
+        drv = AsyncNvme(nvme)
+        c, ns = nvme.controller, nvme.namespace
+        what = f"{dev.address} ({c.model}, serial {c.serial}) namespace {ns.nsid}"
+        try:
+            return blockserve.serve(drv, args, what=what)
+        finally:
+            drv.close()
+            if drv.missed_interrupts:
+                print(f"udrv: the watchdog found {drv.missed_interrupts} completion(s) that no "
+                      "interrupt announced", file=sys.stderr)  # fmt: skip

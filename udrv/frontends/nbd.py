@@ -232,6 +232,7 @@ class NbdDevice:
         self._threads: list[threading.Thread] = []
         self._done = threading.Event()
         self._stopping = False
+        self._stop_lock = threading.Lock()
         self.error: BaseException | None = None
 
     def _open_free(self) -> None:
@@ -279,11 +280,15 @@ class NbdDevice:
         doit.start()
         self._threads.append(doit)
         name = os.path.basename(self.path)
-        for _ in range(200):  # NBD_DO_IT sets the capacity and creates the pid file
-            if Path(f"/sys/block/{name}/pid").exists():
+        size = Path(f"/sys/block/{name}/size")
+        for _ in range(400):  # NBD_DO_IT creates the pid file, then sets the capacity
+            if size.read_text().strip() not in ("", "0"):
                 break
             if self._done.wait(0.025):
                 raise FrontendError(f"{self.path} did not start: {self.error}")
+        else:
+            self.stop()
+            raise FrontendError(f"{self.path} did not get its size within 10 s; see `dmesg`")
         return self
 
     def _do_it(self) -> None:
@@ -315,7 +320,12 @@ class NbdDevice:
         self._done.wait()
 
     def stop(self) -> None:
-        """Disconnect: the kernel fails new I/O, NBD_DO_IT returns, the size drops to 0."""
+        """Disconnect: the kernel fails new I/O, NBD_DO_IT returns, the size drops to 0.
+        Safe from several threads at once (the first does it, the others wait)."""
+        with self._stop_lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
         if self.fd < 0:
             return
         self._stopping = True
@@ -492,13 +502,18 @@ class NbdServer:
     def serve_forever(self) -> None:
         self.wait()
 
+    def _shutdown(self) -> None:  # in the server's loop
+        if self._server is not None:
+            self._server.close()
+        for task in asyncio.all_tasks():
+            task.cancel()
+
     def stop(self) -> None:
-        loop, server = self._loop, self._server
-        if loop is not None and server is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(server.close)
-                for task in asyncio.all_tasks(loop):
-                    loop.call_soon_threadsafe(task.cancel)
+        """Close the listening socket and every connection; safe from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._shutdown)
         if self._thread is not None:
             self._thread.join(30)
         if isinstance(self.address, str):

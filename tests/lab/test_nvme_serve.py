@@ -1,0 +1,187 @@
+"""`udrv nvme serve`: the Python NVMe driver as /dev/ublkbN and /dev/nbdN for unchanged tools.
+
+The devices of test_nvme.py (an nvme with a known serial, an edu as a wrong device), two CPUs:
+the kernel gives ublk one hardware queue per CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab("nvme:size=32M,serial=udrvtest1", "edu", cpus=2)
+Bind = Callable[[str, "str | None"], str]
+SIZE = 32 << 20
+
+
+def sh(cmd: str, timeout: float = 180) -> str:
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+class Server:
+    """`udrv nvme serve ...` in a subprocess; ``path`` is the line it printed."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "udrv", "nvme", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None
+        self.path = self.proc.stdout.readline().strip()
+        assert self.path, self.proc.communicate(timeout=30)[1]
+        deadline = time.monotonic() + 20
+        while not (self.path.startswith("nbd") or os.path.exists(self.path)):
+            assert time.monotonic() < deadline, f"{self.path} did not appear"
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return err
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def nvme(bound: Bind) -> Iterator[str]:
+    subprocess.run(["modprobe", "ublk_drv"], check=True)
+    subprocess.run(["modprobe", "nbd", "nbds_max=4"], check=True)
+    yield bound("nvme", "vfio-pci")
+    subprocess.run(["umount", "/mnt"], capture_output=True)
+
+
+def fio(dev: str, *args: str, timeout: float = 300) -> dict:  # type: ignore[type-arg]
+    out = sh(f"fio --name=v --filename={dev} --direct=1 --ioengine=libaio --output-format=json "
+             + " ".join(args), timeout=timeout)  # fmt: skip
+    return json.loads(out[out.index("{") :])  # type: ignore[no-any-return]
+
+
+def files_round_trip(dev: str) -> None:
+    """mkfs.ext4, mount, write files, unmount, mount again: the files are intact."""
+    sh(f"mkfs.ext4 -q -F {dev}")
+    sh(f"mount {dev} /mnt")
+    blobs = {f"f{i}": os.urandom(n) for i, n in enumerate((1, 4096, 300_000, 2 << 20))}
+    for name, data in blobs.items():
+        Path("/mnt", name).write_bytes(data)
+    sh("umount /mnt")
+    sh(f"mount {dev} /mnt")
+    for name, data in blobs.items():
+        got = Path("/mnt", name).read_bytes()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), name
+    sh("umount /mnt")
+
+
+def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
+    srv = Server(nvme, "--queues", "2", "--depth", "16")
+    try:
+        assert srv.path.startswith("/dev/ublkb")
+        name = os.path.basename(srv.path)
+        assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == SIZE
+        assert Path(f"/sys/block/{name}/queue/logical_block_size").read_text().strip() == "512"
+        assert len(os.listdir(f"/sys/block/{name}/mq")) == 2  # two hardware queues
+        files_round_trip(srv.path)
+        r = fio(srv.path, "--rw=randwrite --bs=4k --size=8M --iodepth=16 --numjobs=2",
+                "--offset_increment=12M --verify=crc32c --verify_fatal=1 --group_reporting")  # fmt: skip
+        assert all(j["error"] == 0 for j in r["jobs"])
+        assert r["jobs"][0]["write"]["total_ios"] == 2 * 2048
+        assert r["jobs"][0]["read"]["total_ios"] == 2 * 2048  # the verify pass
+        # Discard reaches the controller as Dataset Management (the kernel accepts it).
+        sh(f"blkdiscard -o 0 -l 1M {srv.path}")
+        # Past the end: refused by the kernel before the driver; the disk keeps working.
+        r2 = subprocess.run(["dd", "if=/dev/zero", f"of={srv.path}", "bs=4k", f"seek={SIZE // 4096}",
+                             "count=1", "oflag=direct"], capture_output=True, text=True)  # fmt: skip
+        assert r2.returncode != 0 and "No space left" in r2.stderr
+        sh(f"dd if={srv.path} of=/dev/null bs=1M count=4 iflag=direct")
+    finally:
+        err = srv.stop()
+    assert "udrv: stopped" in err
+    deadline = time.monotonic() + 10
+    while os.path.exists(srv.path):  # DEL_DEV removed the disk
+        assert time.monotonic() < deadline, f"{srv.path} stayed after the driver stopped"
+        time.sleep(0.1)
+
+
+def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
+    """SIGKILL in the middle of an fio verify job; a new driver resumes the same disk with
+    --recover; the kernel re-issues what was in flight and verification passes."""
+    srv = Server(nvme, "--queues", "1", "--depth", "16")
+    dev_id = int(srv.path.removeprefix("/dev/ublkb"))
+    job = subprocess.Popen(
+        ["fio", "--name=k", f"--filename={srv.path}", "--direct=1", "--ioengine=libaio",
+         "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16", "--verify=crc32c",
+         "--verify_fatal=1", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.0)
+    assert job.poll() is None, "fio finished before the kill: make the job longer"
+    srv.kill()
+    assert os.path.exists(srv.path)  # the disk stays, quiesced, its I/O held
+    time.sleep(0.5)
+    again = Server(nvme, "--recover", str(dev_id), "--queues", "1", "--depth", "16")
+    try:
+        assert again.path == srv.path
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err
+        r = json.loads(out[out.index("{") :])["jobs"][0]
+        assert r["error"] == 0 and r["read"]["total_ios"] == 4096  # every block verified
+    finally:
+        again.stop()
+
+
+def test_nbd_device_filesystem_and_fio_verify(nvme: str) -> None:
+    srv = Server(nvme, "--frontend", "nbd", "--queues", "2", "--depth", "16")
+    try:
+        assert srv.path.startswith("/dev/nbd")
+        name = os.path.basename(srv.path)
+        assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == SIZE
+        files_round_trip(srv.path)
+        r = fio(srv.path, "--rw=randwrite --bs=4k --size=4M --iodepth=16",
+                "--verify=crc32c --verify_fatal=1")  # fmt: skip
+        assert r["jobs"][0]["error"] == 0 and r["jobs"][0]["read"]["total_ios"] == 1024
+        sh(f"blkdiscard -o 0 -l 1M {srv.path}")
+    finally:
+        srv.stop()
+    assert int(Path(f"/sys/block/{name}/size").read_text()) == 0  # disconnected
+
+
+def test_nbd_socket_for_nbdinfo_and_nbdcopy(nvme: str, tmp_path: Path) -> None:
+    sock = tmp_path / "nvme.sock"
+    srv = Server(nvme, "--frontend", "nbd", "--listen", str(sock))
+    try:
+        uri = srv.path
+        assert uri.startswith("nbd+unix://") and str(sock) in uri
+        info = json.loads(sh(f"nbdinfo --json '{uri}'"))
+        assert info["exports"][0]["export-size"] == SIZE
+        data = tmp_path / "in.img"
+        data.write_bytes(os.urandom(4 << 20) + bytes(SIZE - (4 << 20)))
+        sh(f"nbdcopy {data} '{uri}'")
+        sh(f"nbdcopy '{uri}' {tmp_path / 'out.img'}")
+        assert (tmp_path / "out.img").read_bytes() == data.read_bytes()
+    finally:
+        srv.stop()
+
+
+def test_bad_inputs(nvme: str, lab_devices: dict[str, str], bound: Bind) -> None:
+    def fails(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "udrv", "nvme", "serve", *args],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        return r.stderr
+
+    assert "queue depth 5000 is outside 2..2048 (CAP.MQES" in fails(nvme, "--depth", "5000")
+    assert "no namespace 7; active: [1]" in fails(nvme, "--nsid", "7")
+    assert "--recover is for --frontend ublk" in fails(nvme, "--frontend", "nbd", "--recover", "0")
+    edu = bound("edu", "vfio-pci")
+    assert "not an NVMe controller" in fails(edu)

@@ -1,0 +1,457 @@
+"""ublk: a block driver in this process as a real disk, ``/dev/ublkbN``.
+
+The kernel side (drivers/block/ublk_drv.c, Linux 6.0+) is driven by io_uring
+``URING_CMD``s (``udrv.kernel.ublk``): control commands on ``/dev/ublk-control``
+(ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV, DEL_DEV, GET_DEV_INFO, START/END_USER_RECOVERY)
+and, per hardware queue, I/O commands on ``/dev/ublkcN``: a FETCH_REQ for every tag hands
+the kernel a buffer; when a request arrives its FETCH completes, its descriptor (op,
+sectors, start) is in the queue's read-only mmapped array, the driver serves it from or into
+the tag's buffer, and COMMIT_AND_FETCH_REQ returns the result and re-arms the tag.
+
+Each queue is a thread with its own ring and asyncio loop: the ring's fd wakes the loop,
+completions are reaped in batches, a sync driver is called inline, an ``async`` driver's
+requests run as tasks (many in flight), commits are submitted once per batch.
+
+User recovery (``UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE``): if the process
+dies, the disk stays, quiesced, its I/O held; ``Ublk(driver, dev_id=N, recover=True)`` in a
+new process attaches to it and the kernel re-issues what the dead one had not completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import inspect
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import Any
+
+from udrv.block.driver import BlockDriver
+from udrv.errors import FrontendError
+from udrv.kernel import ublk as U
+from udrv.kernel.io_uring import IoUring, IoUringError
+
+log = logging.getLogger(__name__)
+DESC = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
+IO_CMD = struct.Struct("<HHiQ")  # struct ublksrv_io_cmd
+assert DESC.size == ctypes.sizeof(U.UblksrvIoDesc) and IO_CMD.size == ctypes.sizeof(U.UblksrvIoCmd)
+SECTOR = 512
+
+
+class UblkError(FrontendError):
+    """A ublk control or I/O command failed."""
+
+
+class Control:
+    """``/dev/ublk-control`` and a small SQE128 ring for its commands (one thread)."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open(U.CONTROL, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UblkError(f"{U.CONTROL} is missing; run `modprobe ublk_drv`") from None
+        except PermissionError:
+            raise UblkError(f"no permission on {U.CONTROL}; run as root") from None
+        self.ring = IoUring(4, sqe128=True)
+
+    def command(self, op: int, dev_id: int, *, addr: int = 0, length: int = 0,
+                data: int = 0, what: str) -> int:  # fmt: skip
+        cmd = U.UblksrvCtrlCmd(dev_id=dev_id & 0xFFFFFFFF, queue_id=0xFFFF, len=length, addr=addr)
+        cmd.data[0] = data
+        self.ring.uring_cmd(self.fd, op, bytes(cmd), user_data=op)
+        res = self.ring.wait(1)[0][1]  # one command at a time on this ring
+        if res < 0:
+            raise UblkError(f"ublk {what} failed", errno=-res)
+        return int(res)
+
+    def dev_info(self, dev_id: int) -> U.UblksrvCtrlDevInfo:
+        info = U.UblksrvCtrlDevInfo()
+        self.command(U.UBLK_U_CMD_GET_DEV_INFO, dev_id, addr=ctypes.addressof(info),
+                     length=ctypes.sizeof(info), what=f"GET_DEV_INFO of device {dev_id}")  # fmt: skip
+        return info
+
+    def close(self) -> None:
+        self.ring.close()
+        os.close(self.fd)
+
+
+def recoverable(dev_id: int) -> bool:
+    """Whether ``/dev/ublkbDEV_ID`` is quiesced, waiting for a new driver (its driver died)."""
+    ctl = Control()
+    try:
+        return bool(ctl.dev_info(dev_id).state == U.UBLK_S_DEV_QUIESCED)
+    except UblkError:
+        return False
+    finally:
+        ctl.close()
+
+
+class _Queue:
+    """One hardware queue: a thread with its ring, descriptors, buffers and event loop."""
+
+    def __init__(self, ublk: Ublk, q_id: int) -> None:
+        self.ublk, self.q_id = ublk, q_id
+        self.driver = ublk.driver
+        self.geometry = ublk.driver.geometry
+        self.depth, self.buf_size = ublk.depth, ublk.max_io
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.served = 0
+        self.aborted: set[int] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, name=f"ublk{ublk.dev_id}q{q_id}",
+                                       daemon=True)  # fmt: skip
+        self._flush_scheduled = False
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as exc:
+            log.debug("ublk%d queue %d setup failed", self.ublk.dev_id, self.q_id, exc_info=True)
+            self.error = exc
+            self.ready.set()
+            return
+        loop = self.loop
+        assert loop is not None
+        try:
+            loop.add_reader(self.ring.fd, self._on_completions)
+            self.ready.set()
+            loop.run_forever()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("ublk%d queue %d failed", self.ublk.dev_id, self.q_id)
+        finally:
+            self.ready.set()
+            self._teardown()
+            self.ublk._queue_done.set()
+
+    def _setup(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.ring = IoUring(self.depth, sqe128=True)
+        fd = self.ublk.cdev_fd
+        self.descs = mmap.mmap(fd, U.cmd_buf_size(self.depth), mmap.MAP_SHARED, mmap.PROT_READ,
+                               offset=U.cmd_buf_offset(self.q_id))  # fmt: skip
+        self.bufs = mmap.mmap(-1, self.depth * self.buf_size)
+        whole = memoryview(self.bufs)
+        self.views = [whole[t * self.buf_size : (t + 1) * self.buf_size] for t in range(self.depth)]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.bufs))
+        self.addrs = [base + t * self.buf_size for t in range(self.depth)]
+        for tag in range(self.depth):
+            self.ring.uring_cmd(fd, U.UBLK_U_IO_FETCH_REQ,
+                                IO_CMD.pack(self.q_id, tag, 0, self.addrs[tag]), tag)  # fmt: skip
+        self.ring.submit()
+
+    def _teardown(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
+        for v in getattr(self, "views", []):
+            v.release()
+        for name in ("bufs", "descs"):
+            m = getattr(self, name, None)
+            if m is not None:
+                m.close()
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.close()
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def _on_completions(self) -> None:
+        for tag, res, _ in self.ring.completions():
+            if res == U.UBLK_IO_RES_OK:
+                self._dispatch(tag)
+            elif res == U.UBLK_IO_RES_ABORT:
+                self.aborted.add(tag)  # the queue is going away: do not re-arm
+            else:
+                log.error("ublk%d queue %d tag %d: I/O command failed: %s", self.ublk.dev_id,
+                          self.q_id, tag, os.strerror(-res))  # fmt: skip
+                self.aborted.add(tag)
+        if self.ring._pending:
+            self.ring.submit()
+        if len(self.aborted) == self.depth:
+            assert self.loop is not None
+            self.loop.stop()
+
+    def _dispatch(self, tag: int) -> None:
+        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
+        op, offset, length = op_flags & 0xFF, sector * SECTOR, nr * SECTOR
+        d = self.driver
+        try:
+            if op != U.UBLK_IO_OP_FLUSH:
+                self.geometry.check(offset, length, f"ublk op {op}")
+            if op == U.UBLK_IO_OP_READ:
+                r: Any = d.read(offset, self.views[tag][:length])
+            elif op == U.UBLK_IO_OP_WRITE:
+                r = d.write(offset, self.views[tag][:length])
+            elif op == U.UBLK_IO_OP_FLUSH:
+                r = d.flush()
+            elif op == U.UBLK_IO_OP_DISCARD:
+                r = d.discard(offset, length)
+            elif op == U.UBLK_IO_OP_WRITE_ZEROES:
+                r = d.write_zeroes(offset, length)
+            else:
+                self._commit(tag, -errno.EOPNOTSUPP)
+                return
+        except Exception as exc:
+            self._commit(tag, self._errno(exc, op, offset, length))
+            return
+        if inspect.isawaitable(r):
+            assert self.loop is not None
+            self.loop.create_task(self._finish(tag, r, op, offset, length))
+        else:
+            self._commit(tag, length)
+
+    async def _finish(self, tag: int, r: Awaitable[Any], op: int, offset: int, length: int) -> None:
+        try:
+            await r
+        except Exception as exc:
+            self._commit(tag, self._errno(exc, op, offset, length))
+        else:
+            self._commit(tag, length)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.ring._pending:
+            self.ring.submit()
+
+    def _errno(self, exc: BaseException, op: int, offset: int, length: int) -> int:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+        log.warning(
+            "ublk%d: op %d at %#x+%#x failed: %s", self.ublk.dev_id, op, offset, length, exc
+        )
+        return -int(code)
+
+    def _commit(self, tag: int, result: int) -> None:
+        self.served += 1
+        self.ring.uring_cmd(self.ublk.cdev_fd, U.UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+                            IO_CMD.pack(self.q_id, tag, result, self.addrs[tag]), tag)  # fmt: skip
+
+
+class Ublk:
+    """``driver`` as ``/dev/ublkbN`` (context manager). ``modprobe ublk_drv`` first.
+
+    Args:
+        driver: the block driver; an ``async`` one gets an event loop per queue.
+        queues: hardware queues (threads); blk-mq maps CPUs onto them.
+        depth: requests in flight per queue (at most 4096).
+        dev_id: the device number; -1: the kernel picks.
+        recover: attach to the quiesced ``/dev/ublkbDEV_ID`` whose driver died, instead of
+            adding a device; its queues and depth are the ones it was created with.
+    """
+
+    def __init__(self, driver: BlockDriver, *, queues: int = 1, depth: int = 64,
+                 dev_id: int = -1, recover: bool = False) -> None:  # fmt: skip
+        if not 1 <= depth <= U.UBLK_MAX_QUEUE_DEPTH or queues < 1:
+            raise UblkError(f"queues={queues}, depth={depth}: need queues >= 1 and depth 1..4096")
+        if recover and dev_id < 0:
+            raise UblkError("recover=True needs the dev_id of the device to resume")
+        self.driver, self.queues, self.depth = driver, queues, depth
+        self.dev_id, self.recover = dev_id, recover
+        g = driver.geometry
+        self.max_io = g.max_transfer
+        self.path = ""
+        self.cdev_fd = -1
+        self._ctl: Control | None = None
+        self._queues: list[_Queue] = []
+        self._queue_done = threading.Event()
+        self._stop = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._added = False
+
+    # -- bring-up ------------------------------------------------------------------------------
+
+    def start(self) -> Ublk:
+        self._ctl = ctl = Control()
+        try:
+            if self.recover:
+                self._start_recovery(ctl)
+            else:
+                self._add(ctl)
+            self._open_cdev()
+            self._queues = [_Queue(self, q) for q in range(self.queues)]
+            for q in self._queues:
+                q.thread.start()
+            for q in self._queues:
+                q.ready.wait()
+                if q.error is not None:
+                    raise UblkError(f"ublk{self.dev_id} queue {q.q_id}: {q.error}")
+            pid = os.getpid()
+            if self.recover:
+                ctl.command(U.UBLK_U_CMD_END_USER_RECOVERY, self.dev_id, data=pid,
+                            what=f"END_USER_RECOVERY of /dev/ublkb{self.dev_id}")  # fmt: skip
+            else:
+                ctl.command(U.UBLK_U_CMD_START_DEV, self.dev_id, data=pid,
+                            what=f"START_DEV of /dev/ublkb{self.dev_id}")  # fmt: skip
+            self.path = f"/dev/ublkb{self.dev_id}"
+            deadline = time.monotonic() + 10
+            while not os.path.exists(self.path):
+                if time.monotonic() > deadline:
+                    raise UblkError(f"{self.path} did not appear")
+                time.sleep(0.01)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _add(self, ctl: Control) -> None:
+        flags = U.UBLK_F_USER_RECOVERY | U.UBLK_F_USER_RECOVERY_REISSUE | U.UBLK_F_CMD_IOCTL_ENCODE
+        info = U.UblksrvCtrlDevInfo(nr_hw_queues=self.queues, queue_depth=self.depth,
+                                    max_io_buf_bytes=self.max_io, dev_id=self.dev_id & 0xFFFFFFFF,
+                                    ublksrv_pid=os.getpid(), flags=flags)  # fmt: skip
+        try:
+            ctl.command(U.UBLK_U_CMD_ADD_DEV, self.dev_id, addr=ctypes.addressof(info),
+                        length=ctypes.sizeof(info), what="ADD_DEV")  # fmt: skip
+        except UblkError as exc:
+            if exc.errno == errno.EEXIST:
+                raise UblkError(f"/dev/ublkb{self.dev_id} exists already; pick another dev_id, "
+                                f"or resume it with recover=True if its driver died") from None  # fmt: skip
+            raise
+        self.dev_id, self._added = int(info.dev_id), True
+        if info.nr_hw_queues != self.queues:  # the kernel caps queues at the CPU count
+            log.info("ublk%d: %d queue(s), not %d: the kernel allows one per CPU", self.dev_id,
+                     info.nr_hw_queues, self.queues)  # fmt: skip
+        self.queues, self.depth = int(info.nr_hw_queues), int(info.queue_depth)
+        self.max_io = int(info.max_io_buf_bytes)
+        self._set_params(ctl)
+
+    def _set_params(self, ctl: Control) -> None:
+        g = self.driver.geometry
+        shift = g.block_size.bit_length() - 1
+        p = U.UblkParams()
+        p.len, p.types = ctypes.sizeof(p), U.UBLK_PARAM_TYPE_BASIC
+        b = p.basic
+        b.attrs = U.UBLK_ATTR_VOLATILE_CACHE if g.volatile_cache else 0
+        b.logical_bs_shift, b.physical_bs_shift = shift, max(shift, 12)
+        b.io_min_shift, b.io_opt_shift = shift, max(shift, 12)
+        b.max_sectors = self.max_io // SECTOR
+        b.dev_sectors = g.size // SECTOR
+        if g.discard or g.write_zeroes:
+            p.types |= U.UBLK_PARAM_TYPE_DISCARD
+            d = p.discard
+            d.discard_granularity = g.block_size
+            d.max_discard_sectors = 0xFFFFFFFF >> 9 if g.discard else 0
+            d.max_write_zeroes_sectors = 0xFFFFFFFF >> 9 if g.write_zeroes else 0
+            d.max_discard_segments = 1
+        ctl.command(U.UBLK_U_CMD_SET_PARAMS, self.dev_id, addr=ctypes.addressof(p),
+                    length=ctypes.sizeof(p), what=f"SET_PARAMS of ublk{self.dev_id}")  # fmt: skip
+
+    def _start_recovery(self, ctl: Control) -> None:
+        name = f"/dev/ublkb{self.dev_id}"
+        deadline = time.monotonic() + 15
+        while True:  # the dead driver's files are closed a little after it died
+            try:
+                info = ctl.dev_info(self.dev_id)
+            except UblkError as exc:
+                if exc.errno == errno.ENODEV:
+                    raise UblkError(f"no ublk device {self.dev_id} to recover") from None
+                raise
+            if info.state == U.UBLK_S_DEV_QUIESCED:
+                try:
+                    ctl.command(U.UBLK_U_CMD_START_USER_RECOVERY, self.dev_id,
+                                what=f"START_USER_RECOVERY of {name}")  # fmt: skip
+                    break
+                except UblkError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+            if time.monotonic() > deadline:
+                state = U.STATE_NAMES.get(info.state, str(info.state))
+                raise UblkError(f"{name} is {state} (driver pid {info.ublksrv_pid}), not waiting "
+                                "for recovery; is its driver still running?")  # fmt: skip
+            time.sleep(0.1)
+        if not info.flags & U.UBLK_F_USER_RECOVERY:
+            raise UblkError(f"{name} was created without UBLK_F_USER_RECOVERY")
+        if info.max_io_buf_bytes < self.max_io:
+            self.max_io = int(info.max_io_buf_bytes)
+        self.queues, self.depth = int(info.nr_hw_queues), int(info.queue_depth)
+
+    def _open_cdev(self) -> None:
+        cdev = f"/dev/ublkc{self.dev_id}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.cdev_fd = os.open(cdev, os.O_RDWR | os.O_CLOEXEC)
+                return
+            except FileNotFoundError:
+                if time.monotonic() > deadline:
+                    raise UblkError(f"{cdev} did not appear (devtmpfs mounted?)") from None
+                time.sleep(0.01)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the previous driver's fd is still being released
+                    continue
+                raise UblkError(f"cannot open {cdev}", errno=exc.errno) from None
+
+    # -- running and teardown --------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Until :meth:`stop` (e.g. from a signal handler's thread) or a queue fails."""
+        while not self._stop.is_set():
+            if self._queue_done.wait(0.2):
+                break
+        failed = [q for q in self._queues if q.error is not None]
+        if failed and not self._stop.is_set():
+            raise UblkError(f"ublk{self.dev_id} queue {failed[0].q_id} failed: {failed[0].error}")
+
+    @property
+    def served(self) -> int:
+        """Requests completed so far."""
+        return sum(q.served for q in self._queues)
+
+    def stop(self) -> None:
+        """STOP_DEV (the disk goes; the kernel aborts the queues' commands), join, DEL_DEV.
+
+        Safe to call from several threads (a signal handler's and the main one): the first
+        does the work, the others wait for it."""
+        self._stop.set()
+        with self._stop_lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
+        try:
+            if self._added or self.recover:
+                try:
+                    ctl.command(
+                        U.UBLK_U_CMD_STOP_DEV, self.dev_id, what=f"STOP_DEV of ublk{self.dev_id}"
+                    )
+                except (UblkError, IoUringError) as exc:
+                    log.warning("%s", exc)
+            for q in self._queues:
+                q.thread.join(10)
+                if q.thread.is_alive() and q.loop is not None:
+                    q.loop.call_soon_threadsafe(q.loop.stop)
+                    q.thread.join(10)
+            if self.cdev_fd >= 0:
+                os.close(self.cdev_fd)
+                self.cdev_fd = -1
+            if self._added or self.recover:
+                try:
+                    ctl.command(
+                        U.UBLK_U_CMD_DEL_DEV, self.dev_id, what=f"DEL_DEV of ublk{self.dev_id}"
+                    )
+                except (UblkError, IoUringError) as exc:
+                    log.warning("%s", exc)
+        finally:
+            self._ctl = None
+            ctl.close()
+
+    def __enter__(self) -> Ublk:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.stop()

@@ -1,0 +1,220 @@
+"""A small io_uring: setup, the mmapped rings, submit and reap (``linux/io_uring.h``).
+
+Enough for ublk: ``IORING_OP_URING_CMD`` with 128-byte SQEs (``IORING_SETUP_SQE128``: 80
+bytes of command payload), plus NOP/READ/WRITE for tests. No liburing binding on PyPI
+supports SQE128 URING_CMD well, so this is written against the uapi header:
+
+- ``io_uring_setup(entries, params)`` (syscall 425) fills ``struct io_uring_params`` with
+  the ring offsets; with ``IORING_FEAT_SINGLE_MMAP`` the SQ and CQ rings are one mapping at
+  ``IORING_OFF_SQ_RING``; the SQE array is mapped at ``IORING_OFF_SQES``.
+- Submitting: write the SQE, put its index in the SQ array at ``tail & mask``, advance
+  ``tail``; ``io_uring_enter(fd, to_submit, min_complete, IORING_ENTER_GETEVENTS)`` (426).
+- Reaping: CQEs between ``head`` and ``tail``; advance ``head``.
+
+x86-64 and arm64 both order plain stores before the syscall that publishes them (the
+syscall is a full barrier); the kernel's tail store is read after it returns or after the
+ring fd polls readable. One ring belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as E
+import mmap
+import os
+import struct
+
+from udrv.errors import UdrvError
+
+SYS_io_uring_setup, SYS_io_uring_enter = 425, 426  # x86-64 and the generic table alike
+IORING_SETUP_CLAMP = 1 << 4
+IORING_SETUP_SQE128 = 1 << 10
+IORING_ENTER_GETEVENTS = 1 << 0
+IORING_FEAT_SINGLE_MMAP = 1 << 0
+IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
+IORING_OP_NOP, IORING_OP_READ, IORING_OP_WRITE, IORING_OP_URING_CMD = 0, 22, 23, 46
+
+#: struct io_uring_sqe up to the command area: opcode, flags, ioprio, fd, off/cmd_op
+#: (cmd_op is the low 32 bits), addr, len, op flags, user_data, buf_index, personality,
+#: file_index. The command payload (``cmd``) starts at byte 48.
+SQE_HEAD = struct.Struct("<BBHiQQIIQHHi")
+SQE_CMD_OFFSET = 48
+CQE = struct.Struct("<QiI")  # user_data, res, flags
+
+
+class IoUringError(UdrvError):
+    """io_uring could not be set up or entered."""
+
+
+class _SqOffsets(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("head", "tail", "ring_mask", "ring_entries", "flags", "dropped", "array",
+                 "resv1")] + [("user_addr", ctypes.c_uint64)]  # fmt: skip
+
+
+class _CqOffsets(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("head", "tail", "ring_mask", "ring_entries", "overflow", "cqes", "flags",
+                 "resv1")] + [("user_addr", ctypes.c_uint64)]  # fmt: skip
+
+
+class IoUringParams(ctypes.Structure):
+    _fields_ = [
+        ("sq_entries", ctypes.c_uint32),
+        ("cq_entries", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("sq_thread_cpu", ctypes.c_uint32),
+        ("sq_thread_idle", ctypes.c_uint32),
+        ("features", ctypes.c_uint32),
+        ("wq_fd", ctypes.c_uint32),
+        ("resv", ctypes.c_uint32 * 3),
+        ("sq_off", _SqOffsets),
+        ("cq_off", _CqOffsets),
+    ]
+
+
+assert ctypes.sizeof(IoUringParams) == 120
+
+_libc = ctypes.CDLL(None, use_errno=True)  # CDLL calls release the GIL while blocked
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+class IoUring:
+    """One io_uring (context manager). ``sqe128`` gives 80-byte command payloads.
+
+    Args:
+        entries: SQ size (a power of two; the CQ gets twice as many).
+        sqe128: 128-byte SQEs, as ublk's commands need.
+    """
+
+    def __init__(self, entries: int, *, sqe128: bool = False) -> None:
+        p = IoUringParams()
+        p.flags = IORING_SETUP_CLAMP | (IORING_SETUP_SQE128 if sqe128 else 0)
+        fd = _syscall(SYS_io_uring_setup, ctypes.c_uint(entries), ctypes.byref(p))
+        if fd < 0:
+            err = ctypes.get_errno()
+            hint = {
+                E.ENOSYS: "; the kernel lacks io_uring (CONFIG_IO_URING)",
+                E.EPERM: "; io_uring is disabled (sysctl kernel.io_uring_disabled)",
+                E.EINVAL: "; the kernel is too old for these flags (SQE128 needs Linux 5.19)",
+            }.get(err, "")
+            raise IoUringError(f"io_uring_setup({entries}) failed{hint}", errno=err)
+        self.fd: int = fd
+        self.sqe_size = 128 if sqe128 else 64
+        if not p.features & IORING_FEAT_SINGLE_MMAP:
+            os.close(fd)
+            raise IoUringError("io_uring without IORING_FEAT_SINGLE_MMAP (Linux < 5.4)")
+        so, co = p.sq_off, p.cq_off
+        ring_size = max(so.array + p.sq_entries * 4, co.cqes + p.cq_entries * CQE.size)
+        self._ring = mmap.mmap(fd, ring_size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               mmap.PROT_READ | mmap.PROT_WRITE, offset=IORING_OFF_SQ_RING)  # fmt: skip
+        self._sqes = mmap.mmap(fd, p.sq_entries * self.sqe_size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               mmap.PROT_READ | mmap.PROT_WRITE, offset=IORING_OFF_SQES)  # fmt: skip
+        ring = memoryview(self._ring)
+        self._u32 = ring.cast("I")
+        self.sqes = memoryview(self._sqes)
+        self.sq_entries, self.cq_entries = p.sq_entries, p.cq_entries
+        self._sq_head, self._sq_tail = so.head // 4, so.tail // 4
+        self._sq_mask = self._u32[so.ring_mask // 4]
+        self._sq_array = so.array // 4
+        self._cq_head, self._cq_tail = co.head // 4, co.tail // 4
+        self._cq_mask = self._u32[co.ring_mask // 4]
+        self._cqes = ring[co.cqes : co.cqes + p.cq_entries * CQE.size]
+        self._tail = self._u32[self._sq_tail]
+        self._pending = 0  # SQEs queued, not yet submitted
+        # The SQ array maps ring slots to SQE indexes: keep it the identity.
+        for i in range(self.sq_entries):
+            self._u32[self._sq_array + i] = i
+
+    # -- submission ------------------------------------------------------------------------
+
+    def sqe(self) -> int:
+        """The byte offset in :attr:`sqes` of the next free SQE (zeroed), or raise if full."""
+        head = self._u32[self._sq_head]
+        if self._tail - head >= self.sq_entries:
+            raise IoUringError("the submission queue is full; submit() first")
+        off = (self._tail & self._sq_mask) * self.sqe_size
+        self.sqes[off : off + self.sqe_size] = bytes(self.sqe_size)
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
+        self._pending += 1
+        return off
+
+    def prep(self, opcode: int, fd: int, *, off: int = 0, addr: int = 0, length: int = 0,
+             op_flags: int = 0, user_data: int = 0, cmd: bytes = b"") -> None:  # fmt: skip
+        """Queue one SQE. For URING_CMD, ``off`` is ``cmd_op`` and ``cmd`` the payload."""
+        at = self.sqe()
+        SQE_HEAD.pack_into(self.sqes, at, opcode, 0, 0, fd, off, addr, length, op_flags,
+                           user_data, 0, 0, 0)  # fmt: skip
+        if cmd:
+            room = self.sqe_size - SQE_CMD_OFFSET
+            if len(cmd) > room:
+                raise IoUringError(f"a {len(cmd)}-byte command does not fit {room} bytes")
+            self.sqes[at + SQE_CMD_OFFSET : at + SQE_CMD_OFFSET + len(cmd)] = cmd
+
+    def uring_cmd(self, fd: int, cmd_op: int, payload: bytes, user_data: int) -> None:
+        self.prep(IORING_OP_URING_CMD, fd, off=cmd_op, user_data=user_data, cmd=payload)
+
+    def submit(self, wait: int = 0) -> int:
+        """Publish queued SQEs and enter; with ``wait`` block until that many CQEs exist."""
+        n = self._pending
+        self._u32[self._sq_tail] = self._tail  # publish (the syscall orders it)
+        self._pending = 0
+        flags = IORING_ENTER_GETEVENTS if wait else 0
+        while True:
+            r = _syscall(SYS_io_uring_enter, self.fd, n, wait, flags, None, 0)
+            if r >= 0:
+                return int(r)
+            err = ctypes.get_errno()
+            if err == E.EINTR:
+                if n == 0 and not wait:
+                    return 0
+                n = 0  # the SQEs were consumed before the signal, or will be on retry
+                continue
+            if err == E.EBUSY or err == E.EAGAIN:
+                continue  # CQ overflow pressure: reap and retry
+            raise IoUringError("io_uring_enter failed", errno=err)
+
+    # -- completion ------------------------------------------------------------------------
+
+    def completions(self) -> list[tuple[int, int, int]]:
+        """Reap every available CQE: ``[(user_data, res, flags)]``."""
+        u32, head = self._u32, self._u32[self._cq_head]
+        tail = u32[self._cq_tail]
+        out = []
+        mask = self._cq_mask
+        while head != tail:
+            out.append(CQE.unpack_from(self._cqes, (head & mask) * CQE.size))
+            head = (head + 1) & 0xFFFFFFFF
+        u32[self._cq_head] = head
+        return out
+
+    def wait(self, n: int = 1) -> list[tuple[int, int, int]]:
+        """Submit what is queued, block for ``n`` completions, reap them (and any others)."""
+        done = self.completions()
+        if len(done) < n:
+            self.submit(n - len(done))
+            done += self.completions()
+        elif self._pending:
+            self.submit()
+        return done
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.sqes.release()
+        self._cqes.release()
+        self._u32.release()
+        self._sqes.close()
+        self._ring.close()
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> IoUring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self.fd
