@@ -93,6 +93,16 @@ def recoverable(dev_id: int) -> bool:
         ctl.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
 class _Queue:
     """One hardware queue: a thread with its ring, descriptors, buffers and event loop."""
 
@@ -129,8 +139,10 @@ class _Queue:
             log.exception("ublk%d queue %d failed", self.ublk.dev_id, self.q_id)
         finally:
             self.ready.set()
-            self._teardown()
-            self.ublk._queue_done.set()
+            try:
+                self._teardown()
+            finally:
+                self.ublk._queue_done.set()
 
     def _setup(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -150,6 +162,11 @@ class _Queue:
         self.ring.submit()
 
     def _teardown(self) -> None:
+        # The ring first: closing it cancels our commands in the kernel, which is what lets
+        # the char device go (DEL_DEV waits for that).
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.close()
         if self.loop is not None:
             self.loop.close()
         for v in getattr(self, "views", []):
@@ -157,10 +174,11 @@ class _Queue:
         for name in ("bufs", "descs"):
             m = getattr(self, name, None)
             if m is not None:
-                m.close()
-        ring = getattr(self, "ring", None)
-        if ring is not None:
-            ring.close()
+                try:
+                    m.close()
+                except BufferError:  # a driver kept a view of a buffer: the GC unmaps it
+                    log.warning("ublk%d queue %d: a buffer is still referenced; leaving it to "
+                                "the garbage collector", self.ublk.dev_id, self.q_id)  # fmt: skip
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -228,9 +246,9 @@ class _Queue:
 
     def _errno(self, exc: BaseException, op: int, offset: int, length: int) -> int:
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-        log.warning(
-            "ublk%d: op %d at %#x+%#x failed: %s", self.ublk.dev_id, op, offset, length, exc
-        )
+        # str(exc), not exc: a kept log record must not keep the request's buffer alive.
+        log.warning("ublk%d: op %d at %#x+%#x failed: %s", self.ublk.dev_id, op, offset, length,
+                    str(exc))  # fmt: skip
         return -int(code)
 
     def _commit(self, tag: int, result: int) -> None:
@@ -268,7 +286,7 @@ class Ublk:
         self._queue_done = threading.Event()
         self._stop = threading.Event()
         self._stop_lock = threading.Lock()
-        self._added = False
+        self._added = False  # the device is this object's to stop and delete
 
     # -- bring-up ------------------------------------------------------------------------------
 
@@ -357,10 +375,14 @@ class Ublk:
                 if exc.errno == errno.ENODEV:
                     raise UblkError(f"no ublk device {self.dev_id} to recover") from None
                 raise
+            if info.state == U.UBLK_S_DEV_LIVE and _alive(info.ublksrv_pid):
+                raise UblkError(f"{name} is live, served by pid {info.ublksrv_pid}; stop that "
+                                "driver first (recovery is for a driver that died)")  # fmt: skip
             if info.state == U.UBLK_S_DEV_QUIESCED:
                 try:
                     ctl.command(U.UBLK_U_CMD_START_USER_RECOVERY, self.dev_id,
                                 what=f"START_USER_RECOVERY of {name}")  # fmt: skip
+                    self._added = True  # ours now: stop() stops and deletes it
                     break
                 except UblkError as exc:
                     if exc.errno != errno.EBUSY:
@@ -423,7 +445,7 @@ class Ublk:
         if ctl is None:
             return
         try:
-            if self._added or self.recover:
+            if self._added:
                 try:
                     ctl.command(
                         U.UBLK_U_CMD_STOP_DEV, self.dev_id, what=f"STOP_DEV of ublk{self.dev_id}"
@@ -438,7 +460,7 @@ class Ublk:
             if self.cdev_fd >= 0:
                 os.close(self.cdev_fd)
                 self.cdev_fd = -1
-            if self._added or self.recover:
+            if self._added:
                 try:
                     ctl.command(
                         U.UBLK_U_CMD_DEL_DEV, self.dev_id, what=f"DEL_DEV of ublk{self.dev_id}"

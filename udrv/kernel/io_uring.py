@@ -202,13 +202,16 @@ class IoUring:
     def close(self) -> None:
         if self.fd < 0:
             return
+        os.close(self.fd)  # the mappings keep the ring alive until they go too
+        self.fd = -1
         self.sqes.release()
         self._cqes.release()
         self._u32.release()
-        self._sqes.close()
-        self._ring.close()
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            self._sqes.close()
+            self._ring.close()
+        except BufferError:  # someone holds a view of the rings: the GC unmaps them
+            pass
 
     def __enter__(self) -> IoUring:
         return self

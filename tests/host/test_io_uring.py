@@ -1,0 +1,168 @@
+"""The io_uring layer on the host kernel, and the io_uring/ublk ABI against the uapi headers."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from udrv.kernel import io_uring as IU
+from udrv.kernel import ublk as U
+from udrv.kernel.io_uring import IoUring, IoUringError
+
+
+def test_nop_write_read_round_trip() -> None:
+    with IoUring(8, sqe128=True) as ring, tempfile.TemporaryFile() as f:
+        assert ring.sqe_size == 128 and ring.sq_entries == 8
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=0xDEADBEEF)
+        assert ring.wait(1) == [(0xDEADBEEF, 0, 0)]
+        data = ctypes.create_string_buffer(os.urandom(4096), 4096)
+        ring.prep(IU.IORING_OP_WRITE, f.fileno(), addr=ctypes.addressof(data), length=4096,
+                  off=8192, user_data=1)  # fmt: skip
+        assert ring.wait(1) == [(1, 4096, 0)]
+        back = ctypes.create_string_buffer(4096)
+        ring.prep(IU.IORING_OP_READ, f.fileno(), addr=ctypes.addressof(back), length=4096,
+                  off=8192, user_data=2)  # fmt: skip
+        assert ring.wait(1) == [(2, 4096, 0)] and back.raw == data.raw
+        # An error comes back as -errno in the CQE.
+        ring.prep(IU.IORING_OP_READ, 9999, addr=ctypes.addressof(back), length=1, user_data=3)
+        assert ring.wait(1) == [(3, -9, 0)]  # EBADF
+
+
+def test_many_completions_wrap_the_rings() -> None:
+    """More operations than ring entries, in batches: head/tail wrap, nothing lost or doubled."""
+    with IoUring(4) as ring:
+        seen: list[int] = []
+        for batch in range(50):
+            for i in range(4):
+                ring.prep(IU.IORING_OP_NOP, -1, user_data=batch * 4 + i)
+            with pytest.raises(IoUringError, match="submission queue is full"):
+                ring.prep(IU.IORING_OP_NOP, -1)
+            done = ring.wait(4)
+            while len(done) < 4:
+                done += ring.wait(4 - len(done))
+            seen += [ud for ud, res, _ in done]
+        assert sorted(seen) == list(range(200))
+
+
+def test_command_payload_limits() -> None:
+    with IoUring(2) as small, IoUring(2, sqe128=True) as big:
+        with pytest.raises(IoUringError, match="does not fit 16 bytes"):
+            small.prep(IU.IORING_OP_NOP, -1, cmd=bytes(32))
+        big.prep(IU.IORING_OP_NOP, -1, cmd=bytes(80), user_data=5)
+        assert big.wait(1) == [(5, 0, 0)]
+
+
+def test_closed_ring() -> None:
+    ring = IoUring(2)
+    ring.close()
+    ring.close()  # idempotent
+    assert ring.fd == -1
+
+
+# -- ABI against the headers -------------------------------------------------------------------
+
+#: ours == the header's: size, and the offset of every field both versions name (Debian 12's
+#: header predates dev_path_len in ublksrv_ctrl_cmd and user_addr in the ring offsets).
+FULL = {
+    "ublksrv_ctrl_cmd": (U.UblksrvCtrlCmd, ("dev_id", "queue_id", "len", "addr", "data")),
+    "ublksrv_io_desc": (U.UblksrvIoDesc, None),
+    "ublksrv_io_cmd": (U.UblksrvIoCmd, None),
+    "ublk_param_basic": (U.UblkParamBasic, None),
+    "ublk_param_discard": (U.UblkParamDiscard, None),
+    "io_sqring_offsets": (IU._SqOffsets, ("head", "tail", "ring_mask", "ring_entries", "flags",
+                                          "dropped", "array")),
+    "io_cqring_offsets": (IU._CqOffsets, ("head", "tail", "ring_mask", "ring_entries",
+                                          "overflow", "cqes", "flags")),
+    "io_uring_params": (IU.IoUringParams, None),
+}  # fmt: skip
+
+
+def _fields(name: str) -> tuple[str, ...]:
+    t, fields = FULL[name]
+    return fields or tuple(f[0] for f in t._fields_)
+
+
+SQE_FIELDS = ("opcode", "flags", "ioprio", "fd", "off", "addr", "len", "rw_flags", "user_data",
+              "buf_index", "personality", "file_index", "addr3")  # fmt: skip
+MACROS = ("UBLK_CMD_GET_DEV_INFO", "UBLK_CMD_ADD_DEV", "UBLK_CMD_DEL_DEV", "UBLK_CMD_START_DEV",
+          "UBLK_CMD_STOP_DEV", "UBLK_CMD_SET_PARAMS", "UBLK_CMD_START_USER_RECOVERY",
+          "UBLK_CMD_END_USER_RECOVERY", "UBLK_IO_FETCH_REQ", "UBLK_IO_COMMIT_AND_FETCH_REQ",
+          "UBLK_F_USER_RECOVERY", "UBLK_F_USER_RECOVERY_REISSUE", "UBLK_S_DEV_QUIESCED",
+          "UBLK_IO_OP_WRITE_ZEROES", "UBLK_ATTR_VOLATILE_CACHE", "UBLK_PARAM_TYPE_DISCARD",
+          "UBLKSRV_CMD_BUF_OFFSET", "IORING_SETUP_SQE128", "IORING_OFF_SQES",
+          "IORING_OP_URING_CMD", "IORING_OP_READ", "IORING_OP_WRITE", "IORING_FEAT_SINGLE_MMAP")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def header(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    if not shutil.which("gcc") or not Path("/usr/include/linux/ublk_cmd.h").exists():
+        pytest.skip("gcc or the uapi headers are missing: `apt-get install gcc linux-libc-dev`")
+    lines = []
+    for name in FULL:
+        offs = " ".join(f'printf(" %zu", offsetof(struct {name}, {f}));' for f in _fields(name))
+        lines.append(f'printf("{name} %zu", sizeof(struct {name})); {offs} printf("\\n");')
+    offs = " ".join(f'printf(" %zu", offsetof(struct io_uring_sqe, {f}));' for f in SQE_FIELDS)
+    lines.append(f'printf("io_uring_sqe %zu", sizeof(struct io_uring_sqe)); {offs} printf("\\n");')
+    common = ("nr_hw_queues", "queue_depth", "state", "max_io_buf_bytes", "dev_id", "ublksrv_pid",
+              "flags", "ublksrv_flags")  # fmt: skip
+    offs = " ".join(f'printf(" %zu", offsetof(struct ublksrv_ctrl_dev_info, {f}));' for f in common)
+    lines.append(
+        f'printf("dev_info %zu", sizeof(struct ublksrv_ctrl_dev_info)); {offs} printf("\\n");'
+    )
+    lines.append('printf("ublk_params %zu %zu\\n", offsetof(struct ublk_params, basic), '
+                 "offsetof(struct ublk_params, discard));")  # fmt: skip
+    lines += [f'printf("{m} %llu\\n", (unsigned long long)({m}));' for m in MACROS]
+    src = tmp_path_factory.mktemp("uring") / "abi.c"
+    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/io_uring.h>\n"
+                   "#include <linux/ublk_cmd.h>\nint main(void) {\n" + "\n".join(lines)
+                   + "\nreturn 0; }\n")  # fmt: skip
+    exe = src.with_suffix("")
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {ln.split()[0]: [int(x) for x in ln.split()[1:]] for ln in out.splitlines()}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_struct_layouts(header: dict[str, list[int]], name: str) -> None:
+    t = FULL[name][0]
+    assert [ctypes.sizeof(t)] + [getattr(t, f).offset for f in _fields(name)] == header[name]
+
+
+def test_sqe_and_dev_info_and_params(header: dict[str, list[int]]) -> None:
+    # SQE_HEAD packs the fields in header order; its offsets are the header's.
+    import struct
+
+    sizes = [struct.calcsize("<" + c) for c in "BBHiQQIIQHHi"]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))] + [IU.SQE_CMD_OFFSET]
+    assert header["io_uring_sqe"] == [64, *offsets]
+    # Debian 12's header calls the owner ids reserved0; the common fields must agree.
+    d = U.UblksrvCtrlDevInfo
+    assert header["dev_info"] == [ctypes.sizeof(d)] + [
+        getattr(d, f).offset for f in ("nr_hw_queues", "queue_depth", "state", "max_io_buf_bytes",
+                                       "dev_id", "ublksrv_pid", "flags", "ublksrv_flags")]  # fmt: skip
+    assert header["ublk_params"] == [U.UblkParams.basic.offset, U.UblkParams.discard.offset]
+
+
+@pytest.mark.parametrize("name", MACROS)
+def test_constants(header: dict[str, list[int]], name: str) -> None:
+    ours = getattr(U, name, None)
+    if ours is None:
+        ours = getattr(IU, name)
+    assert ours == header[name][0]
+
+
+def test_ioctl_encoded_commands_and_descriptor_mmap() -> None:
+    # Linux 6.12 ublk_cmd.h: _IOWR('u', 0x04, struct ublksrv_ctrl_cmd) and friends.
+    assert U.UBLK_U_CMD_ADD_DEV == 0xC0207504
+    assert U.UBLK_U_CMD_GET_DEV_INFO == 0x80207502
+    assert U.UBLK_U_IO_FETCH_REQ == 0xC0107520
+    assert U.UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xC0107521
+    # Queue q's descriptors sit at q * round_up(4096 * 24, 4096); the mapping is depth * 24.
+    assert U.cmd_buf_offset(0) == 0 and U.cmd_buf_offset(3) == 3 * 98304
+    assert U.cmd_buf_size(64) == 4096 and U.cmd_buf_size(200) == 8192

@@ -1,0 +1,154 @@
+"""ublk and NBD frontends with RAM-backed drivers, in process, on the lab's 6.12 kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from udrv.block.ram import RamDisk
+from udrv.frontends.nbd import NbdDevice
+from udrv.frontends.ublk import Ublk, UblkError, recoverable
+
+pytestmark = pytest.mark.lab(cpus=2)
+SIZE = 32 << 20
+
+
+@pytest.fixture(autouse=True)
+def modules() -> None:
+    subprocess.run(["modprobe", "ublk_drv"], check=True)
+    subprocess.run(["modprobe", "nbd", "nbds_max=4"], check=True)
+
+
+def sh(cmd: str, timeout: float = 180) -> str:
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def fio_verify(dev: str, size: str = "8M", extra: str = "") -> dict:  # type: ignore[type-arg]
+    out = sh(f"fio --name=v --filename={dev} --direct=1 --ioengine=libaio --rw=randwrite "
+             f"--bs=4k --size={size} --iodepth=16 --verify=crc32c --verify_fatal=1 "
+             f"--output-format=json {extra}")  # fmt: skip
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0
+    return job  # type: ignore[no-any-return]
+
+
+class CountingRam(RamDisk):
+    """A RAM disk that counts calls and can be told to fail reads of one block."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.calls = 0
+        self.bad_offset = -1
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        self.calls += 1
+        if offset <= self.bad_offset < offset + len(buf):
+            raise OSError(errno.EIO, "injected media error")
+        super().read(offset, buf)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.calls += 1
+        super().write(offset, data)
+
+
+class AsyncRam(RamDisk):
+    """The same disk behind ``async def`` methods; records how many requests overlap."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.inflight = self.max_inflight = 0
+
+    async def _track(self) -> None:
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        await asyncio.sleep(0.001)  # a device's latency: others run meanwhile
+        self.inflight -= 1
+
+    async def read(self, offset: int, buf: memoryview) -> None:  # type: ignore[override]
+        await self._track()
+        RamDisk.read(self, offset, buf)
+
+    async def write(self, offset: int, data: memoryview) -> None:  # type: ignore[override]
+        await self._track()
+        RamDisk.write(self, offset, data)
+
+
+@pytest.fixture
+def ram() -> Iterator[CountingRam]:
+    d = CountingRam(SIZE)
+    yield d
+    d.close()
+
+
+def test_two_queues_fio_verify_discard_and_teardown(ram: CountingRam) -> None:
+    with Ublk(ram, queues=2, depth=16) as u:
+        name = os.path.basename(u.path)
+        assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == SIZE
+        assert sorted(os.listdir(f"/sys/block/{name}/mq")) == ["0", "1"]
+        assert int(Path(f"/sys/block/{name}/queue/discard_max_bytes").read_text()) > 0
+        job = fio_verify(u.path, extra="--numjobs=2 --offset_increment=12M --group_reporting")
+        assert job["read"]["total_ios"] == 2 * 2048
+        sh(f"dd if=/dev/urandom of={u.path} bs=64k count=16 oflag=direct")
+        sh(f"blkdiscard -o 0 -l 1M {u.path}")
+        assert ram._view[: 1 << 20] == bytes(1 << 20)  # the driver saw the discard
+        served = u.served
+        assert served >= 4 * 2048
+        path = u.path
+    assert not os.path.exists(path) and not os.path.exists(path.replace("ublkb", "ublkc"))
+
+
+def test_async_driver_keeps_many_requests_in_flight() -> None:
+    d = AsyncRam(SIZE)
+    with Ublk(d, queues=1, depth=32) as u:
+        fio_verify(u.path, size="4M")
+    assert d.max_inflight >= 8, d.max_inflight  # iodepth 16: not one at a time
+
+
+def test_driver_errors_reach_the_application_and_the_disk_lives_on(ram: CountingRam) -> None:
+    ram.bad_offset = 1 << 20
+    with Ublk(ram) as u:
+        r = subprocess.run(["dd", f"if={u.path}", "of=/dev/null", "bs=4k", "skip=256", "count=1",
+                            "iflag=direct"], capture_output=True, text=True)  # fmt: skip
+        assert r.returncode != 0 and "Input/output error" in r.stderr
+        sh(f"dd if={u.path} of=/dev/null bs=4k count=16 iflag=direct")  # still served
+        # Past the end: the block layer refuses before the driver.
+        calls = ram.calls
+        r = subprocess.run(["dd", "if=/dev/zero", f"of={u.path}", "bs=4k", f"seek={SIZE // 4096}",
+                            "count=1", "oflag=direct"], capture_output=True, text=True)  # fmt: skip
+        assert r.returncode != 0 and ram.calls == calls
+
+
+def test_bad_inputs(ram: CountingRam) -> None:
+    with Ublk(ram) as u:
+        with pytest.raises(UblkError, match=f"/dev/ublkb{u.dev_id} exists already"):
+            Ublk(ram, dev_id=u.dev_id).start()
+        with pytest.raises(UblkError, match=rf"is live, served by pid {os.getpid()}"):
+            Ublk(ram, dev_id=u.dev_id, recover=True).start()
+        assert not recoverable(u.dev_id)
+    with pytest.raises(UblkError, match="no ublk device 99 to recover"):
+        Ublk(ram, dev_id=99, recover=True).start()
+    with pytest.raises(UblkError, match="depth=5000"):
+        Ublk(ram, depth=5000)
+
+
+def test_nbd_device_two_connections_and_clean_stop(ram: CountingRam) -> None:
+    nbd = NbdDevice(ram, connections=2)
+    with nbd:
+        name = os.path.basename(nbd.path)
+        assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == SIZE
+        fio_verify(nbd.path, size="4M")
+        sh(f"mkfs.ext4 -q -F {nbd.path}")
+    assert int(Path(f"/sys/block/{name}/size").read_text()) == 0
+    calls = ram.calls
+    r = subprocess.run(["dd", f"if={nbd.path}", "of=/dev/null", "bs=4k", "count=1", "iflag=direct"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert "0+0 records in" in r.stderr and ram.calls == calls  # an empty disk, driver untouched
