@@ -43,6 +43,7 @@ bench: lab
 	$(BIN)/python -m bench.mmio
 	$(BIN)/python -m bench.irq
 	$(BIN)/python -m bench.net
+	$(BIN)/python -m bench.block
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,76 @@
+"""`python -m bench.block`: fio through the kernel's drivers and udrv's, in one lab session.
+
+Prints IOPS, MB/s, p99 latency and CPU time per I/O for every path and job, the ratios
+udrv / kernel, the goals from the issue (udrv NVMe over ublk >= 50% of the kernel's nvme at
+4k QD32; udrv's RAM disk over ublk >= 30% of null_blk), and where the Python time goes.
+Writes bench/results/block.json. TCG makes absolute numbers meaningless: read the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+GOALS = (  # (path, reference, job, minimum ratio)
+    ("udrv nvme / ublk", "kernel nvme", "4k randread QD32", 0.5),
+    ("udrv nvme / ublk", "kernel nvme", "4k randwrite QD32", 0.5),
+    ("udrv ram / ublk", "kernel null_blk", "4k randread QD32", 0.3),
+)
+
+
+def main() -> int:
+    from udrv.lab import Lab
+
+    console = Console()
+    with Lab(["nvme:size=64M"], memory=1536, cpus=2) as lab:
+        r = lab.run([sys.executable, "-m", "bench.block.guest"], timeout=1500, stream=True)
+        path = lab.results / "block.json"
+        data = json.loads(path.read_text()) if r.returncode == 0 and path.exists() else {}
+        prof_path = lab.results / "block-profile.json"
+        profile = json.loads(prof_path.read_text()) if prof_path.exists() else []
+    if not data:
+        console.print("[red]the lab part failed")
+        return 1
+    table = Table(title="fio through each path (QEMU nvme, TCG, 2 vCPUs): read the ratios")
+    for col in ("path", "job", "IOPS", "MB/s", "p99 us", "CPU us/IO", "IOPS vs kernel"):
+        table.add_column(col, justify="right")
+    for name, jobs in data.items():
+        ref = data["kernel null_blk" if name.startswith("udrv ram") else "kernel nvme"]
+        for job, m in jobs.items():
+            ratio = m["iops"] / ref[job]["iops"] if not name.startswith("kernel") else None
+            table.add_row(name, job, f"{m['iops']:.0f}", f"{m['mbps']:.1f}", f"{m['p99_us']:.0f}",
+                          f"{m['cpu_us_per_io']:.0f}", f"{ratio:.2f}" if ratio else "-")  # fmt: skip
+    console.print(table)
+    goals = Table(title="goals (benchmark, not test)")
+    for col in ("udrv path", "job", "vs", "ratio", "goal", "met"):
+        goals.add_column(col, justify="right")
+    met = {}
+    for udrv_path, ref, job, goal in GOALS:
+        if udrv_path in data and ref in data:
+            ratio = data[udrv_path][job]["iops"] / data[ref][job]["iops"]
+            met[f"{udrv_path} {job}"] = {"ratio": ratio, "goal": goal, "met": ratio >= goal}
+            goals.add_row(udrv_path, job, ref, f"{ratio:.2f}", f">= {goal}", "yes" if ratio >= goal else "no")  # fmt: skip
+    console.print(goals)
+    if profile:
+        pt = Table(
+            title="where the Python time goes (udrv nvme / ublk, 4k randread QD32, yappi CPU)"
+        )
+        for col in ("function", "calls", "self s", "share"):
+            pt.add_column(col, justify="right")
+        for p in profile[:15]:
+            pt.add_row(p["function"], str(p["calls"]), f"{p['self_s']:.2f}", f"{p['share']:.0%}")
+        console.print(pt)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "block.json").write_text(
+        json.dumps({"paths": data, "goals": met, "profile": profile}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The lab side of bench.block (runs in the guest): the same fio jobs through every path.
+
+(a) the kernel's nvme driver on QEMU's nvme; (b) udrv's NVMe driver over ublk and (c) over
+NBD, on the same device; (d) the kernel's null_blk (memory-backed) and udrv's RAM disk over
+ublk. For udrv, the driver process's CPU time (utime + stime from /proc/PID/stat) per I/O;
+for the kernel paths, fio's system time per I/O (where the kernel driver's work is billed).
+Finally udrv NVMe over ublk runs the 4k QD32 read job under yappi for a profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.lab.conftest import bind
+
+JOBS = {  # name: fio arguments
+    "4k randread QD1": "--rw=randread --bs=4k --iodepth=1",
+    "4k randread QD32": "--rw=randread --bs=4k --iodepth=32",
+    "4k randwrite QD1": "--rw=randwrite --bs=4k --iodepth=1",
+    "4k randwrite QD32": "--rw=randwrite --bs=4k --iodepth=32",
+    "128k seqread QD8": "--rw=read --bs=128k --iodepth=8",
+}
+NULL_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD32")
+RUNTIME = float(os.environ.get("UDRV_BENCH_RUNTIME", "5"))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def sh(cmd: str, timeout: float = 120) -> str:
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"{cmd}: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (proc(5))
+
+
+def fio(dev: str, job: str, pid: int | None) -> dict[str, float]:
+    before = cpu_seconds(pid) if pid else 0.0
+    out = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio --time_based "
+             f"--runtime={RUNTIME:g} --ramp_time=1 --size=48M --output-format=json {JOBS[job]}",
+             timeout=RUNTIME * 10 + 60)  # fmt: skip
+    used = cpu_seconds(pid) - before if pid else 0.0
+    j = json.loads(out[out.index("{") :])["jobs"][0]
+    side = j["read"] if j["read"]["io_bytes"] else j["write"]
+    ios = max(side["total_ios"], 1)
+    runtime_s = j["job_runtime"] / 1000
+    return {
+        "iops": side["iops"],
+        "mbps": side["bw_bytes"] / 1e6,
+        "p99_us": side["clat_ns"]["percentile"]["99.000000"] / 1000,
+        # udrv: the driver process; kernel: fio's system CPU share of the run
+        "cpu_us_per_io": (used if pid else j["sys_cpu"] / 100 * runtime_s) / ios * 1e6,
+    }
+
+
+def serve(args: list[str], profile: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "udrv", *args]
+    if profile:
+        cmd = [sys.executable, "-m", "bench.block.profile", str(profile), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    path = proc.stdout.readline().strip()
+    if not path:
+        raise RuntimeError(f"udrv {' '.join(args)} did not start (exit {proc.wait()})")
+    for _ in range(100):
+        if os.path.exists(path):
+            break
+        time.sleep(0.1)
+    return proc, path
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+
+
+def main() -> int:
+    results = Path(os.environ["UDRV_LAB_RESULTS"])
+    addr = dict(x.split("=", 1) for x in os.environ["UDRV_LAB_DEVICES"].split(","))["nvme"]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+
+    def run(path_name: str, dev: str, jobs: tuple[str, ...], pid: int | None) -> None:
+        out[path_name] = {}
+        for job in jobs:
+            out[path_name][job] = fio(dev, job, pid)
+            print(path_name, job, out[path_name][job], flush=True)
+
+    # (a) the kernel's nvme driver
+    sh("modprobe nvme")
+    bind(addr, "nvme")
+    ctrl = os.listdir(f"/sys/bus/pci/devices/{addr}/nvme")[0]
+    for _ in range(100):
+        if os.path.exists(f"/dev/{ctrl}n1"):
+            break
+        time.sleep(0.1)
+    run("kernel nvme", f"/dev/{ctrl}n1", tuple(JOBS), None)
+    bind(addr, None)
+    bind(addr, "vfio-pci")
+    # (b), (c): udrv NVMe over ublk, then NBD
+    sh("modprobe ublk_drv && modprobe nbd")
+    for front in ("ublk", "nbd"):
+        proc, dev = serve(["nvme", "serve", addr, "--frontend", front, "--depth", "32"])
+        try:
+            run(f"udrv nvme / {front}", dev, tuple(JOBS), proc.pid)
+        finally:
+            stop(proc)
+    # (d) null_blk (memory-backed, like the RAM disk) vs udrv's RAM disk over ublk
+    sh("modprobe null_blk nr_devices=1 gb=1 memory_backed=1 queue_mode=2 irqmode=0")
+    run("kernel null_blk", "/dev/nullb0", NULL_JOBS, None)
+    proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32"])
+    try:
+        run("udrv ram / ublk", dev, NULL_JOBS, proc.pid)
+    finally:
+        stop(proc)
+    # where the Python time goes: udrv NVMe over ublk, 4k random reads at QD32
+    prof = results / "block-profile.json"
+    proc, dev = serve(["nvme", "serve", addr, "--frontend", "ublk", "--depth", "32"], prof)
+    try:
+        fio(dev, "4k randread QD32", None)
+    finally:
+        stop(proc)
+    (results / "block.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
