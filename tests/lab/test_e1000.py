@@ -168,3 +168,27 @@ def test_link_down_and_up(driver: subprocess.Popen[str]) -> None:
     ping("10.9.0.2")
     err = stop_driver(driver)
     assert "udrv0: link down" in err and "udrv0: link up" in err, err
+
+
+def test_stuck_tx_ring_is_detected_and_reset(peer: str) -> None:
+    """Fault injection wedges the TX unit (TCTL.EN cleared behind the ring's back); the
+    watchdog notices TDH standing still, says so, resets the TX unit, and traffic resumes."""
+    proc = subprocess.Popen([sys.executable, "-m", "udrv", "e1000", "serve", A, "--tap", "udrv0",
+                             "--inject-tx-stall", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and "udrv0: 82540EM" in proc.stdout.readline()
+    sh("ip addr add 10.9.0.1/24 dev udrv0")
+    try:
+        # Enough traffic to cross 30 frames; some pings are lost while the unit is wedged.
+        subprocess.run(
+            ["ping", "-c", "40", "-i", "0.1", "-W", "1", "10.9.0.2"], capture_output=True
+        )
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ping", "-c", "1", "-W", "1", "10.9.0.2"]).returncode != 0:
+            assert time.monotonic() < deadline, "traffic did not resume after the TX reset"
+        ping("10.9.0.2")
+    finally:
+        err = stop_driver(proc)
+    assert "fault injection: wedging the TX unit" in err, err
+    assert "TX ring stuck" in err and "resetting the TX unit" in err, err
+    assert "tx_resets=1" in err, err

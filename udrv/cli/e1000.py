@@ -20,6 +20,8 @@ def register(sub: Any) -> None:
     s.add_argument("--polling", action="store_true", help="no interrupts: poll the rings")
     s.add_argument("--promiscuous", action="store_true")
     s.add_argument("--itr-us", type=int, default=50, help="interrupt throttling interval")
+    s.add_argument("--inject-tx-stall", type=int, metavar="N",
+                   help="fault injection: wedge the TX unit after N frames (tests the watchdog)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
 
@@ -40,12 +42,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             mac = ":".join(f"{b:02x}" for b in nic.mac)
             print(f"{tap.name}: {nic.model} at {dev.address}, MAC {mac}, link "
                   f"{'up' if nic.link_up else 'down'}; Ctrl-C to stop", flush=True)  # fmt: skip
-            bridge(nic, tap, stop)
+            bridge(nic, tap, stop, stall_tx_after=args.inject_tx_stall)
             stats = nic.update_stats()
     print(
         "counters: "
         + ", ".join(f"{k}={v}" for k, v in stats.items() if v)
         + f", tap_rx={tap.rx_frames}, tap_tx={tap.tx_frames}, dropped_tx={nic.dropped_tx}"
+        + f", tx_resets={nic.tx_resets}"
         + (f" (sizes {' '.join(map(str, nic.dropped_sizes))})" if nic.dropped_sizes else ""),
         file=sys.stderr,
     )

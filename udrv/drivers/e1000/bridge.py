@@ -7,6 +7,7 @@ import select
 import threading
 import time
 
+from udrv.drivers.e1000 import regs as R
 from udrv.drivers.e1000.driver import E1000
 from udrv.frontends.tap import Tap
 
@@ -14,10 +15,15 @@ log = logging.getLogger(__name__)
 STUCK_AFTER = 2.0  # seconds a TX descriptor may stay unfinished with the link up
 
 
-def bridge(
-    nic: E1000, tap: Tap, stop: threading.Event, *, rx_batch: int = 256, tx_batch: int = 64
-) -> None:
-    """The driver's main loop: interrupts (or a short poll) wake it; RX and TX in batches."""
+def bridge(nic: E1000, tap: Tap, stop: threading.Event, *, rx_batch: int = 256, tx_batch: int = 64,
+           stall_tx_after: int | None = None) -> None:  # fmt: skip
+    """The driver's main loop: interrupts (or a short poll) wake it; RX and TX in batches.
+
+    ``stall_tx_after`` is fault injection: after that many frames, TCTL.EN is cleared behind
+    the ring's back (SDM 13.4.33), the way a hung transmit unit looks to the driver: TDH stops
+    while descriptors wait. The watchdog below must notice and reset the TX unit.
+    """
+    sent_frames = 0
     link = nic.link_up
     tap.set_carrier(link)
     pending: list[bytes] = []
@@ -40,6 +46,12 @@ def bridge(
             pending = tap.read_batch(tx_batch)
         if pending:
             sent = nic.transmit(pending)
+            sent_frames += sent
+            if stall_tx_after is not None and sent_frames >= stall_tx_after:
+                log.warning("%s: fault injection: wedging the TX unit after %d frames", tap.name,
+                            sent_frames)  # fmt: skip
+                nic.bar.write32(R.TCTL, 0)
+                stall_tx_after = None
             pending = pending[sent:] if sent or not link else []
             if not link:
                 pending = []  # no carrier: the kernel should not have sent; drop
