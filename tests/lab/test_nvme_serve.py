@@ -115,7 +115,8 @@ def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
 
 def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
     """SIGKILL in the middle of an fio verify job; a new driver resumes the same disk with
-    --recover; the kernel re-issues what was in flight and verification passes."""
+    --recover; the kernel re-issues what was in flight and verification passes. fio's
+    iodepth is the driver's depth: every request can be in the driver's hands at the kill."""
     srv = Server(nvme, "--queues", "1", "--depth", "16")
     dev_id = int(srv.path.removeprefix("/dev/ublkb"))
     job = subprocess.Popen(

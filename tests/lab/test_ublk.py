@@ -14,7 +14,7 @@ import pytest
 
 from udrv.block.ram import RamDisk
 from udrv.frontends.nbd import NbdDevice
-from udrv.frontends.ublk import Ublk, UblkError, recoverable
+from udrv.frontends.ublk import Control, Ublk, UblkError, recoverable
 
 pytestmark = pytest.mark.lab(cpus=2)
 SIZE = 32 << 20
@@ -108,9 +108,14 @@ def test_two_queues_fio_verify_discard_and_teardown(ram: CountingRam) -> None:
 
 def test_async_driver_keeps_many_requests_in_flight() -> None:
     d = AsyncRam(SIZE)
-    with Ublk(d, queues=1, depth=32) as u:
+    with Ublk(d, queues=1, depth=8) as u:
+        name = os.path.basename(u.path)
+        assert Path(f"/sys/block/{name}/queue/nr_requests").read_text().strip() == "8"
+        with Control() as ctl:  # one tag more than depth: a FETCH is always outstanding
+            assert ctl.dev_info(u.dev_id).queue_depth == 9
         fio_verify(u.path, size="4M")
-    assert d.max_inflight >= 8, d.max_inflight  # iodepth 16: not one at a time
+    # iodepth 16: not one at a time, and never the reserved tag
+    assert 4 <= d.max_inflight <= 8, d.max_inflight
 
 
 def test_driver_errors_reach_the_application_and_the_disk_lives_on(ram: CountingRam) -> None:

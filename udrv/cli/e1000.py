@@ -48,8 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "counters: "
         + ", ".join(f"{k}={v}" for k, v in stats.items() if v)
         + f", tap_rx={tap.rx_frames}, tap_tx={tap.tx_frames}, dropped_tx={nic.dropped_tx}"
-        + f", tx_resets={nic.tx_resets}"
-        + (f" (sizes {' '.join(map(str, nic.dropped_sizes))})" if nic.dropped_sizes else ""),
+        + (f" (sizes {' '.join(map(str, nic.dropped_sizes))})" if nic.dropped_sizes else "")
+        + f", tx_resets={nic.tx_resets}",
         file=sys.stderr,
     )
     return 0

@@ -8,13 +8,21 @@ the kernel a buffer; when a request arrives its FETCH completes, its descriptor 
 sectors, start) is in the queue's read-only mmapped array, the driver serves it from or into
 the tag's buffer, and COMMIT_AND_FETCH_REQ returns the result and re-arms the tag.
 
-Each queue is a thread with its own ring and asyncio loop: the ring's fd wakes the loop,
-completions are reaped in batches, a sync driver is called inline, an ``async`` driver's
-requests run as tasks (many in flight), commits are submitted once per batch.
+Each queue is a thread with its own ring. For a sync driver the thread loops on
+``io_uring_enter``, which submits a batch's commits and waits for the next requests in one
+call. For an ``async`` driver it runs an asyncio loop woken by the ring's fd: each request is
+a task (many in flight), commits are submitted once per loop pass.
 
 User recovery (``UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE``): if the process
 dies, the disk stays, quiesced, its I/O held; ``Ublk(driver, dev_id=N, recover=True)`` in a
 new process attaches to it and the kernel re-issues what the dead one had not completed.
+
+A kernel before 6.15 learns that the driver died only by cancelling its outstanding FETCH
+commands (ublk_uring_cmd_cancel_fn); a queue whose every tag was in the driver's hands has
+none, and its disk would hang for good, neither quiesced nor deletable. So each queue has one
+tag more than ``depth`` and the disk's ``queue/nr_requests`` is ``depth``: at least one FETCH
+is always outstanding. (Changing the disk's I/O scheduler resets nr_requests; ``Ublk`` sets it
+again on recovery.)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +52,7 @@ DESC = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
 IO_CMD = struct.Struct("<HHiQ")  # struct ublksrv_io_cmd
 assert DESC.size == ctypes.sizeof(U.UblksrvIoDesc) and IO_CMD.size == ctypes.sizeof(U.UblksrvIoCmd)
 SECTOR = 512
+BLKDEV_MIN_RQ = 4  # block/blk.h: the least queue/nr_requests the block layer takes
 
 
 class UblkError(FrontendError):
@@ -81,16 +91,26 @@ class Control:
         self.ring.close()
         os.close(self.fd)
 
+    def __enter__(self) -> Control:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def recoverable(dev_id: int) -> bool:
     """Whether ``/dev/ublkbDEV_ID`` is quiesced, waiting for a new driver (its driver died)."""
-    ctl = Control()
-    try:
-        return bool(ctl.dev_info(dev_id).state == U.UBLK_S_DEV_QUIESCED)
-    except UblkError:
-        return False
-    finally:
-        ctl.close()
+    with Control() as ctl:
+        try:
+            return bool(ctl.dev_info(dev_id).state == U.UBLK_S_DEV_QUIESCED)
+        except UblkError:
+            return False
+
+
+def _is_sync(driver: BlockDriver) -> bool:
+    """No ``async def`` among the driver's I/O methods."""
+    names = ("read", "write", "flush", "discard", "write_zeroes")
+    return not any(inspect.iscoroutinefunction(getattr(driver, n)) for n in names)
 
 
 def _alive(pid: int) -> bool:
@@ -110,7 +130,7 @@ class _Queue:
         self.ublk, self.q_id = ublk, q_id
         self.driver = ublk.driver
         self.geometry = ublk.driver.geometry
-        self.depth, self.buf_size = ublk.depth, ublk.max_io
+        self.tags, self.buf_size = ublk.tags, ublk.max_io
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.served = 0
@@ -128,12 +148,13 @@ class _Queue:
             self.error = exc
             self.ready.set()
             return
-        loop = self.loop
-        assert loop is not None
         try:
-            loop.add_reader(self.ring.fd, self._on_completions)
             self.ready.set()
-            loop.run_forever()
+            if self.loop is None:
+                self._serve_blocking()
+            else:
+                self.loop.add_reader(self.ring.fd, self._on_completions)
+                self.loop.run_forever()
         except BaseException as exc:
             self.error = exc
             log.exception("ublk%d queue %d failed", self.ublk.dev_id, self.q_id)
@@ -145,18 +166,19 @@ class _Queue:
                 self.ublk._queue_done.set()
 
     def _setup(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        self.ring = IoUring(self.depth, sqe128=True)
+        if not _is_sync(self.driver):
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+        self.ring = IoUring(self.tags, sqe128=True)
         fd = self.ublk.cdev_fd
-        self.descs = mmap.mmap(fd, U.cmd_buf_size(self.depth), mmap.MAP_SHARED, mmap.PROT_READ,
+        self.descs = mmap.mmap(fd, U.cmd_buf_size(self.tags), mmap.MAP_SHARED, mmap.PROT_READ,
                                offset=U.cmd_buf_offset(self.q_id))  # fmt: skip
-        self.bufs = mmap.mmap(-1, self.depth * self.buf_size)
+        self.bufs = mmap.mmap(-1, self.tags * self.buf_size)
         whole = memoryview(self.bufs)
-        self.views = [whole[t * self.buf_size : (t + 1) * self.buf_size] for t in range(self.depth)]
+        self.views = [whole[t * self.buf_size : (t + 1) * self.buf_size] for t in range(self.tags)]
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.bufs))
-        self.addrs = [base + t * self.buf_size for t in range(self.depth)]
-        for tag in range(self.depth):
+        self.addrs = [base + t * self.buf_size for t in range(self.tags)]
+        for tag in range(self.tags):
             self.ring.uring_cmd(fd, U.UBLK_U_IO_FETCH_REQ,
                                 IO_CMD.pack(self.q_id, tag, 0, self.addrs[tag]), tag)  # fmt: skip
         self.ring.submit()
@@ -182,19 +204,36 @@ class _Queue:
 
     # -- the hot path --------------------------------------------------------------------------
 
+    def _serve_blocking(self) -> None:
+        """A sync driver needs no event loop: one io_uring_enter both submits the last
+        batch's commits and waits for the next requests."""
+        ring = self.ring
+        while len(self.aborted) < self.tags:
+            done = ring.completions()
+            if not done:
+                ring.submit(wait=1)
+                continue
+            for tag, res, _ in done:
+                if res == U.UBLK_IO_RES_OK:
+                    self._dispatch(tag)
+                else:
+                    self._note_failure(tag, res)
+
+    def _note_failure(self, tag: int, res: int) -> None:
+        if res != U.UBLK_IO_RES_ABORT:  # ABORT: the queue is going away; do not re-arm
+            log.error("ublk%d queue %d tag %d: I/O command failed: %s", self.ublk.dev_id,
+                      self.q_id, tag, os.strerror(-res))  # fmt: skip
+        self.aborted.add(tag)
+
     def _on_completions(self) -> None:
         for tag, res, _ in self.ring.completions():
             if res == U.UBLK_IO_RES_OK:
                 self._dispatch(tag)
-            elif res == U.UBLK_IO_RES_ABORT:
-                self.aborted.add(tag)  # the queue is going away: do not re-arm
             else:
-                log.error("ublk%d queue %d tag %d: I/O command failed: %s", self.ublk.dev_id,
-                          self.q_id, tag, os.strerror(-res))  # fmt: skip
-                self.aborted.add(tag)
+                self._note_failure(tag, res)
         if self.ring._pending:
             self.ring.submit()
-        if len(self.aborted) == self.depth:
+        if len(self.aborted) == self.tags:
             assert self.loop is not None
             self.loop.stop()
 
@@ -221,11 +260,12 @@ class _Queue:
         except Exception as exc:
             self._commit(tag, self._errno(exc, op, offset, length))
             return
-        if inspect.isawaitable(r):
-            assert self.loop is not None
-            self.loop.create_task(self._finish(tag, r, op, offset, length))
-        else:
+        if r is None or not inspect.isawaitable(r):
             self._commit(tag, length)
+        elif self.loop is not None:
+            self.loop.create_task(self._finish(tag, r, op, offset, length))
+        else:  # a sync driver that returned an awaitable after all (rare): finish it here
+            asyncio.run(self._finish(tag, r, op, offset, length))
 
     async def _finish(self, tag: int, r: Awaitable[Any], op: int, offset: int, length: int) -> None:
         try:
@@ -234,9 +274,8 @@ class _Queue:
             self._commit(tag, self._errno(exc, op, offset, length))
         else:
             self._commit(tag, length)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and self.loop is not None:
             self._flush_scheduled = True
-            assert self.loop is not None
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -263,7 +302,7 @@ class Ublk:
     Args:
         driver: the block driver; an ``async`` one gets an event loop per queue.
         queues: hardware queues (threads); blk-mq maps CPUs onto them.
-        depth: requests in flight per queue (at most 4096).
+        depth: requests in flight per queue, 4..4095 (4: the block layer's least nr_requests).
         dev_id: the device number; -1: the kernel picks.
         recover: attach to the quiesced ``/dev/ublkbDEV_ID`` whose driver died, instead of
             adding a device; its queues and depth are the ones it was created with.
@@ -271,11 +310,13 @@ class Ublk:
 
     def __init__(self, driver: BlockDriver, *, queues: int = 1, depth: int = 64,
                  dev_id: int = -1, recover: bool = False) -> None:  # fmt: skip
-        if not 1 <= depth <= U.UBLK_MAX_QUEUE_DEPTH or queues < 1:
-            raise UblkError(f"queues={queues}, depth={depth}: need queues >= 1 and depth 1..4096")
+        if not 1 <= depth < U.UBLK_MAX_QUEUE_DEPTH or queues < 1:
+            raise UblkError(f"queues={queues}, depth={depth}: need queues >= 1 and depth 1..4095")
         if recover and dev_id < 0:
             raise UblkError("recover=True needs the dev_id of the device to resume")
-        self.driver, self.queues, self.depth = driver, queues, depth
+        self.driver, self.queues = driver, queues
+        self.depth = max(depth, BLKDEV_MIN_RQ)
+        self.tags = self.depth + 1  # the kernel's queue_depth: one FETCH always outstanding
         self.dev_id, self.recover = dev_id, recover
         g = driver.geometry
         self.max_io = g.max_transfer
@@ -318,6 +359,7 @@ class Ublk:
                 if time.monotonic() > deadline:
                     raise UblkError(f"{self.path} did not appear")
                 time.sleep(0.01)
+            self._limit_requests()
         except BaseException:
             self.stop()
             raise
@@ -325,7 +367,7 @@ class Ublk:
 
     def _add(self, ctl: Control) -> None:
         flags = U.UBLK_F_USER_RECOVERY | U.UBLK_F_USER_RECOVERY_REISSUE | U.UBLK_F_CMD_IOCTL_ENCODE
-        info = U.UblksrvCtrlDevInfo(nr_hw_queues=self.queues, queue_depth=self.depth,
+        info = U.UblksrvCtrlDevInfo(nr_hw_queues=self.queues, queue_depth=self.tags,
                                     max_io_buf_bytes=self.max_io, dev_id=self.dev_id & 0xFFFFFFFF,
                                     ublksrv_pid=os.getpid(), flags=flags)  # fmt: skip
         try:
@@ -340,7 +382,7 @@ class Ublk:
         if info.nr_hw_queues != self.queues:  # the kernel caps queues at the CPU count
             log.info("ublk%d: %d queue(s), not %d: the kernel allows one per CPU", self.dev_id,
                      info.nr_hw_queues, self.queues)  # fmt: skip
-        self.queues, self.depth = int(info.nr_hw_queues), int(info.queue_depth)
+        self.queues, self.tags = int(info.nr_hw_queues), int(info.queue_depth)
         self.max_io = int(info.max_io_buf_bytes)
         self._set_params(ctl)
 
@@ -396,7 +438,24 @@ class Ublk:
             raise UblkError(f"{name} was created without UBLK_F_USER_RECOVERY")
         if info.max_io_buf_bytes < self.max_io:
             self.max_io = int(info.max_io_buf_bytes)
-        self.queues, self.depth = int(info.nr_hw_queues), int(info.queue_depth)
+        self.queues, self.tags = int(info.nr_hw_queues), int(info.queue_depth)
+        self.depth = max(self.tags - 1, 1)
+
+    def _limit_requests(self) -> None:
+        """``queue/nr_requests`` = depth < the queue's tags: one FETCH stays outstanding (see
+        the module's docstring)."""
+        attr = Path(f"/sys/block/ublkb{self.dev_id}/queue/nr_requests")
+        try:
+            attr.write_text(str(self.depth))
+            got = int(attr.read_text())
+        except (OSError, ValueError) as exc:
+            got, why = -1, str(exc)
+        else:
+            why = f"it reads {got}"
+        if got != self.depth:
+            log.warning("ublk%d: could not set %s to %d (%s); if this process dies holding every "
+                        "request of a queue, the disk hangs until reboot", self.dev_id, attr,
+                        self.depth, why)  # fmt: skip
 
     def _open_cdev(self) -> None:
         cdev = f"/dev/ublkc{self.dev_id}"
@@ -444,14 +503,16 @@ class Ublk:
         ctl = self._ctl
         if ctl is None:
             return
-        try:
+
+        def teardown_command(op: int, name: str) -> None:  # logged, never raised: go on
             if self._added:
                 try:
-                    ctl.command(
-                        U.UBLK_U_CMD_STOP_DEV, self.dev_id, what=f"STOP_DEV of ublk{self.dev_id}"
-                    )
+                    ctl.command(op, self.dev_id, what=f"{name} of ublk{self.dev_id}")
                 except (UblkError, IoUringError) as exc:
                     log.warning("%s", exc)
+
+        try:
+            teardown_command(U.UBLK_U_CMD_STOP_DEV, "STOP_DEV")
             for q in self._queues:
                 q.thread.join(10)
                 if q.thread.is_alive() and q.loop is not None:
@@ -460,13 +521,7 @@ class Ublk:
             if self.cdev_fd >= 0:
                 os.close(self.cdev_fd)
                 self.cdev_fd = -1
-            if self._added:
-                try:
-                    ctl.command(
-                        U.UBLK_U_CMD_DEL_DEV, self.dev_id, what=f"DEL_DEV of ublk{self.dev_id}"
-                    )
-                except (UblkError, IoUringError) as exc:
-                    log.warning("%s", exc)
+            teardown_command(U.UBLK_U_CMD_DEL_DEV, "DEL_DEV")  # waits for the char device to go
         finally:
             self._ctl = None
             ctl.close()

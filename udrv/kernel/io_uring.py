@@ -102,6 +102,7 @@ class IoUring:
             raise IoUringError(f"io_uring_setup({entries}) failed{hint}", errno=err)
         self.fd: int = fd
         self.sqe_size = 128 if sqe128 else 64
+        self._zero_sqe = bytes(self.sqe_size)
         if not p.features & IORING_FEAT_SINGLE_MMAP:
             os.close(fd)
             raise IoUringError("io_uring without IORING_FEAT_SINGLE_MMAP (Linux < 5.4)")
@@ -135,7 +136,7 @@ class IoUring:
         if self._tail - head >= self.sq_entries:
             raise IoUringError("the submission queue is full; submit() first")
         off = (self._tail & self._sq_mask) * self.sqe_size
-        self.sqes[off : off + self.sqe_size] = bytes(self.sqe_size)
+        self.sqes[off : off + self.sqe_size] = self._zero_sqe
         self._tail = (self._tail + 1) & 0xFFFFFFFF
         self._pending += 1
         return off
