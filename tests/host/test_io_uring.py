@@ -58,6 +58,25 @@ def test_command_payload_limits() -> None:
         assert big.wait(1) == [(5, 0, 0)]
 
 
+def test_poll_and_timeout_share_one_wait() -> None:
+    """An eventfd-like fd polled in the ring: its CQE comes when it is written, not before;
+    a timeout completes with -ETIME and keeps no timespec alive after submission."""
+    r, w = os.pipe()
+    try:
+        with IoUring(4) as ring:
+            ring.poll_add(r, user_data=7)
+            ring.timeout(0.05, user_data=8)
+            assert len(ring._keep) == 1
+            ring.submit()
+            assert ring._keep == []
+            assert ring.wait(1) == [(8, -62, 0)]  # ETIME: the pipe is still empty
+            os.write(w, b"x")
+            assert ring.wait(1) == [(7, 1, 0)]  # POLLIN
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_closed_ring() -> None:
     ring = IoUring(2)
     ring.close()
@@ -96,7 +115,8 @@ MACROS = ("UBLK_CMD_GET_DEV_INFO", "UBLK_CMD_ADD_DEV", "UBLK_CMD_DEL_DEV", "UBLK
           "UBLK_F_USER_RECOVERY", "UBLK_F_USER_RECOVERY_REISSUE", "UBLK_S_DEV_QUIESCED",
           "UBLK_IO_OP_WRITE_ZEROES", "UBLK_ATTR_VOLATILE_CACHE", "UBLK_PARAM_TYPE_DISCARD",
           "UBLKSRV_CMD_BUF_OFFSET", "IORING_SETUP_SQE128", "IORING_OFF_SQES",
-          "IORING_OP_URING_CMD", "IORING_OP_READ", "IORING_OP_WRITE", "IORING_FEAT_SINGLE_MMAP")  # fmt: skip
+          "IORING_OP_URING_CMD", "IORING_OP_READ", "IORING_OP_WRITE", "IORING_FEAT_SINGLE_MMAP",
+          "IORING_OP_POLL_ADD", "IORING_OP_TIMEOUT")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

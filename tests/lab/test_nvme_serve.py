@@ -125,9 +125,14 @@ def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
          "--verify_fatal=1", "--output-format=json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(2.0)
-    assert job.poll() is None, "fio finished before the kill: make the job longer"
-    srv.kill()
+    stat = Path(f"/sys/block/{os.path.basename(srv.path)}/stat")
+    deadline = time.monotonic() + 120
+    try:  # kill a quarter into the write phase, however fast the driver is
+        while int(stat.read_text().split()[4]) < 1024:  # writes completed
+            assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
+            time.sleep(0.02)
+    finally:
+        srv.kill()
     assert os.path.exists(srv.path)  # the disk stays, quiesced, its I/O held
     time.sleep(0.5)
     again = Server(nvme, "--recover", str(dev_id), "--queues", "1", "--depth", "16")
@@ -181,7 +186,10 @@ def test_bad_inputs(nvme: str, lab_devices: dict[str, str], bound: Bind) -> None
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         return r.stderr
 
-    assert "queue depth 5000 is outside 2..2048 (CAP.MQES" in fails(nvme, "--depth", "5000")
+    err = fails(nvme, "--depth", "5000")
+    assert "--depth 5000 needs NVMe queues of 5002 entries" in err
+    assert "is outside 2..2048 (CAP.MQES" in err
+    assert "is outside 2..2048 (CAP.MQES" in fails(nvme, "--frontend", "nbd", "--depth", "5000")
     assert "no namespace 7; active: [1]" in fails(nvme, "--nsid", "7")
     assert "--recover is for --frontend ublk" in fails(nvme, "--frontend", "nbd", "--recover", "0")
     edu = bound("edu", "vfio-pci")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import json
+import mmap
 import os
 import subprocess
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from udrv.block.queue import HardwareQueue, Op
 from udrv.block.ram import RamDisk
 from udrv.frontends.nbd import NbdDevice
 from udrv.frontends.ublk import Control, Ublk, UblkError, recoverable
@@ -82,6 +85,84 @@ class AsyncRam(RamDisk):
         RamDisk.write(self, offset, data)
 
 
+class RamQueue(HardwareQueue):
+    """A hardware queue over a RAM disk that completes requests later: at ``commit`` they
+    become done and, with ``interrupt``, an eventfd says so (as a device's MSI-X would)."""
+
+    def __init__(self, disk: QueuedRam, tags: int, interrupt: bool) -> None:
+        self.disk, self.tags, self.buffer_size = disk, tags, disk.geometry.max_transfer
+        self.mem = mmap.mmap(-1, tags * self.buffer_size)
+        self.view = memoryview(self.mem)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if interrupt else -1
+        self.queued: list[tuple[int, int]] = []
+        self.done: list[tuple[int, int]] = []
+        self.out = self.max_out = self.started = 0
+        self.closed = False
+
+    def address(self, tag: int) -> int:
+        return self.base + tag * self.buffer_size
+
+    def buffer(self, tag: int) -> memoryview:
+        return self.view[tag * self.buffer_size : (tag + 1) * self.buffer_size]
+
+    def queue_rq(self, tag: int, op: Op, offset: int, length: int) -> int | None:
+        d = self.disk
+        if op == Op.READ:
+            self.buffer(tag)[:length] = d._view[offset : offset + length]
+        elif op == Op.WRITE:
+            d._view[offset : offset + length] = self.buffer(tag)[:length]
+        elif op in (Op.DISCARD, Op.WRITE_ZEROES):
+            d._view[offset : offset + length] = bytes(length)
+        bad = offset <= d.bad_offset < offset + length
+        self.queued.append((tag, -errno.EIO if bad else length))
+        self.started += 1
+        self.out += 1
+        self.max_out = max(self.max_out, self.out)
+        return None
+
+    def commit(self) -> None:
+        if self.queued:
+            self.done += self.queued
+            self.queued = []
+            if self.fd >= 0:
+                os.eventfd_write(self.fd, 1)
+
+    def complete(self) -> list[tuple[int, int]]:
+        done, self.done = self.done, []
+        self.out -= len(done)
+        return done
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        self.closed = True
+        self.view.release()
+        self.mem.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+class QueuedRam(RamDisk):
+    """A RAM disk that the ublk frontend must serve through hardware queues."""
+
+    def __init__(self, size: int, interrupt: bool) -> None:
+        super().__init__(size)
+        self.interrupt, self.bad_offset = interrupt, -1
+        self.queues: list[RamQueue] = []
+
+    def hardware_queue(self, index: int, tags: int) -> RamQueue:
+        q = RamQueue(self, tags, self.interrupt)
+        self.queues.append(q)
+        return q
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        raise AssertionError("read() called: the frontend ignored the hardware queues")
+
+    write = read  # type: ignore[assignment]
+
+
 @pytest.fixture
 def ram() -> Iterator[CountingRam]:
     d = CountingRam(SIZE)
@@ -116,6 +197,25 @@ def test_async_driver_keeps_many_requests_in_flight() -> None:
         fio_verify(u.path, size="4M")
     # iodepth 16: not one at a time, and never the reserved tag
     assert 4 <= d.max_inflight <= 8, d.max_inflight
+
+
+@pytest.mark.parametrize("interrupt", [True, False], ids=["eventfd", "polled"])
+def test_hardware_queues_fio_verify_and_errors(interrupt: bool) -> None:
+    d = QueuedRam(SIZE, interrupt)
+    d.bad_offset = 1 << 20
+    with Ublk(d, queues=2, depth=8) as u:
+        fio_verify(u.path, size="4M", extra="--offset=2M")
+        r = subprocess.run(["dd", f"if={u.path}", "of=/dev/null", "bs=4k", "skip=256", "count=1",
+                            "iflag=direct"], capture_output=True, text=True)  # fmt: skip
+        assert r.returncode != 0 and "Input/output error" in r.stderr
+        d.bad_offset = -1  # blkdiscard probes the disk first
+        sh(f"dd if=/dev/urandom of={u.path} bs=64k count=16 oflag=direct")
+        sh(f"blkdiscard -o 0 -l 1M {u.path}")
+        assert d._view[: 1 << 20] == bytes(1 << 20)  # the queue saw the discard
+    assert len(d.queues) == 2 and all(q.closed for q in d.queues)
+    assert sum(q.started for q in d.queues) >= 2 * 1024
+    assert max(q.max_out for q in d.queues) <= 8  # never the spare tag
+    d.close()
 
 
 def test_driver_errors_reach_the_application_and_the_disk_lives_on(ram: CountingRam) -> None:

@@ -17,9 +17,12 @@ import abc
 import inspect
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from udrv.errors import FrontendError
+
+if TYPE_CHECKING:
+    from udrv.block.queue import HardwareQueue
 
 T = TypeVar("T")
 
@@ -32,6 +35,7 @@ class BlockGeometry:
     volatile_cache: bool = True  # the device needs FLUSH for durability
     discard: bool = False
     write_zeroes: bool = False
+    max_write_zeroes: int = 0  # largest WRITE_ZEROES request in bytes; 0: the frontend's limit
 
     @property
     def size(self) -> int:
@@ -79,6 +83,12 @@ class BlockDriver(abc.ABC):
             results.append(self.write(pos, zero[:n]))
         if any(inspect.isawaitable(r) for r in results):
             return _gather(results)
+        return None
+
+    def hardware_queue(self, index: int, tags: int) -> HardwareQueue | None:
+        """Serve frontend queue ``index`` (requests ``0 .. tags - 1``) with a blk-mq style
+        :class:`~udrv.block.queue.HardwareQueue`, or ``None`` (the default): the frontend
+        calls :meth:`read` and :meth:`write`. Only the ublk frontend asks."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -44,25 +44,38 @@ def cmd_identify(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import udrv
-    from udrv.drivers.nvme import AsyncNvme, Nvme, NvmeError
+    from udrv.drivers.nvme import Nvme, NvmeError
 
-    # One NVMe queue pair per frontend queue, as deep (it holds depth - 1 commands: a full
-    # NVMe queue keeps one entry empty; the last request waits for a slot).
-    with (
-        udrv.open(args.address) as dev,
-        Nvme(dev, queues=args.queues, depth=args.depth, nsid=args.nsid,
-             interrupts=not args.polled) as nvme,
-    ):  # fmt: skip
-        if len(nvme.io) < args.queues:
-            raise NvmeError(f"{dev.address} granted {len(nvme.io)} I/O queues, not "
-                            f"{args.queues}; use --queues {len(nvme.io)}")  # fmt: skip
-        drv = AsyncNvme(nvme)
-        c, ns = nvme.controller, nvme.namespace
-        what = f"{dev.address} ({c.model}, serial {c.serial}) namespace {ns.nsid}"
+    # One NVMe queue pair per frontend queue. ublk: max(depth, 4) requests plus a spare tag
+    # (udrv.frontends.ublk), one command each, in a queue that keeps an entry empty (4.1.2).
+    # NBD: the queue holds depth - 1 commands; the last request waits for a slot.
+    qdepth = max(args.depth, 4) + 2 if args.frontend == "ublk" else args.depth
+    with udrv.open(args.address) as dev:
         try:
-            return blockserve.serve(drv, args, what=what)
-        finally:
-            drv.close()
-            if drv.missed_interrupts:
-                print(f"udrv: the watchdog found {drv.missed_interrupts} completion(s) that no "
-                      "interrupt announced", file=sys.stderr)  # fmt: skip
+            nvme = Nvme(dev, queues=args.queues, depth=qdepth, nsid=args.nsid,
+                        interrupts=not args.polled)  # fmt: skip
+        except NvmeError as exc:
+            if qdepth != args.depth and "queue depth" in str(exc):
+                raise NvmeError(f"--depth {args.depth} needs NVMe queues of {qdepth} entries: "
+                                f"{exc}") from None  # fmt: skip
+            raise
+        with nvme:
+            return _serve(dev, nvme, args)
+
+
+def _serve(dev: Any, nvme: Any, args: argparse.Namespace) -> int:
+    from udrv.drivers.nvme import AsyncNvme, NvmeError
+
+    if len(nvme.io) < args.queues:
+        raise NvmeError(f"{dev.address} granted {len(nvme.io)} I/O queues, not "
+                        f"{args.queues}; use --queues {len(nvme.io)}")  # fmt: skip
+    drv = AsyncNvme(nvme)
+    c, ns = nvme.controller, nvme.namespace
+    what = f"{dev.address} ({c.model}, serial {c.serial}) namespace {ns.nsid}"
+    try:
+        return blockserve.serve(drv, args, what=what)
+    finally:
+        drv.close()
+        if drv.missed_interrupts:
+            print(f"udrv: the watchdog found {drv.missed_interrupts} completion(s) that no "
+                  "interrupt announced", file=sys.stderr)  # fmt: skip

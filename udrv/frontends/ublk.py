@@ -11,7 +11,11 @@ the tag's buffer, and COMMIT_AND_FETCH_REQ returns the result and re-arms the ta
 Each queue is a thread with its own ring. For a sync driver the thread loops on
 ``io_uring_enter``, which submits a batch's commits and waits for the next requests in one
 call. For an ``async`` driver it runs an asyncio loop woken by the ring's fd: each request is
-a task (many in flight), commits are submitted once per loop pass.
+a task (many in flight), commits are submitted once per loop pass. A driver with hardware
+queues (``udrv.block.queue``) gets the blocking loop too: requests go to ``queue_rq`` as
+they arrive, the device's completion eventfd is polled in the same ring (POLL_ADD), so is a
+one-second watchdog tick (TIMEOUT), and the kernel reads and writes the device's own DMA
+buffers.
 
 User recovery (``UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE``): if the process
 dies, the disk stays, quiesced, its I/O held; ``Ublk(driver, dev_id=N, recover=True)`` in a
@@ -43,6 +47,7 @@ from types import TracebackType
 from typing import Any
 
 from udrv.block.driver import BlockDriver
+from udrv.block.queue import HardwareQueue, Op
 from udrv.errors import FrontendError
 from udrv.kernel import ublk as U
 from udrv.kernel.io_uring import IoUring, IoUringError
@@ -52,6 +57,8 @@ DESC = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
 IO_CMD = struct.Struct("<HHiQ")  # struct ublksrv_io_cmd
 assert DESC.size == ctypes.sizeof(U.UblksrvIoDesc) and IO_CMD.size == ctypes.sizeof(U.UblksrvIoCmd)
 SECTOR = 512
+IRQ, TICK = 1 << 32, 2 << 32  # user_data of the ring's non-ublk entries (tags are < 4096)
+OPS = {int(op): op for op in Op}
 BLKDEV_MIN_RQ = 4  # block/blk.h: the least queue/nr_requests the block layer takes
 
 
@@ -136,6 +143,7 @@ class _Queue:
         self.served = 0
         self.aborted: set[int] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.hwq: HardwareQueue | None = None
         self.thread = threading.Thread(target=self._run, name=f"ublk{ublk.dev_id}q{q_id}",
                                        daemon=True)  # fmt: skip
         self._flush_scheduled = False
@@ -150,7 +158,9 @@ class _Queue:
             return
         try:
             self.ready.set()
-            if self.loop is None:
+            if self.hwq is not None:
+                self._serve_hardware_queue()
+            elif self.loop is None:
                 self._serve_blocking()
             else:
                 self.loop.add_reader(self.ring.fd, self._on_completions)
@@ -166,18 +176,30 @@ class _Queue:
                 self.ublk._queue_done.set()
 
     def _setup(self) -> None:
-        if not _is_sync(self.driver):
+        self.hwq = hwq = self.driver.hardware_queue(self.q_id, self.tags)
+        if hwq is None and not _is_sync(self.driver):
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
-        self.ring = IoUring(self.tags, sqe128=True)
+        self.ring = IoUring(self.tags + 2, sqe128=True)  # + the IRQ poll and the TICK
         fd = self.ublk.cdev_fd
         self.descs = mmap.mmap(fd, U.cmd_buf_size(self.tags), mmap.MAP_SHARED, mmap.PROT_READ,
                                offset=U.cmd_buf_offset(self.q_id))  # fmt: skip
-        self.bufs = mmap.mmap(-1, self.tags * self.buf_size)
-        whole = memoryview(self.bufs)
-        self.views = [whole[t * self.buf_size : (t + 1) * self.buf_size] for t in range(self.tags)]
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.bufs))
-        self.addrs = [base + t * self.buf_size for t in range(self.tags)]
+        if hwq is not None:
+            if hwq.tags < self.tags or hwq.buffer_size < self.buf_size:
+                raise UblkError(f"the driver's hardware queue {self.q_id} has {hwq.tags} tags of "
+                                f"{hwq.buffer_size} bytes; ublk needs {self.tags} of "
+                                f"{self.buf_size}")  # fmt: skip
+            self.addrs = [hwq.address(t) for t in range(self.tags)]
+            if hwq.fileno() >= 0:
+                self.ring.poll_add(hwq.fileno(), IRQ)
+            self.ring.timeout(1.0, TICK)
+        else:
+            self.bufs = mmap.mmap(-1, self.tags * self.buf_size)
+            whole = memoryview(self.bufs)
+            size = self.buf_size
+            self.views = [whole[t * size : (t + 1) * size] for t in range(self.tags)]
+            base = ctypes.addressof(ctypes.c_char.from_buffer(self.bufs))
+            self.addrs = [base + t * size for t in range(self.tags)]
         for tag in range(self.tags):
             self.ring.uring_cmd(fd, U.UBLK_U_IO_FETCH_REQ,
                                 IO_CMD.pack(self.q_id, tag, 0, self.addrs[tag]), tag)  # fmt: skip
@@ -191,6 +213,8 @@ class _Queue:
             ring.close()
         if self.loop is not None:
             self.loop.close()
+        if self.hwq is not None:
+            self.hwq.close()
         for v in getattr(self, "views", []):
             v.release()
         for name in ("bufs", "descs"):
@@ -218,6 +242,63 @@ class _Queue:
                     self._dispatch(tag)
                 else:
                     self._note_failure(tag, res)
+
+    def _serve_hardware_queue(self) -> None:
+        """blk-mq's shape: each new request goes to ``queue_rq``, the batch to ``commit``;
+        completions come from the device's eventfd (polled in this ring), from a look at the
+        queue after each batch (an interrupt can be late, or under TCG lost), or from busy
+        polling when the queue has no interrupt; the TICK drives ``expire``."""
+        ring, hwq, commit = self.ring, self.hwq, self._commit
+        assert hwq is not None
+        irq = hwq.fileno()
+        started = 0  # requests the device holds
+        while len(self.aborted) < self.tags:
+            done = ring.completions()
+            if not done:
+                if started and irq < 0:
+                    ring.submit()  # busy polling: push out commits, do not sleep
+                else:
+                    ring.submit(wait=1)
+                    continue
+            for ud, res, _ in done:
+                if ud < IRQ:
+                    if res != U.UBLK_IO_RES_OK:
+                        self._note_failure(ud, res)
+                        continue
+                    r = self._queue_rq(ud)
+                    if r is None:
+                        started += 1
+                    else:
+                        commit(ud, r)
+                elif ud == IRQ:
+                    try:
+                        os.read(irq, 8)
+                    except BlockingIOError:
+                        pass
+                    ring.poll_add(irq, IRQ)
+                elif ud == TICK:
+                    for tag, r in hwq.expire():
+                        started -= 1
+                        commit(tag, r)
+                    ring.timeout(1.0, TICK)
+            hwq.commit()
+            if started:
+                for tag, r in hwq.complete():
+                    started -= 1
+                    commit(tag, r)
+
+    def _queue_rq(self, tag: int) -> int | None:
+        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
+        op, offset, length = OPS.get(op_flags & 0xFF), sector * SECTOR, nr * SECTOR
+        if op is None:
+            return -errno.EOPNOTSUPP
+        assert self.hwq is not None
+        try:
+            if op != Op.FLUSH:
+                self.geometry.check(offset, length, f"ublk {op.name}")
+            return self.hwq.queue_rq(tag, op, offset, length)
+        except Exception as exc:
+            return self._errno(exc, op, offset, length)
 
     def _note_failure(self, tag: int, res: int) -> None:
         if res != U.UBLK_IO_RES_ABORT:  # ABORT: the queue is going away; do not re-arm
@@ -402,7 +483,8 @@ class Ublk:
             d = p.discard
             d.discard_granularity = g.block_size
             d.max_discard_sectors = 0xFFFFFFFF >> 9 if g.discard else 0
-            d.max_write_zeroes_sectors = 0xFFFFFFFF >> 9 if g.write_zeroes else 0
+            most = g.max_write_zeroes // SECTOR or 0xFFFFFFFF >> 9
+            d.max_write_zeroes_sectors = most if g.write_zeroes else 0
             d.max_discard_segments = 1
         ctl.command(U.UBLK_U_CMD_SET_PARAMS, self.dev_id, addr=ctypes.addressof(p),
                     length=ctypes.sizeof(p), what=f"SET_PARAMS of ublk{self.dev_id}")  # fmt: skip

@@ -1,7 +1,8 @@
 """A small io_uring: setup, the mmapped rings, submit and reap (``linux/io_uring.h``).
 
 Enough for ublk: ``IORING_OP_URING_CMD`` with 128-byte SQEs (``IORING_SETUP_SQE128``: 80
-bytes of command payload), plus NOP/READ/WRITE for tests. No liburing binding on PyPI
+bytes of command payload), POLL_ADD (a device's interrupt eventfd in the same wait) and
+TIMEOUT (a watchdog tick), plus NOP/READ/WRITE for tests. No liburing binding on PyPI
 supports SQE128 URING_CMD well, so this is written against the uapi header:
 
 - ``io_uring_setup(entries, params)`` (syscall 425) fills ``struct io_uring_params`` with
@@ -33,6 +34,7 @@ IORING_ENTER_GETEVENTS = 1 << 0
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES = 0, 0x8000000, 0x10000000
 IORING_OP_NOP, IORING_OP_READ, IORING_OP_WRITE, IORING_OP_URING_CMD = 0, 22, 23, 46
+IORING_OP_POLL_ADD, IORING_OP_TIMEOUT = 6, 11
 
 #: struct io_uring_sqe up to the command area: opcode, flags, ioprio, fd, off/cmd_op
 #: (cmd_op is the low 32 bits), addr, len, op flags, user_data, buf_index, personality,
@@ -40,6 +42,10 @@ IORING_OP_NOP, IORING_OP_READ, IORING_OP_WRITE, IORING_OP_URING_CMD = 0, 22, 23,
 SQE_HEAD = struct.Struct("<BBHiQQIIQHHi")
 SQE_CMD_OFFSET = 48
 CQE = struct.Struct("<QiI")  # user_data, res, flags
+
+
+class KernelTimespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_int64)]  # __kernel_timespec
 
 
 class IoUringError(UdrvError):
@@ -124,6 +130,7 @@ class IoUring:
         self._cqes = ring[co.cqes : co.cqes + p.cq_entries * CQE.size]
         self._tail = self._u32[self._sq_tail]
         self._pending = 0  # SQEs queued, not yet submitted
+        self._keep: list[object] = []  # what queued SQEs point at, until they are submitted
         # The SQ array maps ring slots to SQE indexes: keep it the identity.
         for i in range(self.sq_entries):
             self._u32[self._sq_array + i] = i
@@ -156,6 +163,18 @@ class IoUring:
     def uring_cmd(self, fd: int, cmd_op: int, payload: bytes, user_data: int) -> None:
         self.prep(IORING_OP_URING_CMD, fd, off=cmd_op, user_data=user_data, cmd=payload)
 
+    def poll_add(self, fd: int, user_data: int, events: int = 0x1) -> None:
+        """One CQE (res: the ready events) once ``fd`` polls ready; ``events`` go in the
+        SQE's ``poll32_events`` (default POLLIN)."""
+        self.prep(IORING_OP_POLL_ADD, fd, op_flags=events, user_data=user_data)
+
+    def timeout(self, seconds: float, user_data: int) -> None:
+        """One CQE with res ``-ETIME`` after ``seconds`` (count 0: time alone ends it)."""
+        ts = KernelTimespec(int(seconds), int(seconds % 1 * 1e9))
+        self._keep.append(ts)  # the kernel reads it when the SQE is submitted
+        self.prep(IORING_OP_TIMEOUT, -1, addr=ctypes.addressof(ts), length=1,
+                  user_data=user_data)  # fmt: skip
+
     def submit(self, wait: int = 0) -> int:
         """Publish queued SQEs and enter; with ``wait`` block until that many CQEs exist."""
         n = self._pending
@@ -165,6 +184,8 @@ class IoUring:
         while True:
             r = _syscall(SYS_io_uring_enter, self.fd, n, wait, flags, None, 0)
             if r >= 0:
+                if self._keep:
+                    self._keep.clear()
                 return int(r)
             err = ctypes.get_errno()
             if err == E.EINTR:

@@ -27,6 +27,7 @@ import numpy as np
 from udrv.block.driver import BlockDriver, BlockGeometry
 from udrv.drivers.nvme import regs as R
 from udrv.drivers.nvme.driver import PAGE, Nvme, NvmeError, QueuePair
+from udrv.drivers.nvme.hwqueue import NvmeHardwareQueue
 from udrv.errors import PollTimeout
 
 #: Largest transfer per command: 32 pages keeps the slots of a 64-deep queue at ~8 MiB.
@@ -85,11 +86,8 @@ class _LoopQueue:
             if fut.done():
                 continue
             if status & 0x7FF:
-                sc, sct = status & 0xFF, (status >> 8) & 7
-                name = R.STATUS_NAMES.get(sc, "") if sct == 0 else ""
-                fut.set_exception(NvmeError(
-                    f"command {opcode:#04x} on queue {self.q.qid} failed: SCT {sct} SC {sc:#04x}"
-                    + (f" ({name})" if name else ""), status))  # fmt: skip
+                fut.set_exception(NvmeError(f"command {opcode:#04x} on queue {self.q.qid} failed: "
+                                            f"{R.describe_status(status)}", status))  # fmt: skip
             else:
                 fut.set_result(dw0)
 
@@ -189,11 +187,28 @@ class AsyncNvme(BlockDriver):
         self.nvme = nvme
         self.timeout = timeout
         self.max_transfer = min(nvme.geometry.max_transfer, MAX_TRANSFER)
-        self.geometry: BlockGeometry = replace(nvme.geometry, max_transfer=self.max_transfer)
+        self._bs = bs = nvme.namespace.block_size
+        self.geometry: BlockGeometry = replace(nvme.geometry, max_transfer=self.max_transfer,
+                                               max_write_zeroes=0x10000 * bs)  # NLB: 16 bits  # fmt: skip
         self._queues: dict[asyncio.AbstractEventLoop, _LoopQueue] = {}
+        self._hw: dict[int, NvmeHardwareQueue] = {}  # by queue pair index
         self._assign = threading.Lock()
         self._all: list[_LoopQueue] = []
-        self._bs = nvme.namespace.block_size
+
+    def hardware_queue(self, index: int, tags: int) -> NvmeHardwareQueue:
+        """I/O queue pair ``index`` as a blk-mq style queue (what the ublk frontend uses)."""
+        with self._assign:
+            for i in [i for i, hq in self._hw.items() if hq.closed]:
+                del self._hw[i]
+            used = {id(x.q) for x in self._queues.values()}
+            if index >= len(self.nvme.io) or index in self._hw or id(self.nvme.io[index]) in used:
+                raise NvmeError(f"{self.nvme.dev.address}: no free NVMe I/O queue for frontend "
+                                f"queue {index} ({len(self.nvme.io)} queue(s)); create the "
+                                "controller with queues= at least as many")  # fmt: skip
+            hq = self._hw[index] = NvmeHardwareQueue(
+                self.nvme, self.nvme.io[index], tags, max_transfer=self.max_transfer,
+                timeout=self.timeout)  # fmt: skip
+        return hq
 
     def _queue(self) -> _LoopQueue:
         loop = asyncio.get_running_loop()
@@ -204,6 +219,7 @@ class AsyncNvme(BlockDriver):
             for old in [lp for lp in self._queues if lp.is_closed()]:
                 self._queues.pop(old).close()  # that loop is gone: its queue pair is free
             used = {id(x.q) for x in self._queues.values()}
+            used |= {id(hq.q) for hq in self._hw.values() if not hq.closed}
             free = [q for q in self.nvme.io if id(q) not in used]
             if not free:
                 raise NvmeError(

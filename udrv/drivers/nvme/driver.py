@@ -111,8 +111,9 @@ class QueuePair:
     # -- the asynchronous path: push commands, reap completions (4.1, 4.6) ------------------
 
     def push(self, opcode: int, cid: int, nsid: int, prp1: int, prp2: int, cdw10: int = 0,
-             cdw11: int = 0, cdw12: int = 0) -> None:  # fmt: skip
-        """Write one SQE with command id ``cid`` and ring the doorbell; do not wait.
+             cdw11: int = 0, cdw12: int = 0, *, doorbell: bool = True) -> None:  # fmt: skip
+        """Write one SQE with command id ``cid`` and ring the doorbell (or leave that to
+        :meth:`ring_sq_doorbell`, one write for a batch); do not wait.
 
         The caller keeps at most depth - 1 commands in flight (a full queue has tail + 1 ==
         head, 4.1.2), each with a distinct ``cid``.
@@ -120,7 +121,12 @@ class QueuePair:
         _SQE.pack_into(self._sq_raw, self.tail * 64, opcode | (cid << 16), nsid, prp1, prp2,
                        cdw10, cdw11, cdw12)  # fmt: skip
         self.tail = (self.tail + 1) % self.depth
-        self.nvme.bar.write32(self.sq_doorbell, self.tail)  # x86: the SQE is visible first
+        if doorbell:
+            self.nvme.bar.write32(self.sq_doorbell, self.tail)  # x86: the SQE is visible first
+
+    def ring_sq_doorbell(self) -> None:
+        """Hand the controller every SQE pushed so far (SQ tail doorbell, 3.1.24)."""
+        self.nvme.bar.write32(self.sq_doorbell, self.tail)
 
     def reap(self) -> list[tuple[int, int, int]]:
         """Consume every new completion: ``[(cid, status, dw0)]``; one CQ doorbell write."""
@@ -157,10 +163,8 @@ class QueuePair:
                         f"queue {self.qid}: completion for command {got}, expected {cid}"
                     )
                 if status & 0x7FF:
-                    sc, sct = status & 0xFF, (status >> 8) & 7
-                    name = R.STATUS_NAMES.get(sc, "") if sct == 0 else ""
-                    raise NvmeError(f"command {opcode:#04x} on queue {self.qid} failed: SCT {sct} SC "
-                                    f"{sc:#04x}{' (' + name + ')' if name else ''}", status)  # fmt: skip
+                    raise NvmeError(f"command {opcode:#04x} on queue {self.qid} failed: "
+                                    f"{R.describe_status(status)}", status)  # fmt: skip
                 return dw0
             if time.monotonic() > deadline:
                 csts = self.nvme.bar.read32(R.CSTS)

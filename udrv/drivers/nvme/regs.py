@@ -60,3 +60,10 @@ STATUS_NAMES = {
     0x04: "data transfer error", 0x06: "internal error", 0x0B: "invalid namespace or format",
     0x80: "LBA out of range", 0x81: "capacity exceeded",
 }  # fmt: skip
+
+
+def describe_status(status: int) -> str:
+    """A completion's status field (CQE DW3 bits 31:17, 4.6.1): type, code and name."""
+    sc, sct = status & 0xFF, (status >> 8) & 7
+    name = STATUS_NAMES.get(sc, "") if sct == 0 else ""
+    return f"SCT {sct} SC {sc:#04x}" + (f" ({name})" if name else "")

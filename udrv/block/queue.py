@@ -1,0 +1,80 @@
+"""Hardware queues, as blk-mq drivers have them: start a request now, complete it later.
+
+``read``/``write`` (``udrv.block.driver``) are simplest to write, but each request costs a
+call that returns only when the data is there. A driver for a queueing device (NVMe, or any
+with a submission ring and an interrupt) can instead serve each frontend queue with a
+:class:`HardwareQueue`, the way a kernel driver implements ``blk_mq_ops``:
+
+- :meth:`~HardwareQueue.queue_rq` starts request ``tag``; :meth:`~HardwareQueue.commit`
+  after a batch tells the device (one doorbell for many commands: blk-mq's ``commit_rqs``);
+- :meth:`~HardwareQueue.complete` returns the requests that finished, when
+  :meth:`~HardwareQueue.fileno` (the completion interrupt's eventfd) polls readable, or on
+  every pass when there is none (a polled queue);
+- :meth:`~HardwareQueue.expire`, about once a second, fails requests the device forgot.
+
+Requests carry no buffer: the queue owns one DMA-able buffer per tag
+(:meth:`~HardwareQueue.buffer`), which the frontend lends to the kernel, so data moves
+between the device and the kernel's pages without a copy in Python.
+
+The ublk frontend uses a driver's hardware queues when
+:meth:`BlockDriver.hardware_queue <udrv.block.driver.BlockDriver.hardware_queue>` returns
+them; NBD (and any other frontend) keeps calling ``read``/``write``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+
+
+class Op(enum.IntEnum):
+    """A request's operation, numbered as ublk_cmd.h's ``UBLK_IO_OP_*``."""
+
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    DISCARD = 3
+    WRITE_ZEROES = 5
+
+
+class HardwareQueue(abc.ABC):
+    """One queue of requests ``0 .. tags - 1``, driven from one thread.
+
+    Results are blk-mq's: the bytes transferred (the request's length) or ``-errno``.
+    """
+
+    tags: int
+    buffer_size: int  # bytes per tag's buffer: the largest request
+
+    @abc.abstractmethod
+    def address(self, tag: int) -> int:
+        """The address, in this process, of ``tag``'s buffer (page-aligned)."""
+
+    @abc.abstractmethod
+    def buffer(self, tag: int) -> memoryview:
+        """``tag``'s buffer, ``buffer_size`` bytes: the data of its READs and WRITEs."""
+
+    @abc.abstractmethod
+    def queue_rq(self, tag: int, op: Op, offset: int, length: int) -> int | None:
+        """Start request ``tag``. Return its result if it finished (or failed) at once, or
+        ``None``: :meth:`complete` will return it. A WRITE's data is in the buffer already; a
+        READ's must be there before it is completed."""
+
+    def commit(self) -> None:  # noqa: B027 - optional: a device without doorbells
+        """The requests queued since the last call may go to the device now."""
+
+    @abc.abstractmethod
+    def complete(self) -> list[tuple[int, int]]:
+        """Requests that finished since the last call: ``[(tag, result)]``."""
+
+    def fileno(self) -> int:
+        """An fd that polls readable when :meth:`complete` has work (and that this queue
+        resets itself), or -1: the frontend polls :meth:`complete` while requests are out."""
+        return -1
+
+    def expire(self) -> list[tuple[int, int]]:
+        """Called about once a second: requests to fail because they took too long."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The frontend is done with this queue (no request is out)."""
