@@ -77,6 +77,29 @@ def test_poll_and_timeout_share_one_wait() -> None:
         os.close(w)
 
 
+def test_put_packs_one_sqe_and_clears_a_long_command_left_in_the_slot() -> None:
+    import struct
+
+    layout = struct.Struct(IU.SQE_CMD16 + "HHiQ")
+    assert layout.size == 64
+    with IoUring(2, sqe128=True) as ring:
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=1, cmd=b"\xff" * 80)  # slot 0, all 128 bytes
+        assert ring.wait(1) == [(1, 0, 0)]
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=2)  # slot 1
+        assert ring.wait(1) == [(2, 0, 0)]
+        ring.put(layout, IU.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, 3, 0, 0, 0, 7, 9, -5, 1 << 40)
+        slot0 = bytes(ring.sqes[:128])
+        assert slot0[64:] == bytes(64)  # the old command's tail is gone
+        assert struct.unpack_from("<HHiQ", slot0, 48) == (7, 9, -5, 1 << 40)
+        assert ring.wait(1) == [(3, 0, 0)]
+        for i in range(2):  # a full ring refuses
+            ring.put(layout, IU.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, 10 + i, 0, 0, 0, 0, 0, 0, 0)
+        with pytest.raises(IoUringError, match="full"):
+            ring.put(layout, IU.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0)
+        done = ring.wait(2)
+        assert sorted(ud for ud, _, _ in done) == [10, 11]
+
+
 def test_closed_ring() -> None:
     ring = IoUring(2)
     ring.close()

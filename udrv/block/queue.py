@@ -55,8 +55,9 @@ class HardwareQueue(abc.ABC):
         """``tag``'s buffer, ``buffer_size`` bytes: the data of its READs and WRITEs."""
 
     @abc.abstractmethod
-    def queue_rq(self, tag: int, op: Op, offset: int, length: int) -> int | None:
-        """Start request ``tag``. Return its result if it finished (or failed) at once, or
+    def queue_rq(self, tag: int, op: int, offset: int, length: int) -> int | None:
+        """Start request ``tag`` (``op``: an :class:`Op` value, passed as a plain int for
+        speed). Return its result if it finished (or failed) at once, or
         ``None``: :meth:`complete` will return it. A WRITE's data is in the buffer already; a
         READ's must be there before it is completed."""
 

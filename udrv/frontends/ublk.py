@@ -50,15 +50,16 @@ from udrv.block.driver import BlockDriver
 from udrv.block.queue import HardwareQueue, Op
 from udrv.errors import FrontendError
 from udrv.kernel import ublk as U
-from udrv.kernel.io_uring import IoUring, IoUringError
+from udrv.kernel.io_uring import IORING_OP_URING_CMD, SQE_CMD16, IoUring, IoUringError
 
 log = logging.getLogger(__name__)
 DESC = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
 IO_CMD = struct.Struct("<HHiQ")  # struct ublksrv_io_cmd
+IO_SQE = struct.Struct(SQE_CMD16 + "HHiQ")  # a whole SQE carrying a ublksrv_io_cmd
 assert DESC.size == ctypes.sizeof(U.UblksrvIoDesc) and IO_CMD.size == ctypes.sizeof(U.UblksrvIoCmd)
 SECTOR = 512
 IRQ, TICK = 1 << 32, 2 << 32  # user_data of the ring's non-ublk entries (tags are < 4096)
-OPS = {int(op): op for op in Op}
+FLUSH, KNOWN_OPS = int(Op.FLUSH), frozenset(map(int, Op))
 BLKDEV_MIN_RQ = 4  # block/blk.h: the least queue/nr_requests the block layer takes
 
 
@@ -136,7 +137,8 @@ class _Queue:
     def __init__(self, ublk: Ublk, q_id: int) -> None:
         self.ublk, self.q_id = ublk, q_id
         self.driver = ublk.driver
-        self.geometry = ublk.driver.geometry
+        self.geometry = g = ublk.driver.geometry
+        self.disk_size, self.bs_mask = g.size, g.block_size - 1
         self.tags, self.buf_size = ublk.tags, ublk.max_io
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -288,15 +290,16 @@ class _Queue:
                     commit(tag, r)
 
     def _queue_rq(self, tag: int) -> int | None:
-        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
-        op, offset, length = OPS.get(op_flags & 0xFF), sector * SECTOR, nr * SECTOR
-        if op is None:
+        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * 24)
+        op, offset, length = op_flags & 0xFF, sector << 9, nr << 9
+        if op not in KNOWN_OPS:
             return -errno.EOPNOTSUPP
-        assert self.hwq is not None
         try:
-            if op != Op.FLUSH:
-                self.geometry.check(offset, length, f"ublk {op.name}")
-            return self.hwq.queue_rq(tag, op, offset, length)
+            if op != FLUSH and (
+                offset + length > self.disk_size or (offset | length) & self.bs_mask
+            ):
+                self.geometry.check(offset, length, f"ublk {Op(op).name}")  # raises, says why
+            return self.hwq.queue_rq(tag, op, offset, length)  # type: ignore[union-attr]
         except Exception as exc:
             return self._errno(exc, op, offset, length)
 
@@ -319,12 +322,14 @@ class _Queue:
             self.loop.stop()
 
     def _dispatch(self, tag: int) -> None:
-        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
-        op, offset, length = op_flags & 0xFF, sector * SECTOR, nr * SECTOR
+        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * 24)
+        op, offset, length = op_flags & 0xFF, sector << 9, nr << 9
         d = self.driver
         try:
-            if op != U.UBLK_IO_OP_FLUSH:
-                self.geometry.check(offset, length, f"ublk op {op}")
+            if op != FLUSH and (
+                offset + length > self.disk_size or (offset | length) & self.bs_mask
+            ):
+                self.geometry.check(offset, length, f"ublk op {op}")  # raises, says why
             if op == U.UBLK_IO_OP_READ:
                 r: Any = d.read(offset, self.views[tag][:length])
             elif op == U.UBLK_IO_OP_WRITE:
@@ -373,8 +378,9 @@ class _Queue:
 
     def _commit(self, tag: int, result: int) -> None:
         self.served += 1
-        self.ring.uring_cmd(self.ublk.cdev_fd, U.UBLK_U_IO_COMMIT_AND_FETCH_REQ,
-                            IO_CMD.pack(self.q_id, tag, result, self.addrs[tag]), tag)  # fmt: skip
+        self.ring.put(IO_SQE, IORING_OP_URING_CMD, 0, 0, self.ublk.cdev_fd,
+                      U.UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0, 0, 0, 0, tag, 0, 0, 0,
+                      self.q_id, tag, result, self.addrs[tag])  # fmt: skip
 
 
 class Ublk:

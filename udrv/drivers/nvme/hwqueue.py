@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
+import math
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from udrv.drivers.nvme.driver import PAGE, Nvme, NvmeError, QueuePair
 
 log = logging.getLogger(__name__)
 GEN_SHIFT, TAG_MASK = 12, 0xFFF  # command id = generation << 12 | tag (tags < 4096)
+READ, WRITE, FLUSH, DISCARD, WRITE_ZEROES = map(int, (Op.READ, Op.WRITE, Op.FLUSH, Op.DISCARD,
+                                                      Op.WRITE_ZEROES))  # fmt: skip
 
 
 class NvmeHardwareQueue(HardwareQueue):
@@ -32,8 +34,9 @@ class NvmeHardwareQueue(HardwareQueue):
 
     Args:
         max_transfer: bytes per tag's buffer (at most MDTS, and 512 pages: one PRP list page).
-        timeout: seconds before :meth:`expire` fails a command. As in Linux, a controller that
-            loses commands needs a reset; until then a late DMA may still reach the buffer.
+        timeout: seconds before :meth:`expire` fails a command (counted in its calls, about
+            one a second, as Linux counts jiffies). As in Linux, a controller that loses
+            commands needs a reset; until then a late DMA may still reach the buffer.
     """
 
     def __init__(self, nvme: Nvme, q: QueuePair, tags: int, *, max_transfer: int,
@@ -45,6 +48,7 @@ class NvmeHardwareQueue(HardwareQueue):
             raise NvmeError(f"max_transfer {max_transfer}: need a multiple of {PAGE} up to 2 MiB")
         self.nvme, self.q, self.tags, self.buffer_size = nvme, q, tags, max_transfer
         self.timeout = timeout
+        self._ticks, self._tick = math.ceil(timeout), 0
         self.nsid, self.bs = nvme.namespace.nsid, nvme.namespace.block_size
         data = tags * max_transfer
         self.mem = nvme.dma.alloc(data + tags * PAGE)  # the buffers, then a PRP list per tag
@@ -59,7 +63,7 @@ class NvmeHardwareQueue(HardwareQueue):
         self._cid = [-1] * tags  # the command id out for each tag, or -1
         self._gen = [0] * tags
         self._len = [0] * tags
-        self._since = [0.0] * tags
+        self._since = [0] * tags  # the tick it was queued in
         self.out = 0  # commands the controller holds
         self._fd = q.vector.fileno() if q.vector is not None else -1
         if q.vector is not None:
@@ -76,11 +80,11 @@ class NvmeHardwareQueue(HardwareQueue):
     def fileno(self) -> int:
         return self._fd
 
-    def queue_rq(self, tag: int, op: Op, offset: int, length: int) -> int | None:
+    def queue_rq(self, tag: int, op: int, offset: int, length: int) -> int | None:
         bs, slba = self.bs, offset // self.bs
         prp1 = prp2 = cdw10 = cdw11 = cdw12 = 0
-        if op == Op.READ or op == Op.WRITE:
-            opcode = R.NVM_READ if op == Op.READ else R.NVM_WRITE
+        if op <= WRITE:
+            opcode = R.NVM_READ if op == READ else R.NVM_WRITE
             if length > self.buffer_size:
                 return -errno.EINVAL
             prp1 = self._iova[tag]
@@ -89,13 +93,13 @@ class NvmeHardwareQueue(HardwareQueue):
             elif length > PAGE:
                 prp2 = prp1 + PAGE
             cdw10, cdw11, cdw12 = slba & 0xFFFFFFFF, slba >> 32, length // bs - 1
-        elif op == Op.FLUSH:
+        elif op == FLUSH:
             opcode = R.NVM_FLUSH
-        elif op == Op.WRITE_ZEROES:
+        elif op == WRITE_ZEROES:
             if length > 0x10000 * bs:  # NLB is 16 bits (6.16); the geometry says so to ublk
                 return -errno.EINVAL
             opcode, cdw10, cdw11, cdw12 = R.NVM_WRITE_ZEROES, slba & 0xFFFFFFFF, slba >> 32, length // bs - 1  # fmt: skip
-        elif op == Op.DISCARD:  # Dataset Management, Deallocate, one range (6.7)
+        elif op == DISCARD:  # Dataset Management, Deallocate, one range (6.7)
             opcode, prp1, cdw11 = R.NVM_DSM, self._iova[tag], R.DSM_AD
             rng = self.mem.array[tag * self.buffer_size : tag * self.buffer_size + 16]
             rng.view("<u4")[:2] = (0, length // bs)  # context attributes, length in blocks
@@ -104,7 +108,7 @@ class NvmeHardwareQueue(HardwareQueue):
             return -errno.EOPNOTSUPP
         gen = self._gen[tag] = (self._gen[tag] + 1) & 0xF
         cid = self._cid[tag] = gen << GEN_SHIFT | tag
-        self._len[tag], self._since[tag] = length, time.monotonic()
+        self._len[tag], self._since[tag] = length, self._tick
         self.q.push(opcode, cid, self.nsid, prp1, prp2, cdw10, cdw11, cdw12, doorbell=False)
         self.out += 1
         self._pushed = True
@@ -133,10 +137,9 @@ class NvmeHardwareQueue(HardwareQueue):
         return done
 
     def expire(self) -> list[tuple[int, int]]:
-        now, late = time.monotonic(), []
-        for tag, cid in enumerate(self._cid):
-            if cid >= 0 and now - self._since[tag] > self.timeout:
-                late.append(tag)
+        self._tick += 1
+        oldest = self._tick - self._ticks - 1  # queued before this: out for > timeout
+        late = [t for t, cid in enumerate(self._cid) if cid >= 0 and self._since[t] <= oldest]
         if not late:
             return []
         why = (
