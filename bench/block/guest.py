@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import sh
 from tests.lab.conftest import bind
 
 JOBS = {  # name: fio arguments
@@ -29,13 +30,6 @@ JOBS = {  # name: fio arguments
 NULL_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD32")
 RUNTIME = float(os.environ.get("UDRV_BENCH_RUNTIME", "5"))
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def sh(cmd: str, timeout: float = 120) -> str:
-    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
-    if r.returncode:
-        raise RuntimeError(f"{cmd}: {r.stdout}{r.stderr}")
-    return r.stdout
 
 
 def cpu_seconds(pid: int) -> float:

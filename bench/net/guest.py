@@ -16,14 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench import sh
+
 A, B, C = "0000:00:04.0", "0000:00:05.0", "0000:00:06.0"
-
-
-def sh(cmd: str, timeout: float = 120) -> str:
-    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
-    if r.returncode:
-        raise RuntimeError(f"{cmd}: {r.stdout}{r.stderr}")
-    return r.stdout
 
 
 def iface(address: str) -> str:

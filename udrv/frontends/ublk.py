@@ -290,18 +290,21 @@ class _Queue:
                     commit(tag, r)
 
     def _queue_rq(self, tag: int) -> int | None:
-        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * 24)
-        op, offset, length = op_flags & 0xFF, sector << 9, nr << 9
+        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
+        op, offset, length = op_flags & 0xFF, sector * SECTOR, nr * SECTOR
         if op not in KNOWN_OPS:
             return -errno.EOPNOTSUPP
         try:
-            if op != FLUSH and (
-                offset + length > self.disk_size or (offset | length) & self.bs_mask
-            ):
-                self.geometry.check(offset, length, f"ublk {Op(op).name}")  # raises, says why
+            self._check(op, offset, length)
             return self.hwq.queue_rq(tag, op, offset, length)  # type: ignore[union-attr]
         except Exception as exc:
             return self._errno(exc, op, offset, length)
+
+    def _check(self, op: int, offset: int, length: int) -> None:
+        """Raise unless the request is aligned and on the disk (the block layer sees to that;
+        one cheap test per request, the geometry's words when it fails)."""
+        if op != FLUSH and (offset + length > self.disk_size or (offset | length) & self.bs_mask):
+            self.geometry.check(offset, length, f"ublk op {op}")
 
     def _note_failure(self, tag: int, res: int) -> None:
         if res != U.UBLK_IO_RES_ABORT:  # ABORT: the queue is going away; do not re-arm
@@ -322,14 +325,11 @@ class _Queue:
             self.loop.stop()
 
     def _dispatch(self, tag: int) -> None:
-        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * 24)
-        op, offset, length = op_flags & 0xFF, sector << 9, nr << 9
+        op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
+        op, offset, length = op_flags & 0xFF, sector * SECTOR, nr * SECTOR
         d = self.driver
         try:
-            if op != FLUSH and (
-                offset + length > self.disk_size or (offset | length) & self.bs_mask
-            ):
-                self.geometry.check(offset, length, f"ublk op {op}")  # raises, says why
+            self._check(op, offset, length)
             if op == U.UBLK_IO_OP_READ:
                 r: Any = d.read(offset, self.views[tag][:length])
             elif op == U.UBLK_IO_OP_WRITE:
