@@ -113,6 +113,40 @@ def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
         time.sleep(0.1)
 
 
+def test_stop_under_load_releases_the_disk_and_keeps_acknowledged_data(nvme: str) -> None:
+    """SIGINT while fio keeps 16 requests in the NVMe queue: the driver completes or fails
+    them, removes the disk and shuts the controller down; fio ends (with errors), and a
+    new driver reads back what was written and acknowledged before."""
+    srv = Server(nvme, "--depth", "16")
+    data = os.urandom(4 << 20)
+    with open(srv.path, "r+b", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())  # acknowledged: FLUSH done
+    job = subprocess.Popen(
+        ["fio", "--name=busy", f"--filename={srv.path}", "--direct=1", "--ioengine=libaio",
+         "--rw=randrw", "--bs=4k", "--offset=8M", "--size=16M", "--iodepth=16",
+         "--time_based", "--runtime=120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stat = Path(f"/sys/block/{os.path.basename(srv.path)}/stat")
+    try:
+        deadline = time.monotonic() + 120
+        while int(stat.read_text().split()[0]) < 500:  # reads completed
+            assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
+            time.sleep(0.02)
+    finally:
+        err = srv.stop()
+    assert "udrv: stopped" in err
+    job.communicate(timeout=60)  # the disk went away under it: fio ends, it does not hang
+    assert not os.path.exists(srv.path)
+    again = Server(nvme, "--depth", "16")
+    try:
+        with open(again.path, "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+    finally:
+        again.stop()
+
+
 def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
     """SIGKILL in the middle of an fio verify job; a new driver resumes the same disk with
     --recover; the kernel re-issues what was in flight and verification passes. fio's
