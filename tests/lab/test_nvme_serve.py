@@ -113,6 +113,18 @@ def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
         time.sleep(0.1)
 
 
+def test_polled_queues_fio_verify(nvme: str) -> None:
+    """--polled: no MSI-X; the ublk queue thread busy-polls the completion queue while
+    commands are out and sleeps in io_uring_enter when none are."""
+    srv = Server(nvme, "--polled", "--depth", "8")
+    try:
+        r = fio(srv.path, "--rw=randwrite --bs=4k --size=4M --iodepth=16",
+                "--verify=crc32c --verify_fatal=1")  # fmt: skip
+        assert r["jobs"][0]["error"] == 0 and r["jobs"][0]["read"]["total_ios"] == 1024
+    finally:
+        srv.stop()
+
+
 def test_stop_under_load_releases_the_disk_and_keeps_acknowledged_data(nvme: str) -> None:
     """SIGINT while fio keeps 16 requests in the NVMe queue: the driver completes or fails
     them, removes the disk and shuts the controller down; fio ends (with errors), and a
