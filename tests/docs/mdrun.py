@@ -40,11 +40,11 @@ class Block:
         return f"{doc.name}:{self.line}"
 
 
-def blocks(doc: Path) -> list[Block]:
+def blocks(doc: Path, *, strict: bool = True) -> list[Block]:
     """The fenced code blocks of ``doc``, expected outputs attached to the block before them.
 
     Raises:
-        ValueError: a python block that is neither named nor marked not run, or an output
+        ValueError: (``strict``) a python block that is neither named nor marked not run, or an output
             block that follows no shell block (the message names the line).
     """
     text = doc.read_text()
@@ -67,7 +67,7 @@ def blocks(doc: Path) -> list[Block]:
             first = tok.content.splitlines()[0] if tok.content else ""
             name = FILENAME.match(first)
             block.filename = name[1] if name else None
-            if block.filename is None and block.not_run is None:
+            if strict and block.filename is None and block.not_run is None:
                 raise ValueError(
                     f"{doc.name}:{start + 1}: a python block must start with `# NAME.py` (the "
                     "file the reader saves) or be marked <!-- docs: not run, REASON -->"

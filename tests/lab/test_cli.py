@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.lspci_oracle import compare
+from udrv.lab.pytest_plugin import bind
 from udrv.pci.config import decode, describe
 from udrv.pci.sysfs import find
 
-from .conftest import BACKEND_DEVICES, E1000, RTL8139, bind
+from .conftest import BACKEND_DEVICES, E1000, RTL8139
 
 pytestmark = pytest.mark.lab(*BACKEND_DEVICES)
 SYS = Path("/sys/bus/pci/devices")
