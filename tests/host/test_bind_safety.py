@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import udrv.core.bind as bind_mod
-from udrv.core.bind import Sysfs, bind, users_of
+from udrv.core.bind import Sysfs, bind, restore, users_of
 from udrv.core.inuse import Use
 from udrv.errors import BindError, DeviceBusyError
 
@@ -154,8 +154,8 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """drivers_probe binds to what driver_override names, as the kernel does."""
     real = bind_mod._write
 
-    def write(path: Path, value: str, what: str, address: str, command: str = "bind") -> None:
-        real(path, value, what, address, command)
+    def write(path: Path, value: str, what: str, hint: str) -> None:
+        real(path, value, what, hint)
         if path.name == "drivers_probe":
             dev = path.parent / "devices" / value
             wanted = (dev / "driver_override").read_text().strip()
@@ -354,11 +354,8 @@ def test_refusal_echoes_the_address_as_typed(host: FakeHost) -> None:
     assert disk.is_dir()
 
 
-def test_permission_denied_says_run_as_root(
-    host: FakeHost, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As a normal user the kernel refuses the driver_override write with EACCES."""
-    host.nvme()
+def deny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on writes to driver_override fail with EACCES, as for a normal user."""
     real = Path.write_text
 
     def write_text(self: Path, data: str, *args: object, **kwargs: object) -> int:
@@ -367,6 +364,13 @@ def test_permission_denied_says_run_as_root(
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_permission_denied_says_run_as_root(
+    host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host.nvme()
+    deny(monkeypatch)
     with pytest.raises(BindError) as err:
         bind(NVME, sysfs=host.sysfs)
     assert err.value.errno == errno.EACCES
@@ -376,6 +380,20 @@ def test_permission_denied_says_run_as_root(
         f"needs root: run `sudo udrv bind {NVME} --user $USER` (--user lets $USER open the device "
         "afterwards without root): [EACCES] Permission denied"
     )
+
+
+def test_permission_denied_with_uio_and_on_restore(
+    host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host.nvme()
+    (host.sys / "bus" / "pci" / "drivers" / "uio_pci_generic").mkdir()
+    deny(monkeypatch)
+    with pytest.raises(BindError, match=r"needs root: run `sudo udrv bind 0000:00:04.0 --driver "
+                       r"uio_pci_generic`: \[EACCES\]"):  # fmt: skip
+        bind(NVME, "uio_pci_generic", sysfs=host.sysfs)
+    # bind remembered the nvme driver before the kernel refused; restore is refused the same way.
+    with pytest.raises(BindError, match=r"needs root: run `sudo udrv restore 0000:00:04.0`"):
+        restore(NVME, sysfs=host.sysfs)
 
 
 def test_a_state_directory_that_cannot_be_made_is_a_bind_error(host: FakeHost) -> None:

@@ -1,4 +1,5 @@
-"""`udrv bind` on a kernel-driven NVMe the host uses: device-mapper, swap, partitions.
+"""`udrv bind` on devices the host uses: an NVMe under device-mapper, swap and partitions; an
+e1000 in a bridge; and what a normal user is told.
 
 The cases of issue 15 item 1, as a new user met them: a dm linear target on the kernel's NVMe
 (`dmsetup create x --table "0 N linear /dev/nvme0n1 0"`), swap on the disk and on a partition.
@@ -10,6 +11,7 @@ its holder layout is covered on the host in tests/host/test_bind_safety.py.)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import pytest
 
 from .conftest import bind
 
-pytestmark = pytest.mark.lab("nvme:size=16M")
+pytestmark = pytest.mark.lab("nvme:size=16M", "e1000")
 SYS = Path("/sys/bus/pci/devices")
 
 
@@ -29,9 +31,11 @@ def run(*cmd: str) -> str:
     return r.stdout
 
 
-def udrv_bind(address: str, ok: bool) -> str:
+def udrv_bind(address: str, ok: bool, *prefix: str) -> str:
     """`udrv bind ADDRESS`: its stdout when ``ok``, else its stderr (a refusal, not a crash)."""
-    r = subprocess.run(["udrv", "bind", address], capture_output=True, text=True, timeout=120)
+    udrv = shutil.which("udrv") or "udrv"
+    r = subprocess.run([*prefix, udrv, "bind", address], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
     if ok:
         assert r.returncode == 0, r.stderr
         return r.stdout
@@ -138,3 +142,48 @@ def test_refuses_swap_on_a_partition_and_dm_on_another(disk: tuple[str, str]) ->
     run("dmsetup", "remove", "y")
     udrv_bind(address, ok=True)
     assert driver_of(address) == "vfio-pci"
+
+
+@pytest.fixture
+def nic(lab_devices: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """(address, interface) of the e1000 with the kernel's driver; undone afterwards."""
+    address = lab_devices["e1000"]
+    run("modprobe", "e1000")
+    deadline = time.monotonic() + 20
+    while not (SYS / address / "net").is_dir():
+        assert time.monotonic() < deadline, f"{address} has no net/ after modprobe e1000"
+        time.sleep(0.1)
+    (iface,) = os.listdir(SYS / address / "net")
+    yield address, iface
+    subprocess.run(["ip", "link", "del", "br0"], capture_output=True)
+    if subprocess.run(["udrv", "restore", address], capture_output=True).returncode:
+        bind(address, None)
+    subprocess.run(["rmmod", "e1000"], capture_output=True)
+
+
+def test_refuses_a_nic_in_a_bridge(nic: tuple[str, str]) -> None:
+    address, iface = nic
+    run("modprobe", "bridge")
+    run("ip", "link", "add", "br0", "type", "bridge")
+    run("ip", "link", "set", iface, "master", "br0")
+    err = udrv_bind(address, ok=False)
+    assert f"{address} carries {iface} → br0 (bridge br0, configured without addresses)" in err
+    run("ip", "link", "set", "br0", "up")
+    run("ip", "addr", "add", "10.7.7.1/24", "dev", "br0")
+    run("ip", "route", "add", "default", "via", "10.7.7.2", "dev", "br0")
+    err = udrv_bind(address, ok=False)
+    assert f"{address} carries {iface} → br0 (the default route, route to 10.7.7.0/24)" in err
+    assert driver_of(address) == "e1000"
+    run("ip", "link", "set", iface, "nomaster")
+    udrv_bind(address, ok=True)
+    assert driver_of(address) == "vfio-pci"
+
+
+def test_a_normal_user_is_told_to_use_root(lab_devices: dict[str, str]) -> None:
+    address = lab_devices["nvme"]
+    os.chmod("/root", 0o755)  # the guest's overlay: lets 'nobody' run the shared Python
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    before = driver_of(address)
+    err = udrv_bind(address, False, *nobody)
+    assert f"needs root: run `sudo udrv bind {address} --user $USER`" in err
+    assert driver_of(address) == before

@@ -76,19 +76,21 @@ def _denied(exc: OSError) -> bool:
     return exc.errno in (errno.EACCES, errno.EPERM)
 
 
-def _root_hint(address: str, command: str) -> str:
+def _root_hint(address: str, command: str, driver: str = "vfio-pci") -> str:
     """What to say when the kernel refuses a driver change: only root may make one."""
-    if command == "bind":
+    if command == "bind" and driver == "vfio-pci":
         return (f"; changing a device's driver needs root: run `sudo udrv bind {address} --user "
                 f"$USER` (--user lets $USER open the device afterwards without root)")  # fmt: skip
-    return f"; changing a device's driver needs root: run `sudo udrv {command} {address}`"
+    again = f"bind {address} --driver {driver}" if command == "bind" else f"{command} {address}"
+    return f"; changing a device's driver needs root: run `sudo udrv {again}`"
 
 
-def _write(path: Path, value: str, what: str, address: str, command: str = "bind") -> None:
+def _write(path: Path, value: str, what: str, hint: str) -> None:
+    """Write a sysfs attribute; ``hint`` (from :func:`_root_hint`) is added on EACCES/EPERM."""
     try:
         path.write_text(value)
     except OSError as exc:
-        hint = _root_hint(address, command) if _denied(exc) else ""
+        hint = hint if _denied(exc) else ""
         raise BindError(
             f"{what}: writing {value.strip()!r} to {path} failed{hint}", errno=exc.errno
         ) from None
@@ -99,7 +101,7 @@ def _modprobe(driver: str, sysfs: Sysfs, address: str) -> None:
         return
     proc = subprocess.run(["modprobe", driver], capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not (sysfs.pci / "drivers" / driver).exists():
-        hint = _root_hint(address, "bind") if os.geteuid() != 0 else "; is the module installed?"
+        hint = _root_hint(address, "bind", driver) if os.geteuid() else "; is the module installed?"
         raise BindError(
             f"the {driver} driver is not available: `modprobe {driver}` said "
             f"{proc.stderr.strip() or 'nothing'}{hint}"
@@ -112,18 +114,19 @@ def _bind_one(address: str, driver: str, sysfs: Sysfs) -> None:
     if current == driver:
         return
     state = sysfs.state / f"{address}.json"
+    root = _root_hint(address, "bind", driver)
     if not state.exists():
         try:
             sysfs.state.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            hint = _root_hint(address, "bind") if _denied(exc) else ""
+            hint = root if _denied(exc) else ""
             raise BindError(f"binding {address}: cannot create {sysfs.state}{hint}",
                             errno=exc.errno) from None  # fmt: skip
-        _write(state, json.dumps({"driver": current}), f"binding {address}", address)
-    _write(dev / "driver_override", driver, f"binding {address} to {driver}", address)
+        _write(state, json.dumps({"driver": current}), f"binding {address}", root)
+    _write(dev / "driver_override", driver, f"binding {address} to {driver}", root)
     if current:
-        _write(dev / "driver" / "unbind", address, f"unbinding {address} from {current}", address)
-    _write(sysfs.pci / "drivers_probe", address, f"probing {address}", address)
+        _write(dev / "driver" / "unbind", address, f"unbinding {address} from {current}", root)
+    _write(sysfs.pci / "drivers_probe", address, f"probing {address}", root)
     if _driver(sysfs, address) != driver:
         raise BindError(f"{address} did not bind to {driver}; see `dmesg` for why")
 
@@ -194,12 +197,12 @@ def restore(address: str, sysfs: Sysfs = SYSFS) -> str | None:
     except (OSError, ValueError, KeyError):
         raise BindError(f"udrv did not bind {address} (no {state}); nothing to restore") from None
     dev = sysfs.pci / "devices" / address
-    _write(dev / "driver_override", "\n", f"clearing driver_override of {address}", address,
-           "restore")  # fmt: skip
+    root = _root_hint(address, "restore")
+    _write(dev / "driver_override", "\n", f"clearing driver_override of {address}", root)
     if _driver(sysfs, address):
-        _write(dev / "driver" / "unbind", address, f"unbinding {address}", address, "restore")
+        _write(dev / "driver" / "unbind", address, f"unbinding {address}", root)
     if original:
-        _write(sysfs.pci / "drivers_probe", address, f"probing {address}", address, "restore")
+        _write(sysfs.pci / "drivers_probe", address, f"probing {address}", root)
         if _driver(sysfs, address) != original:
             raise BindError(f"{address} did not go back to {original}; see `dmesg`")
     state.unlink()
