@@ -48,7 +48,7 @@ class FakeHost:
         (self.proc / "net" / "if_inet6").write_text("".join(f"{x}\n" for x in self.if_inet6))
         (self.proc / "net" / "ipv6_route").write_text("".join(f"{x}\n" for x in self.ipv6_route))
 
-    def pci(self, address: str, driver: str, class_code: int) -> Path:
+    def pci(self, address: str, driver: str, class_code: int, group: str = "") -> Path:
         dev = self.sys / "devices" / "pci0000:00" / address
         dev.mkdir(parents=True)
         (dev / "class").write_text(f"{class_code:#08x}\n")
@@ -56,10 +56,10 @@ class FakeHost:
         drv = self.sys / "bus" / "pci" / "drivers" / driver
         drv.mkdir(parents=True, exist_ok=True)
         os.symlink(drv, dev / "driver")
-        group = self.sys / "kernel" / "iommu_groups" / address[-4:] / "devices"
-        group.mkdir(parents=True)
-        os.symlink(dev, group / address)
-        os.symlink(group.parent, dev / "iommu_group")
+        members = self.sys / "kernel" / "iommu_groups" / (group or address[-4:]) / "devices"
+        members.mkdir(parents=True, exist_ok=True)
+        os.symlink(dev, members / address)
+        os.symlink(members.parent, dev / "iommu_group")
         (self.sys / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
         os.symlink(f"../../../devices/pci0000:00/{address}", self.sys / "bus/pci/devices" / address)
         return dev
@@ -100,8 +100,8 @@ class FakeHost:
         self.swaps.append(f"{path:<40}partition\t1048572\t\t0\t\t-2")
         self.flush()
 
-    def nic(self, address: str, iface: str) -> Path:
-        dev = self.pci(address, "e1000", 0x020000)
+    def nic(self, address: str, iface: str, group: str = "") -> Path:
+        dev = self.pci(address, "e1000", 0x020000, group)
         node = dev / "net" / iface
         node.mkdir(parents=True)
         os.symlink(dev, node / "device")
@@ -325,6 +325,20 @@ def test_nic_under_a_vlan_with_a_global_ipv6_address_and_default_route(host: Fak
     assert "carries eth0 (" not in msg
 
 
+def test_a_used_function_in_the_same_iommu_group_is_refused(host: FakeHost, kernel: None) -> None:
+    """vfio-pci takes the whole group: port 0 of a dual-port NIC is the host's uplink."""
+    host.nic("0000:00:10.0", "eth0", group="7")
+    host.nic("0000:00:10.1", "eth1", group="7")
+    host.route4("eth0", "0.0.0.0", "0.0.0.0", gateway="10.0.0.1")
+    assert users_of("0000:00:10.1", host.sysfs) == []
+    assert refusal(host, "0000:00:10.1").startswith(
+        "0000:00:10.0 (in the IOMMU group of 0000:00:10.1) carries eth0 (the default route);"
+    )
+    # uio_pci_generic takes the one function only, so the uplink next to it is no obstacle.
+    (host.sys / "bus" / "pci" / "drivers" / "uio_pci_generic").mkdir()
+    assert bind("0000:00:10.1", "uio_pci_generic", sysfs=host.sysfs) == ["0000:00:10.1"]
+
+
 def test_a_clean_nic_is_taken(host: FakeHost, kernel: None) -> None:
     host.nic(NIC, "eth0")
     host.route4("eth1", "0.0.0.0", "0.0.0.0")
@@ -345,6 +359,14 @@ def test_unknown_device_is_echoed_as_typed(host: FakeHost) -> None:
         bind("0:0:1f.0", sysfs=host.sysfs)
     with pytest.raises(BindError, match=r"^no PCI device 0000:00:1f\.0; `udrv list`"):
         bind("0000:00:1f.0", sysfs=host.sysfs)
+
+
+def test_restore_of_a_device_udrv_did_not_bind_echoes_it(host: FakeHost) -> None:
+    host.nvme()
+    with pytest.raises(
+        BindError, match=r"^udrv did not bind 0:4\.0 \(0000:00:04\.0\) \(no .*/run/"
+    ):
+        restore("0:4.0", sysfs=host.sysfs)
 
 
 def test_refusal_echoes_the_address_as_typed(host: FakeHost) -> None:

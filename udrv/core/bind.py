@@ -189,13 +189,20 @@ def grant(address: str, user: str, sysfs: Sysfs = SYSFS) -> str:
 
 
 def restore(address: str, sysfs: Sysfs = SYSFS) -> str | None:
-    """Give ``address`` back to the driver it had before :func:`bind`; returns that driver."""
-    address = str(PciAddress.parse(address))
+    """Give ``address`` back to the driver it had before :func:`bind`; returns that driver.
+
+    Raises:
+        BindError: udrv did not bind it, or the kernel refused (EACCES: run as root).
+    """
+    typed = address
+    address = str(PciAddress.parse(typed))
     state = sysfs.state / f"{address}.json"
     try:
         original = json.loads(state.read_text())["driver"]
     except (OSError, ValueError, KeyError):
-        raise BindError(f"udrv did not bind {address} (no {state}); nothing to restore") from None
+        raise BindError(
+            f"udrv did not bind {as_typed(typed)} (no {state}); nothing to restore"
+        ) from None
     dev = sysfs.pci / "devices" / address
     root = _root_hint(address, "restore")
     _write(dev / "driver_override", "\n", f"clearing driver_override of {address}", root)
