@@ -4,8 +4,8 @@ e1000 in a bridge; and what a normal user is told.
 The cases of issue 15 item 1, as a new user met them: a dm linear target on the kernel's NVMe
 (`dmsetup create x --table "0 N linear /dev/nvme0n1 0"`), swap on the disk and on a partition.
 Each must be refused with the chain in the message and the kernel's driver left in place; once
-the stack is taken down, `udrv bind` takes the device. (md needs mdadm, which pulls in udev;
-its holder layout is covered on the host in tests/host/test_bind_safety.py.)
+the stack is taken down, `udrv bind` takes the device. md arrays are assembled
+through md's sysfs interface (Documentation/admin-guide/md.rst), since mdadm pulls in udev.
 """
 
 from __future__ import annotations
@@ -104,6 +104,40 @@ def test_refuses_nvme_with_swap_on_it(disk: tuple[str, str]) -> None:
     assert f"{address} backs {os.path.basename(node)} (swap); refusing" in err
     assert driver_of(address) == "nvme"
     run("swapoff", node)
+    udrv_bind(address, ok=True)
+    assert driver_of(address) == "vfio-pci"
+
+
+def md_array(name: str, member: str, kib: int) -> None:
+    """A one-disk RAID1 without a superblock, through sysfs (md.rst "md devices in sysfs")."""
+    run("modprobe", "raid1")
+    Path("/sys/module/md_mod/parameters/new_array").write_text(name)
+    md = Path("/sys/block") / name / "md"
+    for attr, value in (("metadata_version", "none"), ("level", "raid1"), ("raid_disks", "1"),
+                        ("new_dev", Path(f"/sys/class/block/{member}/dev").read_text().strip())):  # fmt: skip
+        (md / attr).write_text(value)
+    (md / f"dev-{member}" / "slot").write_text("0")
+    (md / f"dev-{member}" / "size").write_text(str(kib))
+    (md / "component_size").write_text(str(kib))
+    (md / "array_state").write_text("active")
+
+
+def test_refuses_nvme_in_an_md_array(disk: tuple[str, str]) -> None:
+    address, node = disk
+    name = os.path.basename(node)
+    md_array("md0", name, 8192)
+    try:
+        err = udrv_bind(address, ok=False)
+        assert f"{address} backs {name} → md0 (active, not mounted; `mdadm --stop /dev/md0`" in err
+        run("mkfs.ext4", "-q", "-F", "/dev/md0")
+        run("mount", "/dev/md0", "/mnt")
+        err = udrv_bind(address, ok=False)
+        assert f"{address} backs {name} → md0 (mounted on /mnt); refusing" in err
+        assert driver_of(address) == "nvme"
+        run("umount", "/mnt")
+    finally:
+        subprocess.run(["umount", "/mnt"], capture_output=True)
+        Path("/sys/block/md0/md/array_state").write_text("clear")  # stops it (md.rst)
     udrv_bind(address, ok=True)
     assert driver_of(address) == "vfio-pci"
 
