@@ -129,7 +129,7 @@ def _release_hint(cls: Path, name: str) -> str:
         return f"`mdadm --stop /dev/{name}`"
     if (cls / name / "loop").is_dir():
         return f"`losetup -d /dev/{name}`"
-    return f"release /dev/{name}"
+    return f"stopping /dev/{name}"
 
 
 def block_uses(root: Path, proc: Path, devpath: str) -> list[Use]:
