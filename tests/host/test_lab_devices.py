@@ -26,6 +26,11 @@ def test_spec_splits_lab_keys_from_qemu_keys() -> None:
         ("edu:slot", "expected KEY=VALUE"),
         ("edu,addr=4", "expected NAME"),
         ("edu:slot=0x1f", "outside 4..30"),
+        ("edu:slot=five", r"bad slot=five .*expected a number"),
+        ("edu:fn=1", r"fn= in 'edu:fn=1' needs slot=: e.g. edu:slot=5,fn=1"),
+        ("edu:slot=5,fn=8", "fn=8 in 'edu:slot=5,fn=8' is outside 0..7"),
+        ("edu:addr=zz", r"bad addr=zz .*SLOT\[\.FN\] in hex"),
+        ("edu:addr=1f.0", "slot 0x1f .* is outside"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(text: str, message: str) -> None:
@@ -45,8 +50,73 @@ def test_pinned_slots_are_skipped_by_the_others() -> None:
         [DeviceSpec.parse("edu"), DeviceSpec.parse("edu:slot=5"), DeviceSpec.parse("e1000")]
     )
     assert [d.address for d in placed] == ["0000:00:04.0", "0000:00:05.0", "0000:00:06.0"]
-    with pytest.raises(LabError, match="same slot"):
+    with pytest.raises(LabError, match=r"edu and edu both ask for slot=0x5 function 0: .*fn=1"):
         place([DeviceSpec.parse("edu:slot=5"), DeviceSpec.parse("edu:slot=5")])
+
+
+def test_functions_of_one_slot(tmp_path: Path) -> None:
+    placed = place([DeviceSpec.parse("e1000:slot=5"), DeviceSpec.parse("e1000:slot=5,fn=1")])
+    assert devices_env(placed) == "e1000=0000:00:05.0,e1000.1=0000:00:05.1"
+    f0, f1 = (d.qemu_args(tmp_path) for d in placed)
+    # Function 0 announces the others; each function gets its own netdev and MAC.
+    assert f0 == [
+        "-netdev",
+        "hubport,id=udrv5,hubid=0",
+        "-device",
+        "e1000,addr=05,multifunction=on,netdev=udrv5,mac=52:54:00:12:34:05",
+    ]
+    assert f1 == [
+        "-netdev",
+        "hubport,id=udrv5f1,hubid=0",
+        "-device",
+        "e1000,addr=05.1,netdev=udrv5f1,mac=52:54:00:12:35:05",
+    ]
+
+
+def test_functions_in_any_order_and_auto_slots_skip_them(tmp_path: Path) -> None:
+    placed = place(
+        [DeviceSpec.parse(s) for s in ["nvme:slot=4,fn=2", "edu", "edu:slot=4", "rtl8139"]]
+    )
+    assert [d.address for d in placed] == [
+        "0000:00:04.2",
+        "0000:00:05.0",
+        "0000:00:04.0",
+        "0000:00:07.0",
+    ]
+    assert [d.multifunction for d in placed] == [False, False, True, False]
+    nvme_args = placed[0].qemu_args(tmp_path)
+    assert nvme_args[1].startswith(f"file={tmp_path / 'nvme.img'},if=none,id=udrv4f2,")
+    assert nvme_args[3] == "nvme,addr=04.2,drive=udrv4f2,serial=UDRV0004F2"
+
+
+def test_a_lone_slot_is_not_multifunction() -> None:
+    (only,) = place([DeviceSpec.parse("edu:slot=9,fn=0")])
+    assert only.address == "0000:00:09.0" and not only.multifunction
+
+
+def test_qemu_addr_is_read_as_slot_and_function() -> None:
+    placed = place(
+        [
+            DeviceSpec.parse("rtl8139:addr=10.0,multifunction=on"),
+            DeviceSpec.parse("e1000:addr=10.1"),
+        ]
+    )
+    assert devices_env(placed) == "rtl8139=0000:00:10.0,e1000=0000:00:10.1"
+    assert placed[0].spec.qemu_opts == {"multifunction": "on"}
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["e1000:slot=5,fn=1"], r"e1000 asks for slot=0x5,fn=1 but no device is function 0"),
+        (["edu:slot=6", "e1000:slot=5,fn=1", "e1000:slot=5,fn=2"], r"slot=0x5,fn=1 but no"),
+        (["edu:slot=5,fn=3", "nvme:slot=5,fn=3"], r"edu and nvme both ask for slot=0x5 function 3"),
+        (["edu:slot=5,fn=0", "nvme:slot=5"], r"both ask for slot=0x5 function 0"),
+    ],
+)
+def test_bad_function_layouts_are_refused(specs: list[str], message: str) -> None:
+    with pytest.raises(LabError, match=message):
+        place([DeviceSpec.parse(s) for s in specs])
 
 
 def test_too_many_devices_is_an_error() -> None:

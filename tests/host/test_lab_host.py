@@ -76,6 +76,22 @@ def test_check_raises_with_output(lab) -> None:  # type: ignore[no-untyped-def]
         lab.run(["sh", "-c", "echo boom; exit 3"], timeout=30, check=True)
 
 
+def test_functions_of_one_slot_share_an_iommu_group(tmp_path: Path) -> None:
+    require_lab()
+    from udrv.lab import Lab
+
+    script = (
+        'echo "$UDRV_LAB_DEVICES"; for f in 0 1; do d=/sys/bus/pci/devices/0000:00:05.$f; '
+        "cat $d/device; basename $(readlink $d/iommu_group); done"
+    )
+    with Lab(["e1000:slot=5", "e1000:slot=5,fn=1"], results=tmp_path) as lab:
+        r = lab.run(["sh", "-c", script], timeout=60, check=True)
+    env, dev0, group0, dev1, group1 = r.stdout.split()
+    assert env == "e1000=0000:00:05.0,e1000.1=0000:00:05.1"
+    assert dev0 == dev1 == "0x100e"  # 82540EM, both functions enumerated
+    assert group0 == group1  # no ACS between functions: VFIO must take them together
+
+
 def _udrv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "udrv", *args],
