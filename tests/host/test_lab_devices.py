@@ -8,8 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from udrv.errors import LabError
-from udrv.lab.devices import DeviceSpec, devices_env, parse_size, place
+from udrv.errors import LabError, LabSetupError
+from udrv.lab.devices import (
+    DeviceSpec,
+    check_models,
+    devices_env,
+    parse_device_help,
+    parse_size,
+    place,
+    qemu_models,
+)
+
+#: `qemu-system-x86_64 -device help` of QEMU 7.2.22 (Debian 12), captured.
+DEVICE_HELP = Path(__file__).parent / "data" / "qemu-7.2-device-help.txt"
 
 
 def test_spec_splits_lab_keys_from_qemu_keys() -> None:
@@ -142,3 +153,63 @@ def test_qemu_args_for_block_and_nic(tmp_path: Path) -> None:
 @given(st.integers(0, 1 << 20), st.sampled_from(["", "K", "M", "G", "k", "m", "g"]))
 def test_parse_size(n: int, suffix: str) -> None:
     assert parse_size(f"{n}{suffix}") == n << {"": 0, "K": 10, "M": 20, "G": 30}[suffix.upper()]
+
+
+def test_device_help_is_parsed_with_aliases_and_buses() -> None:
+    models = parse_device_help(DEVICE_HELP.read_text())
+    assert models["edu"] == models["e1000"] == models["nvme"] == "PCI"
+    assert models["e1000-82540em"] == "PCI"  # alias "e1000-82540em" of e1000
+    assert models["virtio-net"] == "PCI"  # alias of virtio-net-pci
+    assert models["usb-hub"] == "usb-bus"
+    assert models["nvme-subsys"] is None
+    assert "Network devices:" not in models and "" not in models
+    assert len(models) > 300
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("e100", r"QEMU has no device model 'e100': did you mean e1000, .*-device help"),
+        ("nvm", r"no device model 'nvm': did you mean nvme"),
+        ("zzzzzz", r"no device model 'zzzzzz': `qemu-system-x86_64 -device help` lists them"),
+        ("usb-hub", r"'usb-hub' is not a PCI device \(QEMU puts it on bus usb-bus\)"),
+        ("nvme-subsys", r"not a PCI device \(QEMU puts it on no bus\)"),
+    ],
+)
+def test_unknown_or_non_pci_models_are_refused(model: str, message: str) -> None:
+    models = parse_device_help(DEVICE_HELP.read_text())
+    with pytest.raises(LabError, match=message):
+        check_models([DeviceSpec.parse("edu"), DeviceSpec.parse(model)], models)
+    check_models([DeviceSpec.parse(m) for m in ("edu", "e1000e", "virtio-blk")], models)
+
+
+def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    qemu = bindir / "qemu-fake"
+    qemu.write_text(f"#!/bin/sh\necho run >> {tmp_path}/calls\n{body}\n")
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    return qemu
+
+
+def test_qemu_is_asked_once_and_again_after_an_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = _fake_qemu(tmp_path, monkeypatch, f"cat {DEVICE_HELP}")
+    cache = tmp_path / "cache"
+    first = qemu_models("qemu-fake", cache)
+    assert first == parse_device_help(DEVICE_HELP.read_text())
+    assert qemu_models("qemu-fake", cache) == first
+    assert (tmp_path / "calls").read_text() == "run\n"  # the second answer came from the cache
+    qemu.write_text(qemu.read_text() + "\n")  # a new binary: new size and mtime
+    assert qemu_models("qemu-fake", cache) == first
+    assert (tmp_path / "calls").read_text() == "run\nrun\n"
+
+
+def test_a_broken_qemu_is_a_setup_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_qemu(tmp_path, monkeypatch, "echo oops >&2; exit 1")
+    with pytest.raises(LabSetupError, match=r"`qemu-fake -device help` failed: .*udrv lab setup"):
+        qemu_models("qemu-fake", tmp_path / "cache")
+    with pytest.raises(LabSetupError, match="qemu-nowhere is not installed"):
+        qemu_models("qemu-nowhere", tmp_path / "cache")

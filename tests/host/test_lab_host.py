@@ -143,3 +143,13 @@ def test_cli_errors_are_one_line_not_tracebacks() -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("udrv: error: bad option 'size'")
     assert "Traceback" not in r.stderr
+
+
+def test_cli_refuses_an_unknown_model_before_booting() -> None:
+    require_lab()
+    start = time.monotonic()
+    r = _udrv("lab", "run", "--device", "edu", "--device", "e1000x", "--", "true")
+    assert r.returncode == 1
+    assert r.stderr.startswith("udrv: error: QEMU has no device model 'e1000x': did you mean e1000")
+    assert "booting" not in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - start < 20  # no guest was booted for it

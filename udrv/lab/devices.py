@@ -23,11 +23,18 @@ them in one IOMMU group (verified: ``e1000:slot=5`` + ``e1000:slot=5,fn=1`` -> b
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import json
+import os
 import re
+import shutil
+import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from udrv.errors import LabError
+from udrv.errors import LabError, LabSetupError
 
 FIRST_SLOT = 4
 LAST_SLOT = 0x1E  # 00:1f.x is the q35 ICH9 LPC/SATA/SMBus function
@@ -59,6 +66,9 @@ NIC_MODELS = {
     "i82801",
     "pcnet",
 }
+#: One line of `qemu-system-x86_64 -device help`:
+#: ``name "e1000", bus PCI, alias "e1000-82540em", desc "Intel Gigabit Ethernet"``.
+HELP_RE = re.compile(r'^name "([^"]+)"(?:, bus ([^,]+))?(?:, alias "([^"]+)")?')
 SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.IGNORECASE)
 
 
@@ -241,3 +251,85 @@ def place(specs: list[DeviceSpec]) -> list[PlacedDevice]:
 def devices_env(placed: list[PlacedDevice]) -> str:
     """The value of ``UDRV_LAB_DEVICES``: ``edu=0000:00:04.0,nvme=0000:00:05.0``."""
     return ",".join(f"{d.name}={d.address}" for d in placed)
+
+
+# -- which models this QEMU has -------------------------------------------------------------
+
+
+def parse_device_help(text: str) -> dict[str, str | None]:
+    """Parse `qemu-system-x86_64 -device help` into ``{name or alias: bus}``.
+
+    Args:
+        text: the command's output (category headers and blank lines are skipped).
+
+    Returns:
+        Every model name and alias, mapped to its bus (``"PCI"``, ``"usb-bus"``, ...) or
+        ``None`` for devices that sit on no bus (CPUs, ``nvme-subsys``).
+    """
+    models: dict[str, str | None] = {}
+    for line in text.splitlines():
+        m = HELP_RE.match(line.strip())
+        if m:
+            name, bus, alias = m.groups()
+            models[name] = bus
+            if alias:
+                models[alias] = bus
+    return models
+
+
+def qemu_models(qemu: str, cache_dir: Path) -> dict[str, str | None]:
+    """The device models ``qemu`` offers, asked once and cached in ``cache_dir``.
+
+    The cache is keyed by the binary's path, size and mtime, so a QEMU upgrade asks again.
+
+    Raises:
+        LabSetupError: QEMU is missing or its ``-device help`` fails.
+    """
+    path = shutil.which(qemu)
+    if path is None:
+        raise LabSetupError(f"{qemu} is not installed; run `udrv lab setup`")
+    st = os.stat(path)
+    key = {"qemu": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = cache_dir / "qemu-device-models.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return dict(saved["models"])
+    try:
+        out = subprocess.run(
+            [path, "-device", "help"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LabSetupError(f"`{qemu} -device help` failed: {exc}; run `udrv lab setup`") from None
+    models = parse_device_help(out)
+    if not models:
+        raise LabSetupError(f"`{qemu} -device help` listed no devices; run `udrv lab setup`")
+    # A cache we cannot write only costs the next run 30 ms.
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "models": models}))
+        tmp.replace(cache)
+    return models
+
+
+def check_models(specs: Iterable[DeviceSpec], models: dict[str, str | None]) -> None:
+    """Refuse models QEMU does not have, or that are not PCI devices, before booting.
+
+    Raises:
+        LabError: naming the model, the closest names QEMU has and where to see them all.
+    """
+    for spec in specs:
+        if spec.model not in models:
+            close = difflib.get_close_matches(spec.model, models, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise LabError(
+                f"QEMU has no device model {spec.model!r}: {hint}"
+                f"`qemu-system-x86_64 -device help` lists them all"
+            )
+        bus = models[spec.model]
+        if bus != "PCI":
+            raise LabError(
+                f"{spec.model!r} is not a PCI device (QEMU puts it on "
+                f"{'bus ' + bus if bus else 'no bus'}); the lab places PCI devices only"
+            )

@@ -32,10 +32,17 @@ from pathlib import Path
 from types import TracebackType
 
 from udrv.errors import LabError, LabSetupError, LabTimeout
-from udrv.lab.devices import DeviceSpec, PlacedDevice, devices_env, place
+from udrv.lab.devices import (
+    DeviceSpec,
+    PlacedDevice,
+    check_models,
+    devices_env,
+    place,
+    qemu_models,
+)
 from udrv.lab.install import ensure_initramfs
 from udrv.lab.monitor import Relay
-from udrv.lab.paths import installed
+from udrv.lab.paths import installed, lab_dir
 
 #: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
 GUEST_MODULES = (
@@ -202,8 +209,19 @@ class Lab:
         return cmd + self.extra_qemu_args
 
     def start(self) -> Lab:
-        """Boot the guest and wait until its agent is ready."""
-        inst = installed()
+        """Boot the guest and wait until its agent is ready.
+
+        Raises:
+            LabSetupError: QEMU or the lab kernel is missing.
+            LabError: a device model QEMU does not have, or the guest did not boot.
+        """
+        try:
+            inst = installed()
+            # A misspelt model would otherwise surface as "the guest stopped while booting".
+            check_models([d.spec for d in self.placed], qemu_models(QEMU, lab_dir()))
+        except LabError:
+            self.close()
+            raise
         agent = resources.files("udrv.lab").joinpath("agent.sh").read_bytes()
         (self.ctl / "agent.sh").write_bytes(agent)
         session_env = {
