@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -153,3 +155,26 @@ def test_cli_refuses_an_unknown_model_before_booting() -> None:
     assert r.stderr.startswith("udrv: error: QEMU has no device model 'e1000x': did you mean e1000")
     assert "booting" not in r.stderr and "Traceback" not in r.stderr
     assert time.monotonic() - start < 20  # no guest was booted for it
+
+
+def test_a_guest_panic_is_printed_from_its_first_line_and_the_session_kept(
+    tmp_path: Path,
+) -> None:
+    require_lab()
+    r = _udrv(
+        "lab", "run", "--results", str(tmp_path), "--", "sh", "-c", "echo c >/proc/sysrq-trigger"
+    )
+    kept = re.search(r"session files kept in (\S+) ", r.stderr)
+    try:
+        assert r.returncode == 1
+        assert "\nudrv: error: the lab guest died while running `sh -c" in r.stderr
+        # The report from its first line, then the frames that name the culprit.
+        head = re.search(r"kernel report from console.log line \d+ ---\n(.*)\n", r.stderr)
+        assert head and head.group(1).endswith("Kernel panic - not syncing: sysrq triggered crash")
+        assert r.stderr.index("Call Trace:") < r.stderr.index("sysrq_handle_crash+")
+        assert kept, r.stderr
+        session = Path(kept.group(1))
+        assert "sysrq triggered crash" in (session / "console.log").read_text()
+    finally:
+        if kept:
+            shutil.rmtree(kept.group(1), ignore_errors=True)

@@ -42,6 +42,7 @@ from udrv.lab.devices import (
 )
 from udrv.lab.install import ensure_initramfs
 from udrv.lab.monitor import Relay
+from udrv.lab.oops import find_oops
 from udrv.lab.paths import installed, lab_dir
 
 #: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
@@ -107,11 +108,13 @@ class Lab:
         results: host directory shared read-write at the same path in the guest.
         trace: QEMU trace event patterns (e.g. ``memory_region_ops_*``), written to ``trace_file``.
         boot_timeout: seconds to wait for the guest to come up.
-        keep: keep the session directory (console log, scratch images) after close.
+        keep: keep the session directory (console log, scratch images) after close. It is
+            kept anyway when the guest dies or does not boot, and the error says where.
 
     Raises:
         LabSetupError: QEMU or the lab kernel is missing (run `udrv lab setup`).
-        LabError: the guest did not boot; the message carries the console's last lines.
+        LabError: the guest did not boot or died; the message carries the kernel's first
+            oops/panic report with its call trace (else the console's last lines).
     """
 
     def __init__(
@@ -247,11 +250,11 @@ class Lab:
         try:
             while not ready.exists():
                 if self._proc.poll() is not None:
-                    raise LabError(f"the lab guest stopped while booting\n{self._diagnostics()}")
+                    raise LabError(f"the lab guest stopped while booting\n{self._post_mortem()}")
                 if time.monotonic() > deadline:
                     raise LabError(
                         f"the lab guest did not come up within {self.boot_timeout:.0f} s\n"
-                        f"{self._diagnostics()}"
+                        f"{self._post_mortem()}"
                     )
                 time.sleep(0.02)
             self.kernel_release = ready.read_text().strip()
@@ -261,14 +264,29 @@ class Lab:
             raise
         return self
 
-    def _diagnostics(self) -> str:
+    def _post_mortem(self) -> str:
+        """What the guest left: the kernel's first oops/panic report with its call trace, else
+        the last console lines; QEMU's own messages. The session directory is kept (and named)
+        so the whole console log and the scratch images can be read afterwards."""
+        self.keep = True
         parts = []
-        for path in (self.qemu_log, self.console_log):
-            with contextlib.suppress(OSError):
-                tail = path.read_text(errors="replace").strip().splitlines()[-25:]
-                if tail:
-                    parts.append(f"--- {path.name} (last lines) ---\n" + "\n".join(tail))
-        return "\n".join(parts) or "(no console output)"
+        with contextlib.suppress(OSError):
+            tail = self.qemu_log.read_text(errors="replace").strip().splitlines()[-10:]
+            if tail:
+                parts.append(f"--- {self.qemu_log.name} (last lines) ---\n" + "\n".join(tail))
+        console = ""
+        with contextlib.suppress(OSError):
+            console = self.console_log.read_text(errors="replace")
+        oops = find_oops(console)
+        if oops is not None:
+            parts.append(oops.describe(self.console_log.name))
+        elif console.strip():
+            tail = console.strip().splitlines()[-25:]
+            parts.append(f"--- {self.console_log.name} (last lines) ---\n" + "\n".join(tail))
+        else:
+            parts.append("(no console output)")
+        parts.append(f"udrv lab: session files kept in {self.session} (console.log, qemu.log)")
+        return "\n".join(parts)
 
     @property
     def alive(self) -> bool:
@@ -393,7 +411,7 @@ class Lab:
                 break
             if not self.alive:
                 raise LabError(
-                    f"the lab guest died while running `{shlex.join(argv)}`\n{self._diagnostics()}"
+                    f"the lab guest died while running `{shlex.join(argv)}`\n{self._post_mortem()}"
                 )
             if backstop and time.monotonic() > backstop:
                 self.kill()
