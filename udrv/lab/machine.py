@@ -58,8 +58,11 @@ GUEST_MODULES = (
 )
 #: Host environment variables a command in the guest keeps (besides UDRV_*).
 ENV_KEEP = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TERM", "CI", "USER")
+#: loglevel=5: the console shows KERN_WARNING and above, so a WARNING and its call trace
+#: (printed at the default level 4) reach console.log before a later panic does; a boot adds
+#: three such lines.
 KERNEL_CMDLINE = (
-    "console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt mitigations=off "
+    "console=ttyS0 quiet loglevel=5 panic=-1 intel_iommu=on iommu=pt mitigations=off "
     "no_timer_check tsc=reliable 8250.nr_uarts=1 rdinit=/init"
 )
 QEMU = "qemu-system-x86_64"
