@@ -94,6 +94,30 @@ def test_functions_of_one_slot_share_an_iommu_group(tmp_path: Path) -> None:
     assert group0 == group1  # no ACS between functions: VFIO must take them together
 
 
+def test_a_kernel_warning_during_a_command_comes_back_with_it(lab) -> None:  # type: ignore[no-untyped-def]
+    # Through the kernel's own log at KERN_WARNING, as a driver's WARN_ON prints it.
+    warn = (
+        "for line in '------------[ cut here ]------------' "
+        "'WARNING: CPU: 0 PID: 1 at drivers/udrv/test.c:7 udrv_test+0x1/0x2' 'Call Trace:' "
+        "' udrv_test+0x1/0x2' '---[ end trace 0000000000000000 ]---'; "
+        'do printf "<4>%s\\n" "$line" > /dev/kmsg; done; exit 3'
+    )
+    r = lab.run(["sh", "-c", warn], timeout=30)
+    assert r.returncode == 3
+    assert r.kernel_report is not None
+    lines = r.kernel_report.splitlines()
+    assert re.fullmatch(r"--- kernel report from console.log line \d+ ---", lines[0])
+    assert lines[1].endswith("------------[ cut here ]------------")
+    assert lines[2].endswith("WARNING: CPU: 0 PID: 1 at drivers/udrv/test.c:7 udrv_test+0x1/0x2")
+    assert lines[-1].endswith("---[ end trace 0000000000000000 ]---")
+    with pytest.raises(
+        LabError, match=r"(?s)exited 3 in the lab.*WARNING: CPU: 0 PID: 1 at drivers"
+    ):
+        r.check()
+    # The next command sees only what the kernel printed while it ran.
+    assert lab.run(["true"], timeout=30).kernel_report is None
+
+
 def _udrv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "udrv", *args],

@@ -118,6 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"udrv lab: guest up in {boot:.1f} s; devices: {lab.devices or 'none'}", file=sys.stderr
         )
         result = lab.run(cmd, timeout=args.timeout, stream=True)
+    if result.kernel_report:
+        print(
+            f"udrv lab: the guest kernel reported a problem during the command:\n"
+            f"{result.kernel_report}",
+            file=sys.stderr,
+        )
     if args.keep:
         print(f"udrv lab: session files in {lab.session}", file=sys.stderr)
     if result.timed_out:

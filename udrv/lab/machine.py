@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shlex
 import shutil
@@ -79,16 +80,22 @@ class LabResult:
     stderr: str
     seconds: float
     timed_out: bool = False
+    #: The first oops/WARNING the guest kernel printed during the command (it survived it),
+    #: with its call trace; None if it printed none.
+    kernel_report: str | None = None
 
     def check(self) -> LabResult:
+        """Raise LabTimeout/LabError (with the kernel's report, if any) unless it exited 0."""
+        report = f"\n{self.kernel_report}" if self.kernel_report else ""
         if self.timed_out:
             raise LabTimeout(
                 f"`{shlex.join(self.args)}` timed out in the lab after {self.seconds:.0f} s"
+                + report
             )
         if self.returncode != 0:
             raise LabError(
                 f"`{shlex.join(self.args)}` exited {self.returncode} in the lab:\n"
-                f"{self.stdout}{self.stderr}"
+                f"{self.stdout}{self.stderr}" + report
             )
         return self
 
@@ -291,6 +298,24 @@ class Lab:
         parts.append(f"udrv lab: session files kept in {self.session} (console.log, qemu.log)")
         return "\n".join(parts)
 
+    def _console_size(self) -> int:
+        try:
+            return self.console_log.stat().st_size
+        except OSError:
+            return 0
+
+    def _kernel_report_since(self, mark: int) -> str | None:
+        """The first kernel report printed on the console after byte ``mark``."""
+        try:
+            data = self.console_log.read_bytes()
+        except OSError:
+            return None
+        oops = find_oops(data[mark:].decode(errors="replace"))
+        if oops is None:
+            return None
+        line = oops.first_line + data[:mark].count(b"\n")
+        return dataclasses.replace(oops, first_line=line).describe(self.console_log.name)
+
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -370,6 +395,10 @@ class Lab:
                 ``("stdout"|"stderr", chunk)``.
             check: raise LabError/LabTimeout unless it exits 0.
 
+        Returns:
+            The result; ``kernel_report`` holds the first oops or WARNING the guest kernel
+            printed while the command ran (the guest survived it).
+
         Raises:
             LabError: the guest is not running or died during the command.
         """
@@ -377,6 +406,7 @@ class Lab:
             raise LabError("the lab guest is not running; use `with Lab(...) as lab:`")
         argv = ["sh", "-c", args] if isinstance(args, str) else list(args)
         n, self._n = self._n, self._n + 1
+        console_mark = self._console_size()
         script = self._script(argv, env or {}, Path(cwd or os.getcwd()).resolve(), timeout)
         tmp = self.ctl / f"{n}.sh.tmp"
         tmp.write_text(script)
@@ -431,6 +461,7 @@ class Lab:
             stderr=out["stderr"].decode(errors="replace"),
             seconds=seconds,
             timed_out=timeout is not None and rc in (124, 137) and seconds >= timeout,
+            kernel_report=self._kernel_report_since(console_mark),
         )
         for p in (*paths.values(), rc_path, self.ctl / f"{n}.sh"):
             with contextlib.suppress(OSError):
