@@ -159,6 +159,6 @@ def test_msix_vector_per_queue_fires(bound: Bind) -> None:
         q1.vector.poll(), q2.vector.poll()  # nothing pending from bring-up on these
         for q in (q1, q2):
             other = q2 if q is q1 else q1
-            nvme._rw_on(q, 0x02, 0, 4096, nvme._bounce[nvme.io.index(q)])  # NVM Read (6.9)
+            nvme._rw_on(q, 0x02, 0, 4096, nvme._prp[nvme.io.index(q)])  # NVM Read
             assert q.vector.wait(5.0) >= 1
             assert other.vector is not None and other.vector.poll() == 0
