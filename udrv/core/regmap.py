@@ -394,11 +394,6 @@ class RegisterArray:
         """Bytes per element."""
         return self._template.width
 
-    @property
-    def template(self) -> Register:
-        """Element 0's description (access, reset, fields shared by every element)."""
-        return self._template
-
     def _check_index(self, i: int) -> None:
         if not isinstance(i, int) or i < 0 or (self.count is not None and i >= self.count):
             limit = f"0-{self.count - 1}" if self.count is not None else "0 or more"
