@@ -181,6 +181,27 @@ class Field:
         raise RegionError(f"field {self.name or '?'}: {text!r} is not a number{names}")
 
 
+@dataclass(frozen=True)
+class FieldValue:
+    """One field of a register value, decoded for display (see :meth:`Register.explain`).
+
+    Attributes:
+        name, span, access, doc: the field's (``span`` as the datasheet writes it, "15:14").
+        value: the field's value.
+        enum: the enum member's name for ``value``, or ``None``.
+        changed: whether it differs from the register's reset value (``None``: no reset
+            value declared).
+    """
+
+    name: str
+    span: str
+    access: str
+    value: int
+    enum: str | None
+    changed: bool | None
+    doc: str
+
+
 class Register:
     """One register: offset and width in bytes, access mode, reset value and named fields.
 
@@ -326,6 +347,23 @@ class Register:
         if self.reset is None:
             return None
         return {n: f.get(value) != f.get(self.reset) for n, f in self.fields.items()}
+
+    def explain(self, value: int) -> list[FieldValue]:
+        """Every field of ``value`` with its enum name and whether it changed from reset,
+        highest bits first (the datasheet's order)."""
+        changed = self.changed_from_reset(value)
+        return [
+            FieldValue(
+                name=n,
+                span=f.span,
+                access=self.field_access(f),
+                value=f.get(value),
+                enum=f.enum_name(f.get(value)),
+                changed=None if changed is None else changed[n],
+                doc=f.doc,
+            )
+            for n, f in sorted(self.fields.items(), key=lambda kv: -kv[1].shift)
+        ]
 
     def encode(self, base: int = 0, **fields: int) -> int:
         """``base`` with the named fields replaced.
