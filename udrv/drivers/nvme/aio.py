@@ -279,9 +279,8 @@ class AsyncNvme(BlockDriver):
                 if not reading:
                     buf[:n] = np.frombuffer(view[pos : pos + n], dtype=np.uint8)
                 prp1, prp2 = lq.prps(cid, n)
-                rw = C.read if opcode == C.NVM_READ else C.write
-                await lq.command(cid, rw(self._nsid, (offset + pos) // self._bs, n // self._bs,
-                                         prp1, prp2))  # fmt: skip
+                slba, nlb = (offset + pos) // self._bs, n // self._bs
+                await lq.command(cid, C.rw(opcode, self._nsid, slba, nlb, prp1, prp2))
                 if reading:
                     view[pos : pos + n] = buf[:n].data
             finally:

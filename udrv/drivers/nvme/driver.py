@@ -466,8 +466,7 @@ class Nvme(BlockDriver):
         self.geometry.check(offset, length, "NVMe I/O")
         bs = self.namespace.block_size
         prp1, prp2 = prp.prps(length)
-        rw = C.read if opcode == C.NVM_READ else C.write
-        q.submit(rw(self.namespace.nsid, offset // bs, length // bs, prp1, prp2))
+        q.submit(C.rw(opcode, self.namespace.nsid, offset // bs, length // bs, prp1, prp2))
 
     def flush(self) -> None:
         """Flush (NVM §3.2.2); a no-op for the controller when it has no volatile cache."""

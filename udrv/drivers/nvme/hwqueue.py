@@ -103,8 +103,8 @@ class NvmeHardwareQueue(HardwareQueue):
             if length > self.buffer_size:
                 return -errno.EINVAL
             prp1, prp2 = self._prp[tag].prps(length)
-            rw = C.read if op == READ else C.write
-            cmd = rw(nsid, offset // bs, length // bs, prp1, prp2)
+            cmd = C.rw(C.NVM_READ if op == READ else C.NVM_WRITE, nsid, offset // bs,
+                       length // bs, prp1, prp2)  # fmt: skip
         elif op == FLUSH:
             cmd = C.flush(nsid)
         elif op == WRITE_ZEROES:
