@@ -183,6 +183,20 @@ class _LoopQueue:
         return self.prp[cid - 1].prps(length)
 
     async def command(self, cid: int, cmd: C.Command) -> int:
+        """Run ``cmd`` as command id ``cid``; completion DW0. A failure the controller marks
+        retryable (DNR = 0) is resubmitted up to ``nvme.retries`` times."""
+        retries = self.nvme.retries
+        for attempt in range(retries + 1):
+            try:
+                return await self._once(cid, cmd)
+            except NvmeError as exc:
+                if exc.status is None or exc.status & C.SF_DNR or attempt == retries:
+                    raise
+                log.warning("%s: %s; retrying (%d of %d)", self.nvme.dev.address, exc,
+                            attempt + 1, retries)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _once(self, cid: int, cmd: C.Command) -> int:
         self.nvme.check_usable()
         fut: asyncio.Future[int] = self.loop.create_future()
         self.waiting[cid] = (fut, time.monotonic(), cmd.opcode)
