@@ -349,14 +349,24 @@ class FakeVector:
 class FakeIrq:
     def __init__(self, msix: int) -> None:
         self.msix = msix
-        self.enabled: list[tuple[str, int]] = []
+        self.calls: list[tuple[str, int]] = []  # enable() calls
+        self.vectors: list[FakeVector] = []
 
     def available(self) -> dict[str, int]:
         return {"msix": self.msix}
 
+    @property
+    def enabled(self) -> str | None:
+        return "msix" if self.vectors else None
+
     def enable(self, kind: str, count: int) -> list[FakeVector]:
-        self.enabled.append((kind, count))
-        return [FakeVector(i) for i in range(count)]
+        assert count <= self.msix and not self.vectors
+        self.calls.append((kind, count))
+        self.vectors = [FakeVector(i) for i in range(count)]
+        return list(self.vectors)
+
+    def disable(self) -> None:
+        self.vectors = []
 
 
 class FakeDevice:
@@ -368,6 +378,10 @@ class FakeDevice:
         self.ctrl, self.config, self.irq = ctrl, FakeConfig(), FakeIrq(msix)
         self.dma = ctrl.dma
         self.closed = False
+        self.bus_master = False
+
+    def set_bus_master(self, on: bool = True) -> None:
+        self.bus_master = on
 
     def bar(self, n: int) -> FakeNvme:
         assert n == 0

@@ -142,7 +142,7 @@ def test_vector_plan(available: int, queues: int, expected: tuple[int, list[int 
 
 def test_fewer_msix_vectors_than_queues_share_and_poll() -> None:
     nvme, ctrl = make(msix=2, queues=3)
-    assert nvme.dev.irq.enabled == [("msix", 2)]
+    assert nvme.dev.irq.calls == [("msix", 2)]
     assert [q.vector.n if q.vector else None for q in nvme.io] == [0, 1, None]
     assert [ctrl.cqs[q].vector for q in (1, 2, 3)] == [0, 1, None]
     assert ctrl.intms == 0  # INTMS is reserved under MSI-X
