@@ -63,6 +63,23 @@ def test_read_write_encodings() -> None:
         C.write(1, 0, 0, 0)
 
 
+@given(
+    opcode=st.sampled_from([C.NVM_READ, C.NVM_WRITE]),
+    cid=st.integers(0, 0xFFFF),
+    nsid=st.integers(0, 0xFFFF_FFFF),
+    slba=st.integers(0, (1 << 64) - 1),
+    nlb=st.integers(1, 0x1_0000),
+    prp1=st.integers(0, (1 << 64) - 1),
+    prp2=st.integers(0, (1 << 64) - 1),
+)
+def test_the_hot_path_read_write_encoding_is_the_same_bytes(
+    opcode: int, cid: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int
+) -> None:
+    buf = bytearray(b"\xaa" * 64)  # every byte must be written
+    C.pack_rw(buf, 0, cid, opcode, nsid, slba, nlb, prp1, prp2)
+    assert bytes(buf) == C.rw(opcode, nsid, slba, nlb, prp1, prp2).to_bytes(cid)
+
+
 def test_flush_write_zeroes_dsm() -> None:
     assert dwords(C.flush(3))[:2] == (C.NVM_FLUSH, 3)
     d = dwords(C.write_zeroes(1, 10, 65536, deallocate=True))

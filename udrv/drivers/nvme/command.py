@@ -162,6 +162,21 @@ def rw(opcode: int, nsid: int, slba: int, nlb: int, prp1: int, prp2: int,
                           (nlb - 1) | control, 0, 0, 0, 0, 0))  # fmt: skip
 
 
+#: A Read or Write SQE with only the fields they use (the rest zero): one ``pack_into`` of
+#: eight values, for the hardware queues' hot path (:func:`pack_rw`).
+_RW = struct.Struct("<BxHI8x8xQQIII12x")
+assert _RW.size == 64
+
+
+def pack_rw(buf: memoryview | bytearray, offset: int, cid: int, opcode: int, nsid: int,
+            slba: int, nlb: int, prp1: int, prp2: int) -> None:  # fmt: skip
+    """Write ``rw(opcode, nsid, slba, nlb, prp1, prp2)`` as the SQE at ``buf[offset:]`` with
+    ``cid``, without building a :class:`Command` (a third of the cost). The caller keeps
+    ``nlb`` within 1..65536 (the tests check both spellings give the same bytes)."""
+    _RW.pack_into(buf, offset, opcode, cid, nsid, prp1, prp2, slba & 0xFFFF_FFFF, slba >> 32,
+                  nlb - 1)  # fmt: skip
+
+
 def flush(nsid: int) -> Command:
     """Flush the volatile write cache (NVM §3.2.2 / Base §7.1)."""
     return Command(NVM_FLUSH, nsid)

@@ -183,6 +183,13 @@ class QueuePair:
             wmb()  # the SQE is in memory before the doorbell makes the controller fetch it
             self.nvme.bar.write32(self.sq_doorbell, self.tail)
 
+    def push_rw(self, opcode: int, cid: int, nsid: int, slba: int, nlb: int, prp1: int,
+                prp2: int) -> None:  # fmt: skip
+        """:meth:`push` a Read or Write (:func:`command.pack_rw`), leaving the doorbell to
+        :meth:`ring_sq_doorbell`: the hardware queues' hot path."""
+        C.pack_rw(self._sq_raw, self.tail * 64, cid, opcode, nsid, slba, nlb, prp1, prp2)
+        self.tail = (self.tail + 1) % self.depth
+
     def ring_sq_doorbell(self) -> None:
         """Hand the controller every SQE pushed so far (SQ tail doorbell, Base §3.1.4.22)."""
         wmb()

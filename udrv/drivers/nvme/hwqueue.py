@@ -23,6 +23,7 @@ from udrv.drivers.nvme.driver import PAGE, Nvme, NvmeError, QueuePair
 
 log = logging.getLogger(__name__)
 GEN_SHIFT, TAG_MASK = 12, 0xFFF  # command id = generation << 12 | tag (tags < 4096)
+_ERROR = C.SF_ERROR_MASK  # a module global: one lookup less per completion
 READ, WRITE, FLUSH, DISCARD, WRITE_ZEROES = map(int, (Op.READ, Op.WRITE, Op.FLUSH, Op.DISCARD,
                                                       Op.WRITE_ZEROES))  # fmt: skip
 
@@ -69,10 +70,11 @@ class NvmeHardwareQueue(HardwareQueue):
         self._base = self.mem.array.ctypes.data
         self._iova = [self.mem.iova + t * max_transfer for t in range(tags)]
         lists = self.mem.array[data:].view("<u8").reshape(tags, PAGE // 8)
-        self._prp = [C.PrpTable(self._iova[t], max_transfer, lists[t], self.mem.iova + data + t * PAGE)
-                     for t in range(tags)]  # fmt: skip
+        self._prps = [C.PrpTable(self._iova[t], max_transfer, lists[t],
+                                 self.mem.iova + data + t * PAGE).prps for t in range(tags)]  # fmt: skip
         self._cid = [-1] * tags  # the command id out for each tag, or -1
-        self._cmd: list[C.Command | None] = [None] * tags  # ... and the command (for retries)
+        self._op = [0] * tags  # its request, to rebuild the command for a retry
+        self._off = [0] * tags
         self._gen = [0] * tags
         self._len = [0] * tags
         self._tries = [0] * tags
@@ -98,22 +100,43 @@ class NvmeHardwareQueue(HardwareQueue):
     def queue_rq(self, tag: int, op: int, offset: int, length: int) -> int | None:
         if self.nvme.failed is not None:
             return -errno.EIO
-        bs, nsid = self.bs, self.nsid
-        if op <= WRITE:
+        gen = (self._gen[tag] + 1) & 0xF
+        cid = gen << GEN_SHIFT | tag
+        if op <= WRITE:  # the hot path: no Command object
             if length > self.buffer_size:
                 return -errno.EINVAL
-            prp1, prp2 = self._prp[tag].prps(length)
-            cmd = C.rw(C.NVM_READ if op == READ else C.NVM_WRITE, nsid, offset // bs,
-                       length // bs, prp1, prp2)  # fmt: skip
-        elif op == FLUSH:
-            cmd = C.flush(nsid)
-        elif op == WRITE_ZEROES:
+            prp1, prp2 = self._prps[tag](length)
+            bs = self.bs
+            self.q.push_rw(C.NVM_READ if op == READ else C.NVM_WRITE, cid, self.nsid,
+                           offset // bs, length // bs, prp1, prp2)  # fmt: skip
+        else:
+            cmd = self._command(tag, op, offset, length)
+            if not isinstance(cmd, C.Command):
+                return cmd
+            self.q.push(cmd, cid, doorbell=False)
+        self._gen[tag], self._cid[tag] = gen, cid
+        self._op[tag], self._off[tag], self._len[tag] = op, offset, length
+        self._tries[tag], self._since[tag], self._aborted[tag] = 0, self._tick, -1
+        self.out += 1
+        self._pushed = True
+        return None
+
+    def _command(self, tag: int, op: int, offset: int, length: int) -> C.Command | int:
+        """Request ``tag`` as a command, or ``-errno`` if it cannot be one."""
+        bs, nsid = self.bs, self.nsid
+        if op <= WRITE:
+            prp1, prp2 = self._prps[tag](length)
+            return C.rw(C.NVM_READ if op == READ else C.NVM_WRITE, nsid, offset // bs,
+                        length // bs, prp1, prp2)  # fmt: skip
+        if op == FLUSH:
+            return C.flush(nsid)
+        if op == WRITE_ZEROES:
             if not self._max_wz:
                 return -errno.EOPNOTSUPP
             if length > self._max_wz:  # the geometry tells ublk the limit (MDTS, 16-bit NLB)
                 return -errno.EINVAL
-            cmd = C.write_zeroes(nsid, offset // bs, length // bs)
-        elif op == DISCARD:  # Dataset Management, Deallocate: ranges in the tag's buffer
+            return C.write_zeroes(nsid, offset // bs, length // bs)
+        if op == DISCARD:  # Dataset Management, Deallocate: ranges in the tag's buffer
             if not self._discard:
                 return -errno.EOPNOTSUPP
             ranges = C.dsm_ranges(offset // bs, length // bs)
@@ -121,18 +144,16 @@ class NvmeHardwareQueue(HardwareQueue):
                 return -errno.EINVAL
             start = tag * self.buffer_size
             nr = C.write_dsm_ranges(self.mem.array[start : start + PAGE], ranges)
-            cmd = C.dsm(nsid, nr, self._iova[tag])
-        else:
-            return -errno.EOPNOTSUPP
-        self._cmd[tag], self._tries[tag] = cmd, 0
-        self._len[tag] = length
-        self._start(tag, cmd)
-        return None
+            return C.dsm(nsid, nr, self._iova[tag])
+        return -errno.EOPNOTSUPP
 
-    def _start(self, tag: int, cmd: C.Command) -> None:
+    def _retry(self, tag: int) -> None:
+        """Submit request ``tag`` again under a new command id."""
+        cmd = self._command(tag, self._op[tag], self._off[tag], self._len[tag])
+        assert isinstance(cmd, C.Command)  # it was accepted the first time
         gen = self._gen[tag] = (self._gen[tag] + 1) & 0xF
         cid = self._cid[tag] = gen << GEN_SHIFT | tag
-        self._since[tag], self._aborted[tag] = self._tick, -1
+        self._since[tag] = self._tick
         self.q.push(cmd, cid, doorbell=False)
         self.out += 1
         self._pushed = True
@@ -154,18 +175,16 @@ class NvmeHardwareQueue(HardwareQueue):
                 continue
             cids[tag] = -1
             self.out -= 1
-            if not status & C.SF_ERROR_MASK:
+            if not status & _ERROR:
                 done.append((tag, self._len[tag]))
                 continue
             aborted = self._aborted[tag] >= 0
             if not aborted and not status & C.SF_DNR and self._tries[tag] < self.nvme.retries:
-                cmd = self._cmd[tag]
-                assert cmd is not None
                 self._tries[tag] += 1
                 self.retried += 1
                 log.warning("%s: I/O command %#06x on queue %d failed (%s); retrying",
                             self.nvme.dev.address, cid, self.q.qid, C.describe_status(status))  # fmt: skip
-                self._start(tag, cmd)
+                self._retry(tag)
                 continue
             log.error("%s: I/O command %#06x on queue %d failed: %s%s", self.nvme.dev.address,
                       cid, self.q.qid, C.describe_status(status),
