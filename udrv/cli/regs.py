@@ -39,25 +39,30 @@ class KnownDevice:
 
 def known_device(vendor: int, device: int, class_code: int) -> KnownDevice | None:
     """The built-in map for a device's ids, or ``None``."""
-    from udrv.drivers.e1000 import regs as e1000
+    # Import only the map that matches: the NIC and NVMe modules pull in numpy, which a
+    # slow (emulated) machine takes seconds to import.
     from udrv.drivers.edu import regs as edu
-    from udrv.drivers.nvme import regs as nvme
 
     if (vendor, device) == (edu.VENDOR_ID, edu.DEVICE_ID):
         return KnownDevice("edu", edu.EduRegs, edu.BAR)
-    if vendor == e1000.VENDOR_ID and device in e1000.DEVICE_IDS:
-        return KnownDevice(f"e1000 ({e1000.DEVICE_IDS[device]})", e1000.E1000Regs, 0)
+    if vendor == 0x8086:  # Intel: e1000.regs.VENDOR_ID
+        from udrv.drivers.e1000 import regs as e1000
+
+        if device in e1000.DEVICE_IDS:
+            return KnownDevice(f"e1000 ({e1000.DEVICE_IDS[device]})", e1000.E1000Regs, 0)
     if class_code == NVME_CLASS:
+        from udrv.drivers.nvme import regs as nvme
+
         return KnownDevice("NVMe", nvme.NvmeRegs, 0)
     return None
 
 
 def bind_map(known: KnownDevice, region: Any) -> RegisterMap:
     """``known.regmap`` bound to ``region`` (NVMe: with the doorbell stride from CAP)."""
-    from udrv.drivers.nvme.regs import NvmeRegs
-
-    if known.regmap is NvmeRegs:
-        return NvmeRegs.for_controller(region)
+    for_controller = getattr(known.regmap, "for_controller", None)
+    if for_controller is not None:
+        regs: RegisterMap = for_controller(region)
+        return regs
     return known.regmap(region)
 
 
