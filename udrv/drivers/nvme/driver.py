@@ -203,30 +203,28 @@ class Nvme(BlockDriver):
         self.bar = device.bar(0)
         self.timeout = timeout
         self.dma = device.dma()
-        cap = self.bar.read64(R.CAP)
-        self.mqes = (cap & R.CAP_MQES_MASK) + 1
+        # 7.6.1 Initialization, through the register map (NVMe Base 2.0, 3.1.3).
+        self.regs = R.NvmeRegs.for_controller(self.bar)
+        cap = self.regs.CAP.decode()
+        self.mqes = cap["MQES"] + 1
         if not 2 <= depth <= self.mqes:
             raise NvmeError(
                 f"queue depth {depth} is outside 2..{self.mqes} (CAP.MQES + 1 of {device.address})"
             )
-        self.ready_timeout = max(((cap >> R.CAP_TO_SHIFT) & R.CAP_TO_MASK) * 0.5, 0.5)
-        self.doorbell_stride = 4 << ((cap >> R.CAP_DSTRD_SHIFT) & R.CAP_DSTRD_MASK)
-        if not cap & R.CAP_CSS_NVM:
+        self.ready_timeout = max(cap["TO"] * 0.5, 0.5)  # CAP.TO is in 500 ms units
+        self.doorbell_stride = 4 << cap["DSTRD"]
+        self.page_size_min = 1 << (12 + cap["MPSMIN"])
+        if not cap["CSS"] & 1:  # CAP.CSS bit 0 (bit 37): NVM command set
             raise NvmeError(f"{device.address} does not support the NVM command set")
         self.sq_heads: dict[int, int] = {}
         self._disable()
         self.admin = QueuePair(self, 0, 32)
-        self.bar.write32(R.AQA, ((32 - 1) << 16) | (32 - 1))
-        self.bar.write64(R.ASQ, self.admin.sq_iova)
-        self.bar.write64(R.ACQ, self.admin.cq_iova)
-        self.bar.write32(
-            R.CC,
-            R.CC_EN
-            | R.CC_CSS_NVM
-            | (0 << R.CC_MPS_SHIFT)
-            | R.CC_AMS_RR
-            | R.CC_IOSQES
-            | R.CC_IOCQES,
+        self.regs.AQA.write_fields(ASQS=32 - 1, ACQS=32 - 1)  # 0's based
+        self.regs.ASQ.write(self.admin.sq_iova)
+        self.regs.ACQ.write(self.admin.cq_iova)
+        # 4 KiB pages (MPS 0), round robin, 64-byte SQEs and 16-byte CQEs (2 ** 6, 2 ** 4).
+        self.regs.CC.write_fields(
+            EN=1, CSS=R.CcCss.NVM, MPS=0, AMS=R.CcAms.ROUND_ROBIN, IOSQES=6, IOCQES=4
         )
         self._wait_ready(True)
         self._scratch = self.dma.alloc(PAGE)
@@ -272,18 +270,21 @@ class Nvme(BlockDriver):
     # -- controller state (7.6.1, 7.6.2) -----------------------------------------------------
 
     def _disable(self) -> None:
-        cc = self.bar.read32(R.CC)
-        if cc & R.CC_EN:
-            self.bar.write32(R.CC, cc & ~R.CC_EN)
+        cc = self.regs.CC.read()
+        if R.NvmeRegs.CC.fields["EN"].get(cc):
+            self.regs.CC.write(R.NvmeRegs.CC.encode(cc, EN=0))
         self._wait_ready(False)
 
     def _wait_ready(self, ready: bool) -> None:
         try:
-            self.bar.poll32(R.CSTS, R.CSTS_RDY, R.CSTS_RDY if ready else 0,
-                            timeout=self.ready_timeout, name="CSTS")  # fmt: skip
+            self.regs.CSTS.poll(RDY=int(ready), timeout=self.ready_timeout)
         except PollTimeout:
-            csts = self.bar.read32(R.CSTS)
-            why = "controller fatal status (CSTS.CFS)" if csts & R.CSTS_CFS else f"CSTS={csts:#x}"
+            csts = self.regs.CSTS.read()
+            why = (
+                "controller fatal status (CSTS.CFS)"
+                if R.NvmeRegs.CSTS.fields["CFS"].get(csts)
+                else R.NvmeRegs.CSTS.format(csts)
+            )
             raise NvmeError(f"{self.dev.address} did not become {'ready' if ready else 'disabled'} "
                             f"within CAP.TO = {self.ready_timeout:g} s: {why}") from None  # fmt: skip
 
@@ -292,10 +293,8 @@ class Nvme(BlockDriver):
         for q in reversed(self.io):
             self.admin.submit(R.ADMIN_DELETE_SQ, cdw10=q.qid)
             self.admin.submit(R.ADMIN_DELETE_CQ, cdw10=q.qid)
-        cc = self.bar.read32(R.CC)
-        self.bar.write32(R.CC, (cc & ~R.CC_SHN_MASK) | R.CC_SHN_NORMAL)
-        self.bar.poll32(R.CSTS, R.CSTS_SHST_MASK, R.CSTS_SHST_COMPLETE, timeout=self.ready_timeout,
-                        name="CSTS.SHST")  # fmt: skip
+        self.regs.CC.set(SHN=R.CcShn.NORMAL)
+        self.regs.CSTS.poll(SHST=R.CstsShst.COMPLETE, timeout=self.ready_timeout)
 
     # -- identify (5.15) -----------------------------------------------------------------------
 
@@ -305,11 +304,10 @@ class Nvme(BlockDriver):
 
     def identify_controller(self) -> Controller:
         d = self._identify(R.CNS_CONTROLLER)
-        mps_min = 1 << (12 + ((self.bar.read64(R.CAP) >> R.CAP_MPSMIN_SHIFT) & 0xF))
-        mdts = d[77]
+        mdts = d[77]  # in units of CAP.MPSMIN pages
         return Controller(
             vid=int.from_bytes(d[0:2], "little"), serial=_text(d[4:24]), model=_text(d[24:64]),
-            firmware=_text(d[64:72]), mdts=(1 << mdts) * mps_min if mdts else 0,
+            firmware=_text(d[64:72]), mdts=(1 << mdts) * self.page_size_min if mdts else 0,
             namespaces=int.from_bytes(d[516:520], "little"),
         )  # fmt: skip
 
