@@ -62,6 +62,7 @@ from __future__ import annotations
 import enum
 import itertools
 import re
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, overload
@@ -690,6 +691,8 @@ class BoundRegisterArray:
         return f"<BoundRegisterArray {self.array.name} of {self.regs.region.name}>"
 
 
+#: What a bound map sets on itself; a register cannot have these names.
+_INSTANCE_ATTRS = frozenset({"region", "base", "arrays"})
 _ELEMENT = re.compile(r"^(\w+)[(\[](\d+)[)\]]$")
 
 
@@ -762,6 +765,36 @@ class RegisterMap:
             layout[name] = (layout[name][0], stride)
         layout.update(arrays or {})
         self.arrays: dict[str, tuple[int, int]] = layout
+
+    @classmethod
+    def define(
+        cls,
+        name: str,
+        registers: Mapping[str, Register | RegisterArray],
+        *,
+        size: int | None = None,
+        doc: str = "",
+    ) -> type[RegisterMap]:
+        """A map described by data rather than by a ``class`` statement: what an importer
+        of register descriptions (SystemRDL, IP-XACT) returns. The same checks run as for a
+        class (overlaps, ``SIZE``), and names are given to the registers as attributes.
+
+        Args:
+            name: the map's (class) name, e.g. the description's top block.
+            registers: attribute name -> :class:`Register` or :class:`RegisterArray`; the
+                names must be Python identifiers (``regs.STATUS``).
+            size: bytes the map spans (checked), or ``None``.
+            doc: the description's text.
+
+        Raises:
+            TypeError: overlapping registers or one past ``size`` (from the class checks).
+            ValueError: a name that is not an identifier or clashes with the map's API.
+        """
+        for key in registers:
+            if not key.isidentifier() or hasattr(RegisterMap, key) or key in _INSTANCE_ATTRS:
+                raise ValueError(f"register map {name}: {key!r} cannot be a register name")
+        namespace: dict[str, Any] = {"SIZE": size, "__doc__": doc, **registers}
+        return types.new_class(name, (cls,), exec_body=lambda ns: ns.update(namespace))
 
     @classmethod
     def at(cls, offset: int) -> Register | None:
