@@ -486,13 +486,16 @@ class BoundRegister:
     The access rules of the map are checked before anything reaches the device.
     """
 
-    __slots__ = ("_read", "_write", "offset", "reg", "region")
+    __slots__ = ("_read", "_read_ok", "_write", "_write_ok", "offset", "reg", "region")
 
     def __init__(self, reg: Register, region: Region, offset: int) -> None:
         self.reg, self.region, self.offset = reg, region, offset
-        # The region's exact-width accessors, looked up once (MmioRegion's are the fast ones).
+        # The region's exact-width accessors and the access rules, looked up once:
+        # read()/write() then cost one check and one call more than the region's own.
         self._read: Callable[[int], int] = getattr(region, f"read{reg.bits}")
         self._write: Callable[[int, int], None] = getattr(region, f"write{reg.bits}")
+        self._read_ok = reg.access != "wo"
+        self._write_ok = reg.access not in ("ro", "rc")
 
     @property
     def name(self) -> str:
@@ -510,7 +513,7 @@ class BoundRegister:
         Raises:
             RegionError: the register is write-only, or the access fails.
         """
-        if self.reg.access == "wo":
+        if not self._read_ok:
             raise self._refuse("reading", "write-only (reads return undefined data)")
         return self._read(self.offset)
 
@@ -521,7 +524,7 @@ class BoundRegister:
             RegionError: the register is read-only or read-to-clear, or the value does not
                 fit.
         """
-        if self.reg.access in ("ro", "rc"):
+        if not self._write_ok:
             raise self._refuse("writing", "read-only")
         self._write(self.offset, value)
 
