@@ -16,26 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_lab
 from tests.docs.mdrun import Block, blocks, missing_lines
-from udrv.errors import LabSetupError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose every block runs (the README's quick start is checked separately).
 TUTORIALS = [ROOT / "docs" / "tutorial-first-driver.md"]
 BLOCK_TIMEOUT = 600
-
-
-def _lab_or_skip() -> None:
-    from udrv.lab.paths import installed
-
-    if os.environ.get("UDRV_LAB") == "1":
-        pytest.skip("the docs boot their own lab guests; they run on the host")
-    try:
-        installed()
-    except LabSetupError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the docs did not run under CI=true: {exc}", pytrace=False)
-        pytest.skip(f"lab not available ({exc}); run `udrv lab setup` to run the docs")
 
 
 def _shell_blocks() -> list[tuple[Path, Block]]:
@@ -83,7 +70,7 @@ def _run(doc: Path, block: Block) -> subprocess.CompletedProcess[str]:
 def test_tutorial_block(doc: Path, block: Block) -> None:
     if block.not_run:
         pytest.skip(f"not run: {block.not_run}")
-    _lab_or_skip()
+    require_lab()
     res = _run(doc, block)
     shown = f"$ {block.code}\n--- stdout\n{res.stdout[-6000:]}\n--- stderr\n{res.stderr[-6000:]}"
     assert res.returncode == 0, f"{block.where(doc)} exited {res.returncode}\n{shown}"
@@ -106,7 +93,7 @@ def test_readme_quick_start() -> None:
     first = next(b for b in blocks(ROOT / "README.md", strict=False) if b.lang == "sh")
     commands = [ln.split("#")[0].strip() for ln in first.code.splitlines() if ln.strip()]
     assert commands == ["make demo", "make test"]
-    _lab_or_skip()
+    require_lab()
     res = subprocess.run(
         ["make", "demo"],
         cwd=ROOT,

@@ -48,6 +48,7 @@ class E1000:
                 f"ring sizes must be multiples of 8 in 8..4096, not {rx_ring}/{tx_ring}"
             )
         self.bar = device.bar(0)
+        self.regs = R.E1000Regs(self.bar)  # bring-up; the data path uses the flat offsets
         self.model = R.DEVICE_IDS[dev_id]
         self.stats: dict[str, int] = dict.fromkeys([*R.STATS, *R.STATS64], 0)
         self.dropped_tx = 0
@@ -73,60 +74,60 @@ class E1000:
             from udrv import irq
 
             self.irq = irq.enable(device, interrupts)[0]
-            self.bar.write32(R.ITR, max(1, itr_us * 1000 // 256))
-            self.bar.write32(R.IMS, R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0 | R.ICR_LSC | R.ICR_TXDW)
-        self.bar.write32(R.CTRL, self.bar.read32(R.CTRL) | R.CTRL_SLU | R.CTRL_ASDE)
+            self.regs.ITR.write_fields(INTERVAL=max(1, itr_us * 1000 // 256))  # 256 ns units
+            self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1, TXDW=1)
+        self.regs.CTRL.set(SLU=1, ASDE=1)
 
     # -- bring-up (SDM 14) -----------------------------------------------------------------
 
     def reset(self) -> None:
         """Global reset (SDM 14.9): mask interrupts, set CTRL.RST, wait for it to clear."""
-        self.bar.write32(R.IMC, 0xFFFFFFFF)
-        self.bar.write32(R.CTRL, self.bar.read32(R.CTRL) | R.CTRL_RST)
+        self.regs.IMC.write(0xFFFFFFFF)
+        self.regs.CTRL.set(RST=1)
         time.sleep(0.001)  # "at least 1 us" before touching registers again
-        self.bar.poll32(R.CTRL, R.CTRL_RST, 0, timeout=1.0, name="CTRL")
-        self.bar.write32(R.IMC, 0xFFFFFFFF)  # 14.4: interrupts masked again after reset
-        self.bar.read32(R.ICR)
+        self.regs.CTRL.poll(RST=0, timeout=1.0)
+        self.regs.IMC.write(0xFFFFFFFF)  # 14.4: interrupts masked again after reset
+        self.regs.ICR.read()  # read-to-clear: drop causes from before the reset
 
     def read_eeprom(self, word: int) -> int:
         """One EEPROM word through EERD (SDM 13.4.4; 5.6: words 0-2 hold the MAC)."""
-        self.bar.write32(R.EERD, (word << R.EERD_ADDR_SHIFT) | R.EERD_START)
-        v = self.bar.poll32(R.EERD, R.EERD_DONE, R.EERD_DONE, timeout=0.5, name="EERD")
-        return v >> R.EERD_DATA_SHIFT
+        self.regs.EERD.write_fields(ADDR=word, START=1)
+        v = self.regs.EERD.poll(DONE=1, timeout=0.5)
+        return R.E1000Regs.EERD.fields["DATA"].get(v)
 
     def read_mac(self) -> bytes:
         """The station address: RAL0/RAH0 as loaded from the EEPROM, else the EEPROM itself."""
-        ral, rah = self.bar.read32(R.RAL0), self.bar.read32(R.RAH0)
-        if rah & R.RAH_AV:
-            return ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")
+        ral, rah = self.regs.RAL(0).read(), self.regs.RAH(0).decode()
+        if rah["AV"]:
+            return ral.to_bytes(4, "little") + rah["RAH"].to_bytes(2, "little")
         words = [self.read_eeprom(i) for i in range(3)]
         return b"".join(w.to_bytes(2, "little") for w in words)
 
     def set_mac(self, mac: bytes) -> None:
-        self.bar.write32(R.RAL0, int.from_bytes(mac[:4], "little"))
-        self.bar.write32(R.RAH0, int.from_bytes(mac[4:6], "little") | R.RAH_AV)
+        self.regs.RAL(0).write(int.from_bytes(mac[:4], "little"))
+        self.regs.RAH(0).write_fields(RAH=int.from_bytes(mac[4:6], "little"), AV=1)
         self.mac = bytes(mac)
 
     def _init_rx(self, promiscuous: bool) -> None:
         """SDM 14.4: receive initialization."""
         for i in range(R.MTA_COUNT):
-            self.bar.write32(R.MTA + 4 * i, 0)
+            self.regs.MTA(i).write(0)
         self.rx[:] = 0
         self.rx["addr"] = (
             self._rx_mem.iova + self.nrx * 16 + np.arange(self.nrx, dtype=np.uint64) * BUF_SIZE
         )
         base = self._rx_mem.iova
-        self.bar.write32(R.RDBAL, base & 0xFFFFFFFF)
-        self.bar.write32(R.RDBAH, base >> 32)
-        self.bar.write32(R.RDLEN, self.nrx * 16)
-        self.bar.write32(R.RDH, 0)
-        self.bar.write32(R.RDT, self.nrx - 1)  # all but one descriptor belong to the NIC
+        self.regs.RDBAL.write(base & 0xFFFFFFFF)
+        self.regs.RDBAH.write(base >> 32)
+        self.regs.RDLEN.write(self.nrx * 16)
+        self.regs.RDH.write(0)
+        self.regs.RDT.write(self.nrx - 1)  # all but one descriptor belong to the NIC
         self.rx_next = 0
-        self.bar.write32(R.RDTR, 0)
-        rctl = R.RCTL_EN | R.RCTL_BAM | R.RCTL_SECRC | R.RCTL_BSIZE_2048
-        if promiscuous:
-            rctl |= R.RCTL_UPE | R.RCTL_MPE
-        self.bar.write32(R.RCTL, rctl)
+        self.regs.RDTR.write(0)
+        p = int(promiscuous)
+        self.regs.RCTL.write_fields(
+            EN=1, BAM=1, SECRC=1, BSIZE=R.RctlBsize.B2048, UPE=p, MPE=p
+        )  # BSIZE with BSEX = 0: 2048-byte buffers
 
     def _init_tx(self) -> None:
         """SDM 14.5: transmit initialization."""
@@ -136,16 +137,15 @@ class E1000:
         )
         self.tx["status"] = R.TXD_STAT_DD  # all free
         base = self._tx_mem.iova
-        self.bar.write32(R.TDBAL, base & 0xFFFFFFFF)
-        self.bar.write32(R.TDBAH, base >> 32)
-        self.bar.write32(R.TDLEN, self.ntx * 16)
-        self.bar.write32(R.TDH, 0)
-        self.bar.write32(R.TDT, 0)
+        self.regs.TDBAL.write(base & 0xFFFFFFFF)
+        self.regs.TDBAH.write(base >> 32)
+        self.regs.TDLEN.write(self.ntx * 16)
+        self.regs.TDH.write(0)
+        self.regs.TDT.write(0)
         self.tx_tail = 0
-        self.bar.write32(R.TIPG, R.TIPG_DEFAULT)
-        self.bar.write32(
-            R.TCTL, R.TCTL_EN | R.TCTL_PSP | (0x0F << R.TCTL_CT_SHIFT) | (0x40 << R.TCTL_COLD_SHIFT)
-        )
+        self.regs.TIPG.write_fields(IPGT=10, IPGR1=8, IPGR2=6)  # 802.3 copper (14.5)
+        # 14.5: collision threshold 0Fh, collision distance 40h (full duplex).
+        self.regs.TCTL.write_fields(EN=1, PSP=1, CT=0x0F, COLD=0x40)
 
     # -- promiscuous / multicast -------------------------------------------------------------
 

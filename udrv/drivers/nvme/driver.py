@@ -273,36 +273,33 @@ class Nvme(BlockDriver):
         self.timeout, self.admin_timeout, self.retries = timeout, admin_timeout, retries
         self.failed: str | None = None
         self.dma = device.dma()
-        cap = self.bar.read64(R.CAP)
-        if cap == ALL_ONES_64:
+        # Base §3.5.1 Initialization, through the register map (Base 2.0 §3.1.3).
+        self.regs = R.NvmeRegs.for_controller(self.bar)
+        if self.bar.read64(R.CAP) == ALL_ONES_64:
             raise NvmeRemovedError(f"{device.address}: CAP reads all-ones: the device is gone "
                                    "(removed, powered off or its link is down)")  # fmt: skip
-        self.mqes = (cap & R.CAP_MQES_MASK) + 1
+        cap = self.regs.CAP.decode()
+        self.mqes = cap["MQES"] + 1
         if not 2 <= depth <= self.mqes:
             raise NvmeError(
                 f"queue depth {depth} is outside 2..{self.mqes} (CAP.MQES + 1 of {device.address})"
             )
-        self.ready_timeout = max(((cap >> R.CAP_TO_SHIFT) & R.CAP_TO_MASK) * 0.5, 0.5)
-        self.doorbell_stride = 4 << ((cap >> R.CAP_DSTRD_SHIFT) & R.CAP_DSTRD_MASK)
-        if not cap & R.CAP_CSS_NVM:
+        self.ready_timeout = max(cap["TO"] * 0.5, 0.5)  # CAP.TO is in 500 ms units
+        self.doorbell_stride = 4 << cap["DSTRD"]
+        if not cap["CSS"] & 1:  # CAP.CSS bit 0 (bit 37): NVM command set
             raise NvmeError(f"{device.address} does not support the NVM command set")
-        self.mps_min = 1 << (12 + ((cap >> R.CAP_MPSMIN_SHIFT) & 0xF))
+        self.mps_min = 1 << (12 + cap["MPSMIN"])
         check_page_size(device.address, self.mps_min)
         self.version = self.bar.read32(R.VS)
         self.sq_heads: dict[int, int] = {}
         self._disable()
         self.admin = QueuePair(self, 0, 32)
-        self.bar.write32(R.AQA, ((32 - 1) << 16) | (32 - 1))
-        self.bar.write64(R.ASQ, self.admin.sq_iova)
-        self.bar.write64(R.ACQ, self.admin.cq_iova)
-        self.bar.write32(
-            R.CC,
-            R.CC_EN
-            | R.CC_CSS_NVM
-            | (0 << R.CC_MPS_SHIFT)
-            | R.CC_AMS_RR
-            | R.CC_IOSQES
-            | R.CC_IOCQES,
+        self.regs.AQA.write_fields(ASQS=32 - 1, ACQS=32 - 1)  # 0's based
+        self.regs.ASQ.write(self.admin.sq_iova)
+        self.regs.ACQ.write(self.admin.cq_iova)
+        # 4 KiB pages (MPS 0), round robin, 64-byte SQEs and 16-byte CQEs (2 ** 6, 2 ** 4).
+        self.regs.CC.write_fields(
+            EN=1, CSS=R.CcCss.NVM, MPS=0, AMS=R.CcAms.ROUND_ROBIN, IOSQES=6, IOCQES=4
         )
         self._wait_ready(True)
         self._scratch = self.dma.alloc(PAGE)
@@ -346,15 +343,14 @@ class Nvme(BlockDriver):
     # -- controller state (Base §3.5.1, §3.6) --------------------------------------------------
 
     def _disable(self) -> None:
-        cc = self.bar.read32(R.CC)
-        if cc & R.CC_EN:
-            self.bar.write32(R.CC, cc & ~R.CC_EN)
+        cc = self.regs.CC.read()
+        if R.NvmeRegs.CC.fields["EN"].get(cc):
+            self.regs.CC.write(R.NvmeRegs.CC.encode(cc, EN=0))
         self._wait_ready(False)
 
     def _wait_ready(self, ready: bool) -> None:
         try:
-            self.bar.poll32(R.CSTS, R.CSTS_RDY, R.CSTS_RDY if ready else 0,
-                            timeout=self.ready_timeout, name="CSTS")  # fmt: skip
+            self.regs.CSTS.poll(RDY=int(ready), timeout=self.ready_timeout)
         except PollTimeout:
             what = f"{self.dev.address} did not become {'ready' if ready else 'disabled'} within CAP.TO = {self.ready_timeout:g} s"
             self.check_csts(what)
