@@ -48,9 +48,17 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the connection is closed."""
 
 
+# Errnos the wire lacks, sent as the nearest one it has (as nbdkit's server does); the rest
+# become EIO. proto.md "Error values" lists what may be sent.
+_NEAREST_WIRE_ERRNO = {errno.EROFS: N.NBD_EPERM, errno.EDQUOT: N.NBD_ENOSPC,
+                       errno.EFBIG: N.NBD_ENOSPC}  # fmt: skip
+
+
 def _wire_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno in N.WIRE_ERRNOS:
         return int(exc.errno)
+    if isinstance(exc, OSError) and exc.errno in _NEAREST_WIRE_ERRNO:
+        return _NEAREST_WIRE_ERRNO[exc.errno]
     if isinstance(exc, FrontendError):
         return N.NBD_EINVAL
     return N.NBD_EIO
@@ -63,7 +71,7 @@ class Transmission:
                  writer: asyncio.StreamWriter, *, read_only: bool = False, name: str = "nbd") -> None:  # fmt: skip
         self.driver, self.reader, self.writer = driver, reader, writer
         self.geometry = driver.geometry
-        self.read_only, self.name = read_only, name
+        self.read_only, self.name = read_only or self.geometry.read_only, name
         self.tasks: set[asyncio.Task[None]] = set()
         self.requests = 0
 
@@ -198,7 +206,7 @@ def _transmission_flags(driver: BlockDriver, read_only: bool) -> int:
     flags |= N.NBD_FLAG_SEND_WRITE_ZEROES | N.NBD_FLAG_CAN_MULTI_CONN
     if g.discard:
         flags |= N.NBD_FLAG_SEND_TRIM
-    if read_only:
+    if read_only or g.read_only:
         flags |= N.NBD_FLAG_READ_ONLY
     return flags
 
