@@ -1,0 +1,118 @@
+"""`udrv plugin serve`: plugins written for nbdkit's Python API as /dev/ublkbN in the lab.
+
+The RAM plugin of examples/plugins/ram.py (64 MiB) takes mkfs.ext4, a mount and an fio
+verify job; a plugin's nbdkit.set_error() errno reaches the application through ublk as far
+as the block layer carries it (errno_to_blk_status in block/blk-core.c).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab(cpus=2)
+ROOT = Path(__file__).resolve().parents[2]
+RAM_PLUGIN = ROOT / "examples" / "plugins" / "ram.py"
+FAILING_PLUGIN = ROOT / "tests" / "host" / "data" / "plugins" / "failing.py"
+
+
+def sh(cmd: str, timeout: float = 300) -> str:
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+class Served:
+    """`udrv plugin serve PLUGIN ...` in a subprocess; ``path`` is the disk it printed."""
+
+    def __init__(self, *args: str) -> None:
+        subprocess.run(["modprobe", "ublk_drv"], check=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "udrv", "plugin", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None
+        self.path = self.proc.stdout.readline().strip()
+        assert re.fullmatch(r"/dev/ublkb\d+", self.path), self.proc.communicate(timeout=30)[1]
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.path):
+            assert time.monotonic() < deadline, f"{self.path} did not appear"
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        deadline = time.monotonic() + 10
+        while os.path.exists(self.path):
+            assert time.monotonic() < deadline, f"{self.path} stayed after the plugin stopped"
+            time.sleep(0.05)
+        return err
+
+
+def test_ram_plugin_takes_mkfs_mount_and_fio_verify(tmp_path: Path) -> None:
+    srv = Served(str(RAM_PLUGIN), "size=64M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert srv.path == "/dev/ublkb0"  # the first disk of a fresh guest
+        assert int(sh(f"blockdev --getsize64 {srv.path}")) == 64 << 20
+        sh(f"mkfs.ext4 -q -F {srv.path}")
+        sh(f"mount {srv.path} {mnt}")
+        try:
+            out = sh(f"fio --name=v --directory={mnt} --size=16M --rw=randwrite --bs=4k "
+                     "--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c "
+                     "--verify_fatal=1 --output-format=json")  # fmt: skip
+            job = json.loads(out[out.index("{") :])["jobs"][0]
+            assert job["error"] == 0 and job["write"]["total_ios"] == 4096
+            assert job["read"]["total_ios"] == 4096  # the verify pass read every block back
+            (mnt / "note").write_bytes(os.urandom(1 << 20))
+            want = (mnt / "note").read_bytes()
+        finally:
+            sh(f"umount {mnt}")
+        sh(f"fsck.ext4 -n -f {srv.path}")
+        sh(f"mount {srv.path} {mnt}")  # what the plugin holds, read back through a new mount
+        try:
+            assert (mnt / "note").read_bytes() == want
+        finally:
+            sh(f"umount {mnt}")
+    finally:
+        err = srv.stop()
+    assert "ram.py (67108864 bytes, 512-byte blocks, serialize_all_requests)" in err
+    assert "udrv: stopped" in err
+
+
+@pytest.mark.parametrize(
+    "error, seen",
+    [
+        ("ENOSPC", errno.ENOSPC),  # BLK_STS_NOSPC
+        ("ETIMEDOUT", errno.ETIMEDOUT),  # BLK_STS_TIMEOUT
+        ("ENODATA", errno.ENODATA),  # BLK_STS_MEDIUM
+        ("EROFS", errno.EIO),  # no blk_status for it: BLK_STS_IOERR
+        ("none", errno.EIO),  # no set_error(): EIO, as nbdkit
+    ],
+)
+def test_set_error_reaches_the_application(error: str, seen: int) -> None:
+    srv = Served(str(FAILING_PLUGIN), "fail=pread", f"error={error}", "at=64K")
+    try:
+        fd = os.open(srv.path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
+        try:
+            with pytest.raises(OSError) as exc:
+                os.preadv(fd, [buf], 64 << 10)
+            assert exc.value.errno == seen, exc.value
+            assert os.preadv(fd, [buf], 0) == 4096  # the disk lives on
+        finally:
+            os.close(fd)
+            buf.close()
+    finally:
+        err = srv.stop()
+    assert "pread() failed: pread fails here, as configured" in err
