@@ -86,21 +86,28 @@ def stop(proc: subprocess.Popen[str]) -> None:
     proc.wait(60)
 
 
-def nbdkit(args: list[str], sock: Path, dev: str) -> subprocess.Popen[str]:
+def nbdkit(args: list[str], sock: Path, dev: str) -> subprocess.Popen[bytes]:
     """``nbdkit ARGS`` on ``sock``, attached to ``dev`` by nbd-client (the kernel's client)."""
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), *args], text=True)
-    for _ in range(200):
-        if sock.exists():
+    sock.unlink(missing_ok=True)
+    pidfile = sock.with_suffix(".pid")  # nbdkit writes it once it accepts connections
+    pidfile.unlink(missing_ok=True)
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "-P", str(pidfile), *args])
+    for _ in range(400):
+        if pidfile.exists() or proc.poll() is not None:
             break
         time.sleep(0.05)
-    sh(f"nbd-client -unix {sock} {dev} -b 512 -nonetlink")
+    sh(f"nbd-client -unix {sock} {dev} -N '' -b 512 -nonetlink")
     return proc
 
 
-def nbdkit_stop(proc: subprocess.Popen[str], dev: str) -> None:
+def nbdkit_stop(proc: subprocess.Popen[bytes], dev: str) -> None:
     sh(f"nbd-client -d {dev}")
     proc.terminate()
     proc.wait(60)
+    for _ in range(200):  # the device is free again when its pid file is gone
+        if not Path(f"/sys/block/{Path(dev).name}/pid").exists():
+            break
+        time.sleep(0.05)
 
 
 def main() -> int:
@@ -117,11 +124,11 @@ def main() -> int:
     if "nbdkit" in ONLY:  # (e) first: it needs no device binding
         sh("modprobe ublk_drv && modprobe nbd nbds_max=8")
         sock, nbd_dev = Path("/tmp/nbdkit.sock"), "/dev/nbd7"  # udrv takes the first free one
-        proc = nbdkit(["python", str(RAM_PLUGIN), "size=64M"], sock, nbd_dev)
+        kit = nbdkit(["python", str(RAM_PLUGIN), "size=64M"], sock, nbd_dev)
         try:
-            run("nbdkit python / nbd-client", nbd_dev, NBDKIT_JOBS, proc.pid)
+            run("nbdkit python / nbd-client", nbd_dev, NBDKIT_JOBS, kit.pid)
         finally:
-            nbdkit_stop(proc, nbd_dev)
+            nbdkit_stop(kit, nbd_dev)
         for front in ("ublk", "nbd"):
             proc, dev = serve(["plugin", "serve", str(RAM_PLUGIN), "size=64M", "--frontend",
                                front, "--depth", "32"])  # fmt: skip
@@ -129,11 +136,11 @@ def main() -> int:
                 run(f"udrv plugin / {front}", dev, NBDKIT_JOBS, proc.pid)
             finally:
                 stop(proc)
-        proc = nbdkit(["memory", "64M"], sock, nbd_dev)
+        kit = nbdkit(["memory", "64M"], sock, nbd_dev)
         try:
-            run("nbdkit memory (C) / nbd-client", nbd_dev, NULL_JOBS, proc.pid)
+            run("nbdkit memory (C) / nbd-client", nbd_dev, NULL_JOBS, kit.pid)
         finally:
-            nbdkit_stop(proc, nbd_dev)
+            nbdkit_stop(kit, nbd_dev)
         if "ram" not in ONLY:
             proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32"])
             try:

@@ -156,13 +156,47 @@ def test_bad_plugins_are_refused(tmp_path: Path, source: str, message: str) -> N
         load(path)
 
 
-def test_sizes_the_frontends_cannot_serve_are_refused() -> None:
-    big = load(PLUGINS / "s3like.py", ["bucket=b", "key=big", "size=4M", "object-size=1M"])
-    with pytest.raises(PluginError, match="minimum 1048576 is over 4096"):
-        open_driver(big)
+def test_sizes_the_frontends_cannot_serve_are_refused(tmp_path: Path) -> None:
     tiny = load(EXAMPLES / "ram.py", ["size=100"])
     with pytest.raises(PluginError, match=r"get_size\(\) returned 100"):
         open_driver(tiny)
+    odd = tmp_path / "odd.py"
+    odd.write_text("API_VERSION = 2\ndef open(ro): return 1\ndef get_size(h): return 1 << 20\n"
+                   "def block_size(h): return (4096, 4096, 512)\n"
+                   "def pread(h, b, o, f): pass\n")  # fmt: skip
+    with pytest.raises(PluginError, match="minimum 4096, maximum 512"):
+        open_driver(load(odd))
+
+
+def test_objects_larger_than_a_block_are_read_modify_written(tmp_path: Path) -> None:
+    """The S3 plugin's block_size() is its object size (here 64K): the disk gets 4K blocks and
+    the driver reads and writes whole objects, even with partial writes to one object in
+    flight at once on a PARALLEL plugin."""
+    s3 = load(PLUGINS / "s3like.py", ["bucket=b", "key=rmw", "size=1M", "object-size=64K",
+                                      "latency=0.01"])  # fmt: skip
+    driver = open_driver(s3, threads=8)
+    assert driver.geometry.block_size == 4096 and driver.granule == 65536
+    objects = s3.module.BUCKETS[("b", "rmw")]
+    with serve(driver, tmp_path) as server:
+        c = connected(server)
+        blocks = {i: os.urandom(4096) for i in range(16)}  # all of object 0, 4K at a time
+        for i, data in blocks.items():
+            c.s.sendall(N.REQUEST.pack(N.NBD_REQUEST_MAGIC, 0, N.NBD_CMD_WRITE, i, i * 4096,
+                                       4096) + data)  # fmt: skip
+        for _ in blocks:
+            assert N.REPLY.unpack(c.recv(N.REPLY.size))[1] == 0
+        assert objects[0] == b"".join(blocks[i] for i in range(16))  # no write was lost
+        assert c.request(N.NBD_CMD_WRITE, 65536 + 512, 1024, b"p" * 1024) == (0, b"")
+        assert objects[1] == bytes(512) + b"p" * 1024 + bytes(65536 - 1536)
+        assert c.request(N.NBD_CMD_READ, 65536, 2048) == (0, bytes(512) + b"p" * 1024 + bytes(512))
+        assert c.request(N.NBD_CMD_TRIM, 4096, 4096) == (0, b"")  # part of an object: kept
+        assert sorted(objects) == [0, 1]
+        assert c.request(N.NBD_CMD_TRIM, 65536, 65536) == (0, b"")  # a whole one: deleted
+        assert sorted(objects) == [0]
+        assert c.request(N.NBD_CMD_WRITE_ZEROES, 8192, 4096) == (0, b"")  # partial: RMW
+        assert objects[0][8192:12288] == bytes(4096) and objects[0][:8192] == blocks[0] + blocks[1]
+        c.close()
+    driver.close()
 
 
 def test_geometry_follows_the_can_queries() -> None:

@@ -116,3 +116,48 @@ def test_set_error_reaches_the_application(error: str, seen: int) -> None:
     finally:
         err = srv.stop()
     assert "pread() failed: pread fails here, as configured" in err
+
+
+def _certificates(d: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1/localhost, in nbdkit's layout."""
+    sh(f"cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem"
+       " -days 2 -subj '/CN=udrv lab CA' -addext basicConstraints=critical,CA:TRUE"
+       " -addext keyUsage=critical,keyCertSign"
+       " && openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr"
+       " -subj /CN=localhost"
+       " && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n'"
+       " > ext.cnf && openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem"
+       " -CAcreateserial -out server-cert.pem -days 2 -extfile ext.cnf")  # fmt: skip
+
+
+def test_nbd_client_over_tls(tmp_path: Path) -> None:
+    """The kernel's NBD client through nbd-client's TLS, to `udrv plugin serve --tls=require`."""
+    _certificates(tmp_path)
+    subprocess.run(["modprobe", "nbd", "nbds_max=4"], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "udrv", "plugin", "serve", str(RAM_PLUGIN),
+                             "size=16M", "--frontend", "nbd", "--listen", "127.0.0.1:10809",
+                             "--tls=require", "--tls-certificates", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    uri = proc.stdout.readline().strip()
+    dev = "/dev/nbd1"
+    try:
+        assert uri == "nbds://127.0.0.1:10809/", proc.communicate(timeout=30)[1]
+        plain = subprocess.run(["nbd-client", "127.0.0.1", "10809", dev, "-N", "", "-nonetlink"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert plain.returncode != 0  # TLS is required
+        sh(f"nbd-client 127.0.0.1 10809 {dev} -N '' -x -A {tmp_path}/ca-cert.pem -H localhost "
+           "-b 512 -nonetlink")  # fmt: skip
+        try:
+            assert int(sh(f"blockdev --getsize64 {dev}")) == 16 << 20
+            data = tmp_path / "data"
+            data.write_bytes(os.urandom(4 << 20))
+            sh(f"dd if={data} of={dev} bs=1M oflag=direct")
+            sh(f"dd if={dev} of={tmp_path}/back bs=1M count=4 iflag=direct")
+            assert (tmp_path / "back").read_bytes() == data.read_bytes()
+        finally:
+            sh(f"nbd-client -d {dev}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err

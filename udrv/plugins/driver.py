@@ -57,6 +57,7 @@ class PluginDriver(BlockDriver):
 
     def __init__(self, plugin: Plugin, *, readonly: bool = False) -> None:
         self.plugin = plugin
+        self._rmw_lock = threading.Lock()
         self._lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext()
             if plugin.thread_model == nbdkit.THREAD_MODEL_PARALLEL
@@ -79,21 +80,33 @@ class PluginDriver(BlockDriver):
         except OSError as exc:
             raise PluginError(f"{exc.strerror}; cannot serve {p.path}") from None
         minimum, _preferred, maximum = (int(v) for v in p.ask("block_size", h, (1, 4096, 0)))
+        if minimum < 1 or (maximum and maximum < minimum):
+            raise PluginError(f"{p.name}: block_size() returned minimum {minimum}, maximum "
+                              f"{maximum}: need 1 <= minimum <= maximum")  # fmt: skip
+        # The plugin's granule: requests must be whole multiples of it. Up to 4096 (a power of
+        # two) it is the disk's logical block; beyond (the S3 plugin's object size) the disk
+        # has 4096-byte blocks (512 if the granule is not a multiple of 4096) and this driver
+        # reads and read-modify-writes whole granules.
+        self.granule = 1
         if minimum <= 512:
             bs = 512
         elif minimum <= 4096 and minimum & (minimum - 1) == 0:
             bs = minimum
         else:
-            raise PluginError(f"{p.name}: block_size() minimum {minimum} is over 4096 (or not a "
-                              "power of two): ublk and the kernel's NBD client take logical "
-                              "blocks of 512 to 4096 bytes")  # fmt: skip
-        if size < bs:
+            bs = 4096 if minimum % 4096 == 0 else 512
+            self.granule = minimum
+        unit = max(bs, self.granule)
+        if size < unit:
             raise PluginError(f"{p.name}: get_size() returned {size}; a disk needs at least "
-                              f"one {bs}-byte block")  # fmt: skip
-        if size % bs:
+                              f"one {unit}-byte block")  # fmt: skip
+        if size % unit:
             log.warning("%s: size %d is not a multiple of %d; the last %d bytes are not served",
-                        p.name, size, bs, size % bs)  # fmt: skip
+                        p.name, size, unit, size % unit)  # fmt: skip
+        # The largest single callback: the plugin's maximum, whole granules.
+        self.max_call = (maximum or 1 << 31) // unit * unit or unit
         most = min(maximum or MAX_TRANSFER, MAX_TRANSFER) // bs * bs or bs
+        if self.granule > 1:
+            most = MAX_TRANSFER  # requests are regrouped into granules anyway
         self.writable = not readonly and p.has("pwrite") and bool(p.ask("can_write", h, True))
         self.can_flush = p.has("flush") and bool(p.ask("can_flush", h, True))
         self.can_trim = self.writable and p.has("trim") and bool(p.ask("can_trim", h, True))
@@ -101,7 +114,7 @@ class PluginDriver(BlockDriver):
         self.can_extents = p.has("extents") and bool(p.ask("can_extents", h, True))
         return BlockGeometry(
             block_size=bs,
-            num_blocks=size // bs,
+            num_blocks=size // unit * unit // bs,
             max_transfer=most,
             volatile_cache=self.can_flush,
             discard=self.can_trim,
@@ -115,13 +128,37 @@ class PluginDriver(BlockDriver):
         with self._lock:
             return self.plugin.call(callback, *args)
 
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        g = self.granule
+        return offset // g * g, -(-(offset + length) // g) * g
+
+    def _each(self, callback: str, offset: int, view: memoryview) -> None:
+        for pos in range(0, len(view), self.max_call):
+            self._call(callback, self.handle, view[pos : pos + self.max_call], offset + pos, 0)
+
     def _read(self, offset: int, buf: memoryview) -> None:
-        self._call("pread", self.handle, buf, offset, 0)
+        start, end = self._span(offset, len(buf))
+        if (start, end) == (offset, offset + len(buf)):
+            self._each("pread", offset, buf)
+            return
+        whole = memoryview(bytearray(end - start))
+        self._each("pread", start, whole)
+        buf[:] = whole[offset - start : offset - start + len(buf)]
 
     def _write(self, offset: int, data: memoryview) -> None:
         if not self.writable:
             raise OSError(errno.EPERM, f"{self.plugin.name} is served read-only")
-        self._call("pwrite", self.handle, data, offset, 0)
+        start, end = self._span(offset, len(data))
+        if (start, end) == (offset, offset + len(data)):
+            self._each("pwrite", offset, data)
+            return
+        # Part of a granule: read-modify-write it. One at a time, so that two writes to
+        # different parts of one granule (which the kernel may send together) both land.
+        with self._rmw_lock:
+            whole = memoryview(bytearray(end - start))
+            self._each("pread", start, whole)
+            whole[offset - start : offset - start + len(data)] = data
+            self._each("pwrite", start, whole)
 
     def _flush(self) -> None:
         if self.can_flush:
@@ -130,10 +167,14 @@ class PluginDriver(BlockDriver):
     def _discard(self, offset: int, length: int) -> None:
         if not self.can_trim:
             raise OSError(errno.EOPNOTSUPP, f"{self.plugin.name} cannot trim")
-        self._call("trim", self.handle, length, offset, 0)
+        # Only whole granules; a trim is advisory, so the parts at the edges are kept.
+        g = self.granule
+        start, end = -(-offset // g) * g, (offset + length) // g * g
+        if end > start:
+            self._call("trim", self.handle, end - start, start, 0)
 
     def _write_zeroes(self, offset: int, length: int) -> None:
-        if self.can_zero:
+        if self.can_zero and self._span(offset, length) == (offset, offset + length):
             try:
                 self._call("zero", self.handle, length, offset, nbdkit.FLAG_MAY_TRIM)
                 return

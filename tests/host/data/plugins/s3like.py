@@ -5,6 +5,7 @@
 # zero(FLAG_MAY_TRIM) and trim() delete them.
 import errno
 import threading
+import time
 
 import nbdkit
 
@@ -16,6 +17,7 @@ class Config:
     def __init__(self):
         self.bucket = self.key = None
         self.size = self.object_size = None
+        self.latency = 0.0  # seconds per object read or written: the network
 
     def set(self, key, value):
         key = key.replace("_", "-")
@@ -27,6 +29,8 @@ class Config:
             self.size = nbdkit.parse_size(value)
         elif key == "object-size":
             self.object_size = nbdkit.parse_size(value)
+        elif key == "latency":
+            self.latency = float(value)
         elif key in ("access-key", "secret-key", "endpoint-url", "session-token"):
             pass  # credentials: nothing to do without a network
         else:
@@ -57,6 +61,7 @@ class Server:
         while pos < len(buf):
             n, within = divmod(offset + pos, osz)
             take = min(osz - within, len(buf) - pos)
+            time.sleep(cfg.latency)
             obj = self.objects.get(n)
             buf[pos : pos + take] = obj[within : within + take] if obj else bytes(take)
             pos += take
@@ -66,6 +71,7 @@ class Server:
         while pos < len(buf):
             n, within = divmod(offset + pos, osz)
             take = min(osz - within, len(buf) - pos)
+            time.sleep(cfg.latency)
             with self.lock:
                 obj = bytearray(self.objects.get(n) or bytes(osz))
                 obj[within : within + take] = buf[pos : pos + take]
