@@ -448,3 +448,62 @@ def test_plugin_shutdown_stops_the_cli(tmp_path: Path) -> None:
             proc.kill()
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+# -- nbdkit's own S3 plugin, unchanged, with a stand-in for boto3 ------------------------------
+
+S3_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-S3-plugin")
+
+
+@pytest.fixture
+def fake_boto3(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """``boto3`` and ``botocore.exceptions`` modules just big enough for the S3 plugin to
+    import; ``boto3.client()`` returns whatever the test puts in the dict."""
+    import types
+
+    holder: dict[str, object] = {}
+    boto3 = types.ModuleType("boto3")
+    boto3.client = lambda *args, **kw: holder["client"]  # type: ignore[attr-defined]
+    botocore = types.ModuleType("botocore")
+    exceptions = types.ModuleType("botocore.exceptions")
+
+    class ClientError(Exception):
+        def __init__(self, error_response: dict[str, object], operation_name: str) -> None:
+            super().__init__(f"{operation_name}: {error_response}")
+            self.response = error_response
+
+    exceptions.ClientError = ClientError  # type: ignore[attr-defined]
+    for name in ("ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError"):
+        setattr(exceptions, name, type(name, (Exception,), {}))
+    botocore.exceptions = exceptions  # type: ignore[attr-defined]
+    for name, module in (("boto3", boto3), ("botocore", botocore),
+                         ("botocore.exceptions", exceptions)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    return holder
+
+
+@pytest.mark.skipif(not S3_PLUGIN.exists(), reason="needs nbdkit-plugin-python (Debian)")
+def test_nbdkits_s3_plugin_runs_unchanged(fake_boto3: dict[str, object], tmp_path: Path) -> None:
+    """The S3 plugin Debian ships (an extensionless script), loaded as it is, its requests
+    going to the in-memory S3 client it carries for its own unit tests."""
+    with pytest.raises(PluginError, match="bucket parameter missing"):
+        load(S3_PLUGIN, ["key=disk"])
+    plugin = load(S3_PLUGIN, ["bucket=b", "key=disk", "size=1M", "object-size=64K"])
+    assert plugin.thread_model == nbdkit.THREAD_MODEL_PARALLEL
+    client = plugin.module.MockS3Client()
+    fake_boto3["client"] = client
+    driver = open_driver(plugin, threads=4)
+    assert driver.geometry.block_size == 4096 and driver.granule == 65536
+    with serve(driver, tmp_path) as server:
+        c = connected(server)
+        data = os.urandom(8192)
+        assert c.request(N.NBD_CMD_WRITE, 65536 + 4096, 8192, data) == (0, b"")
+        assert sorted(client.keys) == [("b", "disk/0000000000000001")]  # one whole object
+        obj = client.keys[("b", "disk/0000000000000001")]
+        assert obj == bytes(4096) + data + bytes(65536 - 12288)
+        assert c.request(N.NBD_CMD_READ, 65536, 16384) == (0, bytes(4096) + data + bytes(4096))
+        assert c.request(N.NBD_CMD_READ, 0, 4096) == (0, bytes(4096))  # never written
+        assert c.request(N.NBD_CMD_TRIM, 65536, 65536) == (0, b"")
+        assert client.keys == {}
+        c.close()
+    driver.close()

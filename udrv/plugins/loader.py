@@ -14,6 +14,7 @@ and a plugin without the constant is version 1.
 from __future__ import annotations
 
 import errno
+import importlib.machinery
 import importlib.util
 import itertools
 import sys
@@ -86,15 +87,19 @@ def _run_script(path: Path) -> ModuleType:
     # A private module name: the script's top level runs once per load, and two plugins
     # loaded in one process (the tests do it) do not share globals.
     name = f"_udrv_nbdkit_plugin_{next(_loaded)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise PluginError(f"cannot load {path} as Python (is it a .py file?)")
+    # An explicit source loader: installed plugins are often scripts without ".py"
+    # (Debian's /usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-S3-plugin).
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    spec = importlib.util.spec_from_loader(name, loader)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("nbdkit", nbdkit)  # the plugin's `import nbdkit`
     if sys.modules["nbdkit"] is not nbdkit:
         raise PluginError("another module named `nbdkit` is imported in this process")
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise PluginError(f"{path} is not Python: {exc}") from None
     except Exception as exc:
         raise PluginError(f"{path}: the script failed while loading: "
                           f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
