@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.host.test_nbd_server import Client
 from udrv.block.ram import RamDisk
@@ -102,6 +104,38 @@ def test_meta_context_negotiation(mapped: NbdServer) -> None:
         N.NBD_REP_ERR_INVALID  # a query longer than the payload
     )
     c.close()
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    opt=st.sampled_from([N.NBD_OPT_LIST_META_CONTEXT, N.NBD_OPT_SET_META_CONTEXT]),
+    payload=st.one_of(
+        st.binary(max_size=64),
+        st.lists(st.text(max_size=20), max_size=4).map(
+            lambda qs: (
+                struct.pack(">II", 0, len(qs))
+                + b"".join(struct.pack(">I", len(q.encode())) + q.encode() for q in qs)
+            )
+        ),
+    ),
+)
+def test_any_meta_context_payload_gets_an_answer(
+    mapped: NbdServer, opt: int, payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the payload, the server answers (ACK or an error reply) and stays usable."""
+    c = StructuredClient(str(mapped.address))
+    with caplog.at_level(logging.WARNING):
+        c.greet()
+        c.option(N.NBD_OPT_STRUCTURED_REPLY)
+        replies = c.option(opt, payload)
+        final = (N.NBD_REP_ACK, N.NBD_REP_ERR_INVALID, N.NBD_REP_ERR_UNKNOWN)
+        assert replies[-1][0] in final
+        assert all(rep in (N.NBD_REP_META_CONTEXT, *final) for rep, _ in replies)
+        assert c.go()[-1][0] == N.NBD_REP_ACK
+    c.close()
+    assert not caplog.records, caplog.text
 
 
 def test_structured_reads_errors_and_block_status(mapped: NbdServer) -> None:

@@ -8,8 +8,12 @@ interface would add a dependency for features (dynamic device creation, status) 
 does not need here.
 
 :class:`NbdServer` speaks the fixed newstyle handshake (NBD_OPT_GO / INFO / LIST /
-EXPORT_NAME / ABORT; simple replies only) on a Unix or loopback TCP socket, so ``nbdinfo``,
-``nbdcopy``, ``qemu-img`` and ``nbd-client`` can use the driver.
+EXPORT_NAME / ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT, STARTTLS) on a Unix or TCP
+socket, so ``nbdinfo``, ``nbdcopy``, ``qemu-img`` and ``nbd-client`` can use the driver: reads
+as structured replies when the client asks, NBD_CMD_BLOCK_STATUS for ``base:allocation`` from
+the driver's ``extents`` (holes show in ``qemu-img map``), TLS with Python's ``ssl`` and
+certificates in nbdkit's layout (:func:`tls_context`). TCP on a non-loopback address without
+required TLS is refused unless the caller says ``insecure``.
 
 Each connection runs in an asyncio loop: requests are read in order, each becomes a task (an
 ``async`` driver has many in flight), replies go out as they complete, cookie-tagged. A
