@@ -161,3 +161,54 @@ def test_nbd_client_over_tls(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+
+
+FILE_PLUGIN = ROOT / "examples" / "plugins" / "file.py"
+READONLY_PLUGIN = ROOT / "tests" / "host" / "data" / "plugins" / "readonly.py"
+
+
+def test_parallel_plugin_over_two_queues_fio_verify(tmp_path: Path) -> None:
+    """file.py is THREAD_MODEL_PARALLEL: its callbacks run on a thread pool from each ublk
+    queue's event loop; what fio wrote is in the file afterwards."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"")
+    os.truncate(img, 32 << 20)
+    srv = Served(str(FILE_PLUGIN), f"file={img}", "--queues", "2", "--threads", "8")
+    try:
+        out = sh(f"fio --name=v --filename={srv.path} --direct=1 --ioengine=libaio "
+                 "--rw=randwrite --bs=4k --size=8M --iodepth=16 --numjobs=2 "
+                 "--offset_increment=12M --verify=crc32c --verify_fatal=1 --group_reporting "
+                 "--output-format=json")  # fmt: skip
+        job = json.loads(out[out.index("{") :])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["total_ios"] == 2 * 2048
+        sh(f"dd if=/dev/urandom of={tmp_path}/mark bs=64k count=1")
+        sh(f"dd if={tmp_path}/mark of={srv.path} bs=64k seek=400 oflag=direct conv=fsync")
+    finally:
+        err = srv.stop()
+    assert "parallel" in err
+    mark = (tmp_path / "mark").read_bytes()
+    with img.open("rb") as f:
+        f.seek(400 * 65536)
+        assert f.read(65536) == mark  # the plugin wrote through to its file
+
+
+def test_read_only_plugin_is_a_read_only_disk() -> None:
+    srv = Served(str(READONLY_PLUGIN))
+    try:
+        assert sh(f"blockdev --getro {srv.path}").strip() == "1"  # UBLK_ATTR_READ_ONLY
+        r = subprocess.run(["dd", "if=/dev/zero", f"of={srv.path}", "bs=4k", "count=1",
+                            "oflag=direct"], capture_output=True, text=True)  # fmt: skip
+        assert r.returncode != 0
+        fd = os.open(srv.path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        try:
+            assert os.preadv(fd, [buf], 7 * 512) == 4096
+            assert buf[:8] == (7).to_bytes(8, "little") and buf[512:520] == (8).to_bytes(
+                8, "little"
+            )
+        finally:
+            os.close(fd)
+            buf.close()
+    finally:
+        err = srv.stop()
+    assert "read-only" in err
