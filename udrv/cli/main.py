@@ -12,17 +12,9 @@ from udrv.errors import UdrvError
 
 #: Modules under udrv.cli that add commands; each has ``register(subparsers)``.
 COMMAND_MODULES = (
-    "lab",
-    "devices",
-    "bind",
-    "hugepages",
-    "edu",
-    "e1000",
-    "nvme",
-    "ramdisk",
-    "plugin",
+    "lab", "devices", "bind", "hugepages", "regs", "edu", "e1000", "nvme", "ramdisk", "plugin",
     "demo",
-)
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
