@@ -80,6 +80,10 @@ class FrontendError(UdrvError):
     """A kernel frontend (ublk, NBD, TAP, CUSE) failed."""
 
 
+class PluginError(UdrvError):
+    """An nbdkit-style plugin cannot be loaded, configured or served."""
+
+
 class LabError(UdrvError):
     """The QEMU hardware lab cannot be set up, booted, or did not run a command."""
 

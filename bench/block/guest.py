@@ -4,7 +4,12 @@
 NBD, on the same device; (d) the kernel's null_blk (memory-backed) and udrv's RAM disk over
 ublk. For udrv, the driver process's CPU time (utime + stime from /proc/PID/stat) per I/O;
 for the kernel paths, fio's system time per I/O (where the kernel driver's work is billed).
+Then (e) the same nbdkit Python plugin (examples/plugins/ram.py, 64 MiB) under
+``nbdkit python`` + the kernel's NBD client (nbd-client), and under ``udrv plugin serve``
+over ublk and over NBD; and nbdkit's C ``memory`` plugin + nbd-client beside udrv's RAM disk.
 Finally udrv NVMe over ublk runs the 4k QD32 read job under yappi for a profile.
+
+``UDRV_BENCH_ONLY=nbdkit`` runs only (e) (with udrv's RAM disk beside nbdkit's memory).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ JOBS = {  # name: fio arguments
 NULL_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD32")
 RUNTIME = float(os.environ.get("UDRV_BENCH_RUNTIME", "5"))
 TICK = os.sysconf("SC_CLK_TCK")
+ONLY = set(filter(None, os.environ.get("UDRV_BENCH_ONLY", "nvme,ram,nbdkit").split(",")))
+RAM_PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "ram.py"
+NBDKIT_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -51,6 +59,7 @@ def fio(dev: str, job: str, pid: int | None) -> dict[str, float]:
         "iops": side["iops"],
         "mbps": side["bw_bytes"] / 1e6,
         "p99_us": side["clat_ns"]["percentile"]["99.000000"] / 1000,
+        "mean_us": side["clat_ns"]["mean"] / 1000,
         # udrv: the driver process; kernel: fio's system CPU share of the run
         "cpu_us_per_io": (used if pid else j["sys_cpu"] / 100 * runtime_s) / ios * 1e6,
     }
@@ -77,6 +86,30 @@ def stop(proc: subprocess.Popen[str]) -> None:
     proc.wait(60)
 
 
+def nbdkit(args: list[str], sock: Path, dev: str) -> subprocess.Popen[bytes]:
+    """``nbdkit ARGS`` on ``sock``, attached to ``dev`` by nbd-client (the kernel's client)."""
+    sock.unlink(missing_ok=True)
+    pidfile = sock.with_suffix(".pid")  # nbdkit writes it once it accepts connections
+    pidfile.unlink(missing_ok=True)
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "-P", str(pidfile), *args])
+    for _ in range(400):
+        if pidfile.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    sh(f"nbd-client -unix {sock} {dev} -N '' -b 512 -nonetlink")
+    return proc
+
+
+def nbdkit_stop(proc: subprocess.Popen[bytes], dev: str) -> None:
+    sh(f"nbd-client -d {dev}")
+    proc.terminate()
+    proc.wait(60)
+    for _ in range(200):  # the device is free again when its pid file is gone
+        if not Path(f"/sys/block/{Path(dev).name}/pid").exists():
+            break
+        time.sleep(0.05)
+
+
 def main() -> int:
     results = Path(os.environ["UDRV_LAB_RESULTS"])
     addr = dict(x.split("=", 1) for x in os.environ["UDRV_LAB_DEVICES"].split(","))["nvme"]
@@ -88,6 +121,35 @@ def main() -> int:
             out[path_name][job] = fio(dev, job, pid)
             print(path_name, job, out[path_name][job], flush=True)
 
+    if "nbdkit" in ONLY:  # (e) first: it needs no device binding
+        sh("modprobe ublk_drv && modprobe nbd nbds_max=8")
+        sock, nbd_dev = Path("/tmp/nbdkit.sock"), "/dev/nbd7"  # udrv takes the first free one
+        kit = nbdkit(["python", str(RAM_PLUGIN), "size=64M"], sock, nbd_dev)
+        try:
+            run("nbdkit python / nbd-client", nbd_dev, NBDKIT_JOBS, kit.pid)
+        finally:
+            nbdkit_stop(kit, nbd_dev)
+        for front in ("ublk", "nbd"):
+            proc, dev = serve(["plugin", "serve", str(RAM_PLUGIN), "size=64M", "--frontend",
+                               front, "--depth", "32"])  # fmt: skip
+            try:
+                run(f"udrv plugin / {front}", dev, NBDKIT_JOBS, proc.pid)
+            finally:
+                stop(proc)
+        kit = nbdkit(["memory", "64M"], sock, nbd_dev)
+        try:
+            run("nbdkit memory (C) / nbd-client", nbd_dev, NULL_JOBS, kit.pid)
+        finally:
+            nbdkit_stop(kit, nbd_dev)
+        if "ram" not in ONLY:
+            proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32"])
+            try:
+                run("udrv ram / ublk", dev, NULL_JOBS, proc.pid)
+            finally:
+                stop(proc)
+    if not ONLY & {"nvme", "ram"}:
+        (results / "block.json").write_text(json.dumps(out, indent=1))
+        return 0
     # (a) the kernel's nvme driver
     sh("modprobe nvme")
     bind(addr, "nvme")

@@ -155,7 +155,8 @@ def test_options_list_info_unknown_abort(server: NbdServer) -> None:
     c.greet()
     replies = c.option(N.NBD_OPT_LIST)
     assert replies[0][0] == N.NBD_REP_SERVER and replies[0][1] == struct.pack(">I", 0)
-    assert c.option(N.NBD_OPT_STRUCTURED_REPLY)[-1][0] == N.NBD_REP_ERR_UNSUP
+    assert c.option(N.NBD_OPT_STRUCTURED_REPLY, b"x")[-1][0] == N.NBD_REP_ERR_INVALID
+    assert c.option(N.NBD_OPT_STARTTLS)[-1][0] == N.NBD_REP_ERR_UNSUP  # no TLS configured
     assert c.option(99, b"xyz")[-1][0] == N.NBD_REP_ERR_UNSUP
     assert c.option(N.NBD_OPT_GO, b"\0\0")[-1][0] == N.NBD_REP_ERR_INVALID  # truncated payload
     raw = struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0)

@@ -36,6 +36,7 @@ class BlockGeometry:
     discard: bool = False
     write_zeroes: bool = False
     max_write_zeroes: int = 0  # largest WRITE_ZEROES request in bytes; 0: the frontend's limit
+    read_only: bool = False  # writes fail with EPERM; frontends tell the kernel/client so
 
     @property
     def size(self) -> int:
@@ -83,6 +84,14 @@ class BlockDriver(abc.ABC):
             results.append(self.write(pos, zero[:n]))
         if any(inspect.isawaitable(r) for r in results):
             return _gather(results)
+        return None
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """Allocation of ``[offset, offset + length)``: ``(offset, length, flags)`` runs in
+        order, covering a prefix of the range (at least its first byte), ``flags`` being
+        ``EXTENT_HOLE`` (1) and/or ``EXTENT_ZERO`` (2) as NBD's ``base:allocation``
+        (proto.md "Metadata contexts"). ``None`` (the default): unknown, all data. The NBD
+        server answers NBD_CMD_BLOCK_STATUS with it, so ``qemu-img map`` sees holes."""
         return None
 
     def hardware_queue(self, index: int, tags: int) -> HardwareQueue | None:

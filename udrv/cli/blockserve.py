@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser, *, default_depth: int = 64) -> Non
                    help="ublk: resume /dev/ublkbDEV_ID left by a driver that died")  # fmt: skip
     p.add_argument("--listen", metavar="SOCKET|HOST:PORT",
                    help="nbd: serve the NBD protocol here instead of attaching /dev/nbdN")  # fmt: skip
+    p.add_argument("--tls", choices=["off", "on", "require"], default="off",
+                   help="--listen: offer TLS (on) or insist on it (require), as nbdkit --tls")  # fmt: skip
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's layout)")  # fmt: skip
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="require client certificates signed by DIR/ca-cert.pem")  # fmt: skip
+    p.add_argument("--insecure", action="store_true",
+                   help="allow --listen on a non-loopback address without --tls=require")  # fmt: skip
 
 
 def _frontend(driver: BlockDriver, args: argparse.Namespace) -> Any:
@@ -48,14 +56,26 @@ def _frontend(driver: BlockDriver, args: argparse.Namespace) -> Any:
         return Ublk(driver, queues=args.queues, depth=args.depth)
     if args.recover is not None:
         raise FrontendError("--recover is for --frontend ublk (NBD has no recovery protocol)")
-    from udrv.frontends.nbd import NbdDevice, NbdServer
+    from udrv.frontends.nbd import NbdDevice, NbdServer, tls_context
 
+    tls = getattr(args, "tls", "off")
+    if tls != "off" and not args.listen:
+        raise FrontendError("--tls is for --listen (the kernel's /dev/nbdN speaks no TLS)")
+    if tls != "off" and not args.tls_certificates:
+        raise FrontendError(f"--tls={tls} needs --tls-certificates DIR holding ca-cert.pem, "
+                            "server-cert.pem and server-key.pem")  # fmt: skip
     if args.listen:
         address: str | tuple[str, int] = args.listen
         if ":" in args.listen and not args.listen.startswith("/"):
             host, _, port = args.listen.rpartition(":")
-            address = (host or "127.0.0.1", int(port))
-        return NbdServer(driver, address)
+            if not port.isdigit():
+                raise FrontendError(f"--listen {args.listen}: the port must be a number")
+            address = (host.strip("[]") or "127.0.0.1", int(port))
+        ctx = None
+        if tls != "off":
+            ctx = tls_context(args.tls_certificates, verify_peer=args.tls_verify_peer)
+        return NbdServer(driver, address, tls=ctx, tls_required=tls == "require",
+                         insecure=getattr(args, "insecure", False))  # fmt: skip
     return NbdDevice(driver, connections=args.queues)
 
 

@@ -8,8 +8,12 @@ interface would add a dependency for features (dynamic device creation, status) 
 does not need here.
 
 :class:`NbdServer` speaks the fixed newstyle handshake (NBD_OPT_GO / INFO / LIST /
-EXPORT_NAME / ABORT; simple replies only) on a Unix or loopback TCP socket, so ``nbdinfo``,
-``nbdcopy``, ``qemu-img`` and ``nbd-client`` can use the driver.
+EXPORT_NAME / ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT, STARTTLS) on a Unix or TCP
+socket, so ``nbdinfo``, ``nbdcopy``, ``qemu-img`` and ``nbd-client`` can use the driver: reads
+as structured replies when the client asks, NBD_CMD_BLOCK_STATUS for ``base:allocation`` from
+the driver's ``extents`` (holes show in ``qemu-img map``), TLS with Python's ``ssl`` and
+certificates in nbdkit's layout (:func:`tls_context`). TCP on a non-loopback address without
+required TLS is refused unless the caller says ``insecure``.
 
 Each connection runs in an asyncio loop: requests are read in order, each becomes a task (an
 ``async`` driver has many in flight), replies go out as they complete, cookie-tagged. A
@@ -24,11 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -47,9 +54,17 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the connection is closed."""
 
 
+# Errnos the wire lacks, sent as the nearest one it has (as nbdkit's server does); the rest
+# become EIO. proto.md "Error values" lists what may be sent.
+_NEAREST_WIRE_ERRNO = {errno.EROFS: N.NBD_EPERM, errno.EDQUOT: N.NBD_ENOSPC,
+                       errno.EFBIG: N.NBD_ENOSPC}  # fmt: skip
+
+
 def _wire_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno in N.WIRE_ERRNOS:
         return int(exc.errno)
+    if isinstance(exc, OSError) and exc.errno in _NEAREST_WIRE_ERRNO:
+        return _NEAREST_WIRE_ERRNO[exc.errno]
     if isinstance(exc, FrontendError):
         return N.NBD_EINVAL
     return N.NBD_EIO
@@ -59,10 +74,14 @@ class Transmission:
     """The transmission phase of one connection (proto.md "Transmission phase")."""
 
     def __init__(self, driver: BlockDriver, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, *, read_only: bool = False, name: str = "nbd") -> None:  # fmt: skip
+                 writer: asyncio.StreamWriter, *, read_only: bool = False, name: str = "nbd",
+                 structured: bool = False, contexts: dict[int, str] | None = None) -> None:  # fmt: skip
         self.driver, self.reader, self.writer = driver, reader, writer
         self.geometry = driver.geometry
-        self.read_only, self.name = read_only, name
+        self.read_only, self.name = read_only or self.geometry.read_only, name
+        # Negotiated in the handshake: structured replies (NBD_OPT_STRUCTURED_REPLY) and the
+        # metadata contexts NBD_CMD_BLOCK_STATUS reports on (id -> name).
+        self.structured, self.contexts = structured, contexts or {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.requests = 0
 
@@ -91,7 +110,7 @@ class Transmission:
                         raise ProtocolError("truncated WRITE payload") from None
                 elif cmd == N.NBD_CMD_READ and length > MAX_REQUEST:
                     # The reply would carry that much; answer EINVAL, stay in sync.
-                    self._reply(cookie, N.NBD_EINVAL)
+                    self._error(cookie, N.NBD_EINVAL, "request over the maximum size")
                     continue
                 self.requests += 1
                 if len(self.tasks) >= MAX_IN_FLIGHT:  # bound the memory a client can pin
@@ -116,6 +135,24 @@ class Transmission:
             return
         self.writer.write(N.REPLY.pack(N.NBD_SIMPLE_REPLY_MAGIC, error, cookie) + payload)
 
+    def _chunk(self, cookie: int, kind: int, payload: bytes | bytearray) -> None:
+        """One structured reply chunk that ends the reply (proto.md "Structured reply
+        chunk message"): every reply of ours is a single chunk with NBD_REPLY_FLAG_DONE."""
+        if self.writer.is_closing():
+            return
+        head = N.CHUNK.pack(N.NBD_STRUCTURED_REPLY_MAGIC, N.NBD_REPLY_FLAG_DONE, kind, cookie,
+                            len(payload))  # fmt: skip
+        self.writer.write(head + payload)
+
+    def _error(self, cookie: int, code: int, message: str) -> None:
+        """With structured replies an error is an NBD_REPLY_TYPE_ERROR chunk (a READ's must
+        be: proto.md "Structured replies"), the message for the client's log."""
+        if not self.structured:
+            self._reply(cookie, code)
+            return
+        raw = message.encode()[:4096]
+        self._chunk(cookie, N.NBD_REPLY_TYPE_ERROR, struct.pack(">IH", code, len(raw)) + raw)
+
     async def _handle(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
                       data: bytes | None) -> None:  # fmt: skip
         try:
@@ -125,9 +162,14 @@ class Transmission:
             level = logging.DEBUG if code == N.NBD_EINVAL else logging.WARNING
             log.log(level, "%s: %s at %#x+%#x failed: %s", self.name,
                     N.CMD_NAMES.get(cmd, cmd), offset, length, exc)  # fmt: skip
-            self._reply(cookie, code)
+            self._error(cookie, code, str(exc))
             return
-        self._reply(cookie, 0, payload)
+        if cmd == N.NBD_CMD_BLOCK_STATUS:
+            self._chunk(cookie, N.NBD_REPLY_TYPE_BLOCK_STATUS, payload)
+        elif cmd == N.NBD_CMD_READ and self.structured:
+            self._chunk(cookie, N.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset) + payload)
+        else:
+            self._reply(cookie, 0, payload)
         if self.writer.transport.get_write_buffer_size() > 1 << 20:
             await self.writer.drain()
 
@@ -142,6 +184,8 @@ class Transmission:
             raise OSError(errno.EPERM, "the export is read-only")
         if cmd == N.NBD_CMD_READ:
             return await self._read(offset, length)
+        if cmd == N.NBD_CMD_BLOCK_STATUS:
+            return await self._block_status(flags, offset, length)
         if cmd == N.NBD_CMD_WRITE:
             assert data is not None
             await self._write(offset, data)
@@ -165,6 +209,22 @@ class Transmission:
         if flags & N.NBD_CMD_FLAG_FUA:
             await call(d.flush())
         return b""
+
+    async def _block_status(self, flags: int, offset: int, length: int) -> bytes:
+        """The base:allocation chunk payload: context id, then (length, flags) descriptors
+        (proto.md "NBD_REPLY_TYPE_BLOCK_STATUS"), from the driver's ``extents``; a driver
+        that cannot tell says "all data", which is always true."""
+        ids = [i for i, name in self.contexts.items() if name == N.BASE_ALLOCATION]
+        if not ids or not self.structured:
+            raise FrontendError("BLOCK_STATUS without a negotiated metadata context")
+        if length == 0:
+            raise FrontendError("BLOCK_STATUS of 0 bytes")
+        extents = await call(self.driver.extents(offset, length)) or [(offset, length, 0)]
+        if flags & N.NBD_CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        descriptors = b"".join(struct.pack(">II", n, kind & (N.NBD_STATE_HOLE | N.NBD_STATE_ZERO))
+                               for _o, n, kind in extents)  # fmt: skip
+        return struct.pack(">I", ids[0]) + descriptors
 
     async def _read(self, offset: int, length: int) -> bytearray:
         bs = self.geometry.block_size
@@ -197,7 +257,7 @@ def _transmission_flags(driver: BlockDriver, read_only: bool) -> int:
     flags |= N.NBD_FLAG_SEND_WRITE_ZEROES | N.NBD_FLAG_CAN_MULTI_CONN
     if g.discard:
         flags |= N.NBD_FLAG_SEND_TRIM
-    if read_only:
+    if read_only or g.read_only:
         flags |= N.NBD_FLAG_READ_ONLY
     return flags
 
@@ -362,20 +422,91 @@ class NbdDevice:
 
 # -- the socket server ----------------------------------------------------------------------------
 
+BASE_ALLOCATION_ID = 1  # our id for base:allocation (any u32 will do: proto.md)
+
+
+@dataclass
+class _Session:
+    """What one client negotiated before transmission."""
+
+    tls: bool = False
+    structured: bool = False
+    contexts: dict[int, str] = field(default_factory=dict)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def tls_context(directory: str | Path, *, verify_peer: bool = False) -> ssl.SSLContext:
+    """The server's TLS context from certificates in nbdkit's layout (nbdkit-tls(1)):
+    ``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem`` in ``directory``.
+
+    Args:
+        verify_peer: require a client certificate signed by ``ca-cert.pem``
+            (``nbdkit --tls-verify-peer``).
+
+    Raises:
+        FrontendError: a file is missing or unusable.
+    """
+    d = Path(directory)
+    cert, key, ca = d / "server-cert.pem", d / "server-key.pem", d / "ca-cert.pem"
+    missing = [p.name for p in (cert, key) + ((ca,) if verify_peer else ()) if not p.is_file()]
+    if missing:
+        raise FrontendError(f"TLS certificates in {d}: {', '.join(missing)} missing (the layout "
+                            "is nbdkit's: ca-cert.pem, server-cert.pem, server-key.pem)")  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if verify_peer:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise FrontendError(f"cannot use the TLS certificates in {d}: {exc}") from None
+    return ctx
+
 
 class NbdServer:
-    """An NBD server for ``driver`` (context manager), fixed newstyle, simple replies.
+    """An NBD server for ``driver`` (context manager): fixed newstyle, structured replies with
+    block status (``base:allocation``), and TLS.
 
     Args:
         address: a Unix socket path, or ``(host, port)`` for TCP (port 0: any free port).
-            TCP binds to the host given; serve on loopback unless you mean to export.
         export: the export name clients ask for ("" is the default export).
         read_only: refuse writes with EPERM and say so in the transmission flags.
+        tls: the server's TLS context (:func:`tls_context`): clients may NBD_OPT_STARTTLS.
+        tls_required: with ``tls``, refuse everything but STARTTLS before TLS
+            (NBD_REP_ERR_TLS_REQD), as ``nbdkit --tls=require``.
+        insecure: allow TCP on a non-loopback address without ``tls_required``. Without it
+            that is refused: anyone who reaches the port could read and write the disk.
+
+    Raises:
+        FrontendError: a non-loopback TCP address without required TLS or ``insecure``.
     """
 
     def __init__(self, driver: BlockDriver, address: str | tuple[str, int], *, export: str = "",
-                 read_only: bool = False) -> None:  # fmt: skip
+                 read_only: bool = False, tls: ssl.SSLContext | None = None,
+                 tls_required: bool = False, insecure: bool = False) -> None:  # fmt: skip
+        if tls_required and tls is None:
+            raise FrontendError("tls_required needs a TLS context (tls_context(DIR))")
+        if (isinstance(address, tuple) and not _is_loopback(address[0])
+                and not (tls_required or insecure)):  # fmt: skip
+            host, port = address
+            raise FrontendError(
+                f"refusing to export the disk on {host}:{port} without TLS: anyone who can "
+                "reach that address could read and write it. Enable TLS with "
+                "--tls=require --tls-certificates DIR (DIR holding ca-cert.pem, "
+                "server-cert.pem and server-key.pem, as for nbdkit), listen on "
+                "127.0.0.1 or a Unix socket, or say --insecure if the network is trusted"
+            )
         self.driver, self.address, self.export, self.read_only = driver, address, export, read_only
+        self.tls, self.tls_required = tls, tls_required
         self.uri = ""
         self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -404,16 +535,17 @@ class NbdServer:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        scheme = "nbds" if self.tls is not None else "nbd"
         if isinstance(self.address, str):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address)
             self._server = await asyncio.start_unix_server(self._client, path=self.address)
-            self.uri = f"nbd+unix:///{self.export}?socket={self.address}"
+            self.uri = f"{scheme}+unix:///{self.export}?socket={self.address}"
         else:
             host, port = self.address
             self._server = await asyncio.start_server(self._client, host, port)
             port = self._server.sockets[0].getsockname()[1]
-            self.uri = f"nbd://{host}:{port}/{self.export}"
+            self.uri = f"{scheme}://{host}:{port}/{self.export}"
         self._ready.set()
         async with self._server:
             with contextlib.suppress(asyncio.CancelledError):
@@ -424,20 +556,26 @@ class NbdServer:
         peer = f"nbd client {self.connections}"
         try:
             no_zeroes = await asyncio.wait_for(self._greet(reader, writer), HANDSHAKE_TIMEOUT)
-            go = await asyncio.wait_for(self._options(reader, writer, no_zeroes), HANDSHAKE_TIMEOUT)
-            if go:
+            session = await asyncio.wait_for(self._options(reader, writer, no_zeroes),
+                                             HANDSHAKE_TIMEOUT)  # fmt: skip
+            if session is not None:
                 await Transmission(self.driver, reader, writer, read_only=self.read_only,
-                                   name=peer).run()  # fmt: skip
+                                   name=peer, structured=session.structured,
+                                   contexts=session.contexts).run()  # fmt: skip
         except (ProtocolError, asyncio.IncompleteReadError) as exc:
             log.warning("%s: closing the connection during the handshake: %s", peer,
                         exc if isinstance(exc, ProtocolError) else "truncated message")  # fmt: skip
         except TimeoutError:
             log.warning("%s: handshake took over %g s; closing", peer, HANDSHAKE_TIMEOUT)
+        except ssl.SSLError as exc:
+            log.warning("%s: TLS failed: %s", peer, exc)
+        except asyncio.CancelledError:
+            pass  # the server is stopping (_shutdown); nothing to report
         except (ConnectionError, OSError) as exc:
             log.info("%s: connection lost: %s", peer, exc)
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -454,10 +592,12 @@ class NbdServer:
         writer.write(N.OPTION_REPLY.pack(N.OPTION_REPLY_MAGIC, opt, rep, len(data)) + data)
 
     async def _options(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       no_zeroes: bool) -> bool:  # fmt: skip
-        """Option haggling; True when transmission starts, False on NBD_OPT_ABORT."""
+                       no_zeroes: bool) -> _Session | None:  # fmt: skip
+        """Option haggling (proto.md "Option types"); the session when transmission starts,
+        None on NBD_OPT_ABORT."""
         g = self.driver.geometry
         tflags = _transmission_flags(self.driver, self.read_only)
+        session = _Session()
         while True:
             magic, opt, length = N.OPTION.unpack(await reader.readexactly(N.OPTION.size))
             if magic != N.IHAVEOPT:
@@ -465,24 +605,39 @@ class NbdServer:
             if length > MAX_OPTION:
                 raise ProtocolError(f"option {opt} with a {length}-byte payload")
             data = await reader.readexactly(length)
-            if opt == N.NBD_OPT_EXPORT_NAME:
+            if opt == N.NBD_OPT_ABORT:
+                self._opt_reply(writer, opt, N.NBD_REP_ACK)
+                await writer.drain()
+                return None
+            if self.tls_required and not session.tls and opt != N.NBD_OPT_STARTTLS:
+                if opt == N.NBD_OPT_EXPORT_NAME:  # it has no error reply: hang up
+                    raise ProtocolError("NBD_OPT_EXPORT_NAME before TLS, which is required")
+                self._opt_reply(writer, opt, N.NBD_REP_ERR_TLS_REQD, b"TLS is required")
+            elif opt == N.NBD_OPT_STARTTLS:
+                await self._starttls(writer, opt, length, session)
+                continue
+            elif opt == N.NBD_OPT_EXPORT_NAME:
                 if data.decode(errors="replace") != self.export:
                     raise ProtocolError(f"unknown export {data[:64]!r}")  # no way to say so
                 writer.write(
                     struct.pack(">QH", g.size, tflags) + (b"" if no_zeroes else bytes(124))
                 )
-                return True
-            if opt == N.NBD_OPT_ABORT:
-                self._opt_reply(writer, opt, N.NBD_REP_ACK)
-                await writer.drain()
-                return False
-            if opt == N.NBD_OPT_LIST:
+                return session
+            elif opt == N.NBD_OPT_LIST:
                 if length:
                     self._opt_reply(writer, opt, N.NBD_REP_ERR_INVALID)
                     continue
                 raw = self.export.encode()
                 self._opt_reply(writer, opt, N.NBD_REP_SERVER, struct.pack(">I", len(raw)) + raw)
                 self._opt_reply(writer, opt, N.NBD_REP_ACK)
+            elif opt == N.NBD_OPT_STRUCTURED_REPLY:
+                if length:
+                    self._opt_reply(writer, opt, N.NBD_REP_ERR_INVALID)
+                else:
+                    session.structured = True
+                    self._opt_reply(writer, opt, N.NBD_REP_ACK)
+            elif opt in (N.NBD_OPT_LIST_META_CONTEXT, N.NBD_OPT_SET_META_CONTEXT):
+                self._meta_context(writer, opt, data, session)
             elif opt in (N.NBD_OPT_INFO, N.NBD_OPT_GO):
                 parsed = _parse_info_request(data)
                 if parsed is None:
@@ -500,10 +655,54 @@ class NbdServer:
                         min(g.max_transfer, MAX_REQUEST)))  # fmt: skip
                 self._opt_reply(writer, opt, N.NBD_REP_ACK)
                 if opt == N.NBD_OPT_GO:
-                    return True
+                    return session
             else:
                 self._opt_reply(writer, opt, N.NBD_REP_ERR_UNSUP)
             await writer.drain()
+
+    async def _starttls(self, writer: asyncio.StreamWriter, opt: int, length: int,
+                        session: _Session) -> None:  # fmt: skip
+        """NBD_OPT_STARTTLS (proto.md "TLS support"): ACK, then the TLS handshake on the same
+        socket; what was negotiated before it is forgotten."""
+        if self.tls is None:
+            self._opt_reply(writer, opt, N.NBD_REP_ERR_UNSUP, b"TLS is not enabled")
+        elif length or session.tls:
+            self._opt_reply(writer, opt, N.NBD_REP_ERR_INVALID)
+        else:
+            self._opt_reply(writer, opt, N.NBD_REP_ACK)
+            await writer.drain()
+            await writer.start_tls(self.tls)
+            session.tls, session.structured, session.contexts = True, False, {}
+            return
+        await writer.drain()
+
+    def _meta_context(self, writer: asyncio.StreamWriter, opt: int, data: bytes,
+                      session: _Session) -> None:  # fmt: skip
+        """NBD_OPT_LIST/SET_META_CONTEXT (proto.md "Metadata querying"): only base:allocation
+        exists; SET needs structured replies and selects it when asked for by name."""
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            self._opt_reply(writer, opt, N.NBD_REP_ERR_INVALID, b"malformed request")
+            return
+        name, queries = parsed
+        if opt == N.NBD_OPT_SET_META_CONTEXT and not session.structured:
+            self._opt_reply(writer, opt, N.NBD_REP_ERR_INVALID, b"structured replies first")
+            return
+        if name != self.export:
+            self._opt_reply(writer, opt, N.NBD_REP_ERR_UNKNOWN, b"no such export")
+            return
+        listing = opt == N.NBD_OPT_LIST_META_CONTEXT
+        # LIST with no query, or "base:" (a namespace), lists everything; SET takes full names.
+        chosen = any(q == N.BASE_ALLOCATION or (listing and q == "base:") for q in queries)
+        if listing and not queries:
+            chosen = True
+        if opt == N.NBD_OPT_SET_META_CONTEXT:
+            session.contexts = {BASE_ALLOCATION_ID: N.BASE_ALLOCATION} if chosen else {}
+        if chosen:
+            raw = N.BASE_ALLOCATION.encode()
+            self._opt_reply(writer, opt, N.NBD_REP_META_CONTEXT,
+                            struct.pack(">I", BASE_ALLOCATION_ID) + raw)  # fmt: skip
+        self._opt_reply(writer, opt, N.NBD_REP_ACK)
 
     def wait(self) -> None:
         self._done.wait()
@@ -535,6 +734,26 @@ class NbdServer:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:  # fmt: skip
         self.stop()
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """NBD_OPT_*_META_CONTEXT payload: u32 name length, name, u32 count, (u32 length, query)s."""
+    try:
+        (n,) = struct.unpack_from(">I", data)
+        name = data[4 : 4 + n].decode()
+        pos = 4 + n
+        (count,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (q,) = struct.unpack_from(">I", data, pos)
+            if pos + 4 + q > len(data):
+                return None
+            queries.append(data[pos + 4 : pos + 4 + q].decode())
+            pos += 4 + q
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return (name, queries) if pos == len(data) and len(name.encode()) == n else None
 
 
 def _parse_info_request(data: bytes) -> tuple[str, set[int]] | None:

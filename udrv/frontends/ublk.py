@@ -480,6 +480,7 @@ class Ublk:
         p.len, p.types = ctypes.sizeof(p), U.UBLK_PARAM_TYPE_BASIC
         b = p.basic
         b.attrs = U.UBLK_ATTR_VOLATILE_CACHE if g.volatile_cache else 0
+        b.attrs |= U.UBLK_ATTR_READ_ONLY if g.read_only else 0
         b.logical_bs_shift, b.physical_bs_shift = shift, max(shift, 12)
         b.io_min_shift, b.io_opt_shift = shift, max(shift, 12)
         b.max_sectors = self.max_io // SECTOR

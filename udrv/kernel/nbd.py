@@ -95,3 +95,21 @@ NBD_REP_ERR_UNKNOWN = NBD_REP_ERR | 6
 NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE = 0, 1, 2, 3
 OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+
+# -- TLS, structured replies and block status (proto.md; not in linux/nbd.h) -----------------
+NBD_OPT_STARTTLS = 5  # "Option types"
+NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT = 9, 10
+NBD_REP_META_CONTEXT = 4  # "Option reply types"
+NBD_REP_ERR_TLS_REQD = NBD_REP_ERR | 5
+NBD_FLAG_SEND_DF = 1 << 7  # "Transmission flags" (not offered: reads are never fragmented)
+NBD_CMD_BLOCK_STATUS = 7  # "Request types"
+NBD_CMD_FLAG_REQ_ONE = 1 << 3  # "Command flags"
+NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF  # "Structured reply chunk message"
+CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE = 0, 1, 2
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+BASE_ALLOCATION = "base:allocation"  # "Metadata contexts": the one context served
+NBD_STATE_HOLE, NBD_STATE_ZERO = 1 << 0, 1 << 1  # base:allocation status flags
+CMD_NAMES[NBD_CMD_BLOCK_STATUS] = "BLOCK_STATUS"

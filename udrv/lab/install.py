@@ -42,6 +42,8 @@ APT_PACKAGES = {
     "util-linux": "/usr/sbin/blkdiscard",
     "libnbd-bin": "/usr/bin/nbdinfo",
     "qemu-utils": "/usr/bin/qemu-img",
+    "nbd-client": "/usr/sbin/nbd-client",
+    "nbdkit-plugin-python": "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-python-plugin.so",
     "iproute2": "/usr/sbin/ip",
     "iputils-ping": "/usr/bin/ping",
     "iperf3": "/usr/bin/iperf3",
