@@ -170,11 +170,23 @@ class FakeNvme:
             if not cq and self.cc & 1:
                 self._fetch(n, value)
 
-    def poll32(self, off: int, mask: int, value: int, timeout: float, **kw: Any) -> int:
-        got = self.read32(off)
+    # The Region methods the register map uses (udrv.core.region.Region).
+    def read_width(self, off: int, width: int) -> int:
+        return self.read64(off) if width == 8 else self.read32(off)
+
+    def write_width(self, off: int, width: int, value: int) -> None:
+        (self.write64 if width == 8 else self.write32)(off, value)
+
+    def poll(self, off: int, mask: int, value: int, timeout: float, *, width: int = 4,
+             **kw: Any) -> int:  # fmt: skip
+        """The model answers at once: one read decides."""
+        got = self.read_width(off, width)
         if got & mask != value:
             raise PollTimeout(f"{kw.get('name')}: {got:#x}")
         return got
+
+    def poll32(self, off: int, mask: int, value: int, timeout: float, **kw: Any) -> int:
+        return self.poll(off, mask, value, timeout, width=4, **kw)
 
     def _enable(self) -> None:
         self.sqs = {0: Queue(0, self.asq, (self.aqa & 0xFFF) + 1)}
