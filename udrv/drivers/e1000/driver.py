@@ -7,6 +7,18 @@ write hands a whole batch back. Received frames go out as views of the receive b
 
 :class:`E1000` implements :class:`udrv.net.Nic`, so any network frontend serves it
 (``udrv e1000 serve`` connects it to a TAP interface through :func:`udrv.frontends.tap.serve`).
+
+What real parts need and QEMU does not show (each follows Linux's e1000 driver):
+
+- CTRL.RST through the I/O BAR on the 82540/82545 (they cannot acknowledge the MMIO write
+  that resets them). QEMU's I/O BAR ignores every access, so in the lab the driver sees the
+  reset had no effect (ITR kept a value it resets to 0) and resets through BAR0 instead;
+  the lab tests only that the I/O path is tried.
+- No DMA buffer or ring crosses a 64 KiB boundary (82545EM erratum): QEMU has no such
+  limit; host tests check the layout for every ring size and base.
+- The PHY may have been powered down by the previous driver: QEMU keeps the bit but its
+  link does not depend on it; the lab checks that the bit is cleared.
+- PCI-X MMRBC (the 82545/82546 in PCI-X slots) is not capped: not done yet.
 """
 
 from __future__ import annotations
