@@ -12,6 +12,11 @@ Columns, all with the cost of the empty ``for`` loop subtracted:
 - *raw function*: the same subscript inside a bare function with no checks: the least any
   callable API can cost. The goal (within 1.5x) is judged against it.
 
+A second table prices the register map's bound registers (``regs.RDT.read()``, the
+bring-up path, with the map's access checks) against ``MmioRegion.read32`` on the same
+offset. It is for information: hot paths resolve offsets from the map once and call the
+region (``write32(RDT, tail)``), so the goal does not apply to it.
+
 Results go to ``bench/results/mmio.json``.
 """
 
@@ -33,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from udrv.core.region import FileRegion, MmioRegion
+from udrv.core.regmap import Field, Register, RegisterMap
 
 GOAL = 1.5
 FMT: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -101,6 +107,39 @@ def empty_loop(offs: list[int]) -> None:
         pass
 
 
+class _BenchRegs(RegisterMap):
+    """A register with fields and access rules, like a driver's map."""
+
+    REG = Register(0x18, 4, fields={"TAIL": Field(0, 16)})
+
+
+def regmap_loops(region: MmioRegion) -> dict[str, Loop]:
+    """A bound register's read/write against the region's, at one offset."""
+    bound = _BenchRegs(region).REG
+    off = _BenchRegs.REG.offset
+    read32, write32 = region.read32, region.write32
+    bread, bwrite = bound.read, bound.write
+
+    def region_read(offs: list[int]) -> None:
+        for _ in offs:
+            read32(off)
+
+    def region_write(offs: list[int]) -> None:
+        for _ in offs:
+            write32(off, 1)
+
+    def bound_read(offs: list[int]) -> None:
+        for _ in offs:
+            bread()
+
+    def bound_write(offs: list[int]) -> None:
+        for _ in offs:
+            bwrite(1)
+
+    return {"region_read": region_read, "bound_read": bound_read,
+            "region_write": region_write, "bound_write": bound_write}  # fmt: skip
+
+
 def file_loops(region: FileRegion) -> dict[str, Loop]:
     def read(offs: list[int]) -> None:
         for off in offs:
@@ -120,7 +159,10 @@ def run(n: int, repeats: int) -> dict[str, object]:
     region = MmioRegion(mem, name="bench")
     views = {w: memoryview(mem).cast(f) for w, f in FMT.items()}
     rows: dict[str, dict[str, float]] = {}
+    regmap: dict[str, float] = {}
     try:
+        regmap = best_ns(regmap_loops(region), offsets, repeats)
+        del regmap["loop"]
         for width in (4, 1, 2, 8):
             for op, loops in mmio_loops(region, views[width], width).items():
                 ns = best_ns(loops, offsets, repeats)
@@ -154,6 +196,7 @@ def run(n: int, repeats: int) -> dict[str, object]:
         "repeats": repeats,
         "goal": f"MmioRegion within {GOAL}x of the raw view in a function",
         "mmio": rows,
+        "regmap_ns": regmap,
         "file_region_ns": syscalls,
     }
 
@@ -186,6 +229,15 @@ def show(results: dict[str, object], console: Console) -> None:
             "[green]yes[/]" if ok else "[red]NO[/]",
         )
     console.print(table)
+    rm: dict[str, float] = results["regmap_ns"]  # type: ignore[assignment]
+    console.print(
+        "Register map, bound register vs MmioRegion (bring-up path; hot paths use offsets): "
+        + ", ".join(
+            f"{op} {rm['bound_' + op]:.1f} ns vs {rm['region_' + op]:.1f} ns "
+            f"({rm['bound_' + op] / rm['region_' + op]:.2f}x)"
+            for op in ("read", "write")
+        )
+    )
     files: dict[str, float] = results["file_region_ns"]  # type: ignore[assignment]
     console.print(
         "FileRegion (one pread/pwrite per access, tmpfs file): "

@@ -1,6 +1,8 @@
 """The edu driver: identification, liveness, factorial (polled or by interrupt), DMA.
 
-Reads like QEMU's docs/specs/edu.rst; register names are in :mod:`.regs`.
+Reads like QEMU's docs/specs/edu.rst; the registers are the map :class:`.regs.EduRegs`,
+used through its bound registers (``self.regs.STATUS.write_fields(IRQFACT=1)``): nothing
+here is a hot path, so every access goes through the map's access rules.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 from udrv.core.device import Device
 from udrv.drivers.edu import regs
+from udrv.drivers.edu.regs import DmaDirection, EduRegs
 from udrv.errors import DriverError, PollTimeout
 
 
@@ -42,18 +45,19 @@ class Edu:
         self.dev = device
         self.timeout = timeout
         self.bar = device.bar(regs.BAR)
+        self.regs = EduRegs(self.bar)
         self._lock = threading.Lock()  # one factorial / DMA at a time: the device has one unit
         cfg = device.config
         vendor, dev_id = cfg.read16(0x00), cfg.read16(0x02)
         if (vendor, dev_id) != (regs.VENDOR_ID, regs.DEVICE_ID):
             raise EduError(f"{device.address} is {vendor:04x}:{dev_id:04x}, not an edu (1234:11e8)")
-        ident = self.bar.read32(regs.IDENT)
-        if ident & regs.IDENT_MAGIC_MASK != regs.IDENT_MAGIC:
+        ident = self.regs.IDENT.decode()
+        if ident["MAGIC"] != regs.IDENT_MAGIC:
             raise EduError(
-                f"{device.address}: identification register reads {ident:#010x}, "
-                "expected 0xRRrr00ed; is BAR0 mapped?"
+                f"{device.address}: identification register reads "
+                f"{EduRegs.IDENT.encode(**ident):#010x}, expected 0xRRrr00ed; is BAR0 mapped?"
             )
-        self.version = (ident >> 24, (ident >> 16) & 0xFF)
+        self.version = (ident["MAJOR"], ident["MINOR"])
         self.irq: Any = None
         if interrupts:
             self._setup_interrupts(interrupts)
@@ -67,8 +71,8 @@ class Edu:
 
     def check_liveness(self, value: int = 0x12345678) -> bool:
         """Write ``value`` to the liveness register; the device must return its inversion."""
-        self.bar.write32(regs.LIVENESS, value)
-        return self.bar.read32(regs.LIVENESS) == (~value & 0xFFFF_FFFF)
+        self.regs.LIVENESS.write(value)
+        return self.regs.LIVENESS.read() == (~value & 0xFFFF_FFFF)
 
     def factorial(self, n: int, *, use_irq: bool | None = None) -> int:
         """n! modulo 2**32, computed by the device.
@@ -87,16 +91,14 @@ class Edu:
             if irq:
                 if self.irq is None:
                     raise EduError(f"{self.dev.address}: interrupts are not set up")
-                self.bar.write32(regs.STATUS, regs.STATUS_IRQFACT)
-                self.bar.write32(regs.FACTORIAL, n)
+                self.regs.STATUS.write_fields(IRQFACT=1)
+                self.regs.FACTORIAL.write(n)
                 self._wait_irq(regs.INTR_FACTORIAL, "factorial")
             else:
-                self.bar.write32(regs.STATUS, 0)
-                self.bar.write32(regs.FACTORIAL, n)
-                self.bar.poll32(
-                    regs.STATUS, regs.STATUS_COMPUTING, 0, timeout=self.timeout, name="STATUS"
-                )
-            return self.bar.read32(regs.FACTORIAL)
+                self.regs.STATUS.write_fields(IRQFACT=0)
+                self.regs.FACTORIAL.write(n)
+                self.regs.STATUS.poll(COMPUTING=0, timeout=self.timeout)
+            return self.regs.FACTORIAL.read()
 
     # -- interrupts -------------------------------------------------------------------------
 
@@ -112,11 +114,11 @@ class Edu:
             if not self.irq.wait(self.timeout):
                 raise PollTimeout(
                     f"{self.dev.address}: no {what} interrupt within "
-                    f"{self.timeout:g} s (INTR_STATUS={self.bar.read32(regs.INTR_STATUS):#x})"
+                    f"{self.timeout:g} s ({self.regs.INTR_STATUS.format()})"
                 )
-            status = self.bar.read32(regs.INTR_STATUS)
+            status = self.regs.INTR_STATUS.read()
             if status:
-                self.bar.write32(regs.INTR_ACK, status)
+                self.regs.INTR_ACK.write(status)  # every cause seen, not only ``cause``
             self.irq.rearm()
             if status & cause:
                 return
@@ -129,14 +131,14 @@ class Edu:
         with self._lock:
             buf = self._staging
             buf.array[: len(data)] = memoryview(data)
-            self._transfer(buf.iova, regs.DMA_BUFFER + offset, len(data), 0)
+            self._transfer(buf.iova, regs.DMA_BUFFER + offset, len(data), DmaDirection.FROM_RAM)
 
     def dma_from_device(self, length: int, offset: int = 0) -> bytes:
         """Copy ``length`` bytes out of the device's buffer at ``offset`` by DMA (edu -> RAM)."""
         self._check_span(offset, length)
         with self._lock:
             buf = self._staging
-            self._transfer(regs.DMA_BUFFER + offset, buf.iova, length, regs.DMA_CMD_TO_RAM)
+            self._transfer(regs.DMA_BUFFER + offset, buf.iova, length, DmaDirection.TO_RAM)
             return bytes(buf.array[:length])
 
     def dma(self, src: int, dst: int, length: int, *, to_ram: bool) -> None:
@@ -150,7 +152,9 @@ class Edu:
                 f"{self.dma_mask_bits}-bit DMA mask"
             )
         with self._lock:
-            self._transfer(src, dst, length, regs.DMA_CMD_TO_RAM if to_ram else 0)
+            self._transfer(
+                src, dst, length, DmaDirection.TO_RAM if to_ram else DmaDirection.FROM_RAM
+            )
 
     def _check_span(self, offset: int, length: int) -> None:
         if length <= 0 or offset < 0 or offset + length > regs.DMA_BUFFER_USABLE:
@@ -160,22 +164,18 @@ class Edu:
                 f"in QEMU's edu, so offset + length <= {regs.DMA_BUFFER_USABLE})"
             )
 
-    def _transfer(self, src: int, dst: int, length: int, direction: int) -> None:
+    def _transfer(self, src: int, dst: int, length: int, direction: DmaDirection) -> None:
         # edu.rst "DMA controller": source, destination, count, then start (+ IRQ when done).
-        if self.bar.read64(regs.DMA_CMD) & regs.DMA_CMD_START:
+        if self.regs.DMA_CMD.get("START"):
             raise EduError(f"{self.dev.address}: a DMA transfer is already running (device busy)")
-        self.bar.write64(regs.DMA_SRC, src)
-        self.bar.write64(regs.DMA_DST, dst)
-        self.bar.write64(regs.DMA_COUNT, length)
+        self.regs.DMA_SRC.write(src)
+        self.regs.DMA_DST.write(dst)
+        self.regs.DMA_COUNT.write(length)
         irq = self.irq is not None
-        self.bar.write64(
-            regs.DMA_CMD, regs.DMA_CMD_START | direction | (regs.DMA_CMD_IRQ if irq else 0)
-        )
+        self.regs.DMA_CMD.write_fields(START=1, DIRECTION=direction, IRQ=int(irq))
         if irq:
             self._wait_irq(regs.INTR_DMA, "DMA completion")
-        self.bar.poll(
-            regs.DMA_CMD, regs.DMA_CMD_START, 0, timeout=self.timeout, width=8, name="DMA_CMD"
-        )
+        self.regs.DMA_CMD.poll(START=0, timeout=self.timeout)
 
     def close(self) -> None:
         staging = self.__dict__.pop("_staging", None)
