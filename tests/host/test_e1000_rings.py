@@ -193,3 +193,14 @@ def test_parts_the_driver_cannot_drive_are_refused_by_name(device: int, name: st
         match=rf"0000:00:04.0 is 8086:{device:04x} \({name}\), which this driver does not support; supported: 8086:100e 82540EM, 8086:100f 82545EM",
     ):
         E1000(_Dev(0x8086, device))  # type: ignore[arg-type]
+
+
+def test_flow_control_registers_hold_the_manuals_values() -> None:
+    from udrv.drivers.e1000.driver import FCAH, FCAL, FCRTH, FCRTL, FCT, FCTTV
+
+    nic = fake_nic(16)
+    nic._init_flow_control()
+    got = [nic.bar.read32(r) for r in (FCAL, FCAH, FCT, FCTTV, FCRTH, FCRTL)]
+    # PAUSE frames: to 01:80:C2:00:00:01, type 0x8808 (802.3 Annex 31B); high water 90 % of
+    # the 48 KiB receive buffer in 8-byte units, low 8 bytes under it with XON enabled.
+    assert got == [0x00C28001, 0x0100, 0x8808, 0xFFFF, 44232, 44224 | 1 << 31]

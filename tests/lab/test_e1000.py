@@ -237,40 +237,6 @@ def test_a_powered_down_phy_is_powered_up(peer: str) -> None:
     assert not phy_ctrl("read") & (1 << 11)
 
 
-REG_SNIPPET = """
-import sys, udrv
-with udrv.open("{address}") as dev:
-    bar = dev.bar(0)
-    for arg in sys.argv[1:]:
-        off, _, value = arg.partition("=")
-        if value:
-            bar.write32(int(off, 0), int(value, 0))
-        print(bar.read32(int(off, 0)))
-"""
-
-
-def regs(*args: str) -> list[int]:
-    """Read (``"0x5820"``) or write then read (``"0x5820=0x2000"``) BAR0 registers of NIC A."""
-    out = subprocess.run([sys.executable, "-c", REG_SNIPPET.format(address=A), *args],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return [int(x) for x in out.stdout.split()]
-
-
-def test_reset_turns_off_manc_arp_and_sets_up_flow_control(peer: str) -> None:
-    """MANC.ARP_EN is cleared (the firmware must not answer ARP for the host); the flow
-    control registers hold the manual's values (Linux e1000_setup_link)."""
-    manc = regs(f"0x5820={1 << 13 | 1 << 15:#x}")[0]
-    assert manc & (1 << 13)
-    stop_driver(start_driver())
-    manc, fcal, fcah, fct, fcttv, fcrtl, fcrth = regs(
-        "0x5820", "0x0028", "0x002c", "0x0030", "0x0170", "0x2160", "0x2168"
-    )
-    assert not manc & (1 << 13)
-    assert (fcal, fcah, fct, fcttv) == (0x00C28001, 0x0100, 0x8808, 0xFFFF)
-    assert fcrth == 44232 and fcrtl == (44224 | 1 << 31)  # 90 % of the 48 KiB RX buffer
-
-
 def test_full_size_vlan_frames_both_ways(driver: subprocess.Popen[str], peer: str) -> None:
     """1518-byte 802.1Q frames (1522 with the FCS the NIC keeps) go out and come in."""
     sh("ip link add link udrv0 name udrv0.7 type vlan id 7 && ip addr add 10.9.7.1/24 dev udrv0.7 "

@@ -18,6 +18,12 @@ What real parts need and QEMU does not show (each follows Linux's e1000 driver):
   limit; host tests check the layout for every ring size and base.
 - The PHY may have been powered down by the previous driver: QEMU keeps the bit but its
   link does not depend on it; the lab checks that the bit is cleared.
+- MANC.ARP_EN is cleared (the management firmware must not answer ARP for the host): QEMU's
+  MANC is read-only (it reads 0x00222300, ARP_EN set, whatever is written), so only
+  hardware shows it. QEMU's CTRL.RST resets nothing either, which is why the driver writes
+  every register it relies on (CTRL.VME included) instead of trusting reset values.
+- Flow control (FCAL/FCAH/FCT/FCTTV/FCRTL/FCRTH, CTRL.RFCE/TFCE from auto-negotiation):
+  QEMU neither sends nor honours PAUSE frames; host tests check the values.
 - PCI-X MMRBC (the 82545/82546 in PCI-X slots) is not capped: not done yet.
 """
 
@@ -35,6 +41,7 @@ from udrv.core.device import Device, RegionKind
 from udrv.core.region import Region
 from udrv.drivers.e1000 import regs as R
 from udrv.drivers.e1000.phy import Phy
+from udrv.drivers.e1000.regs import E1000Regs, Speed
 from udrv.errors import DriverError
 from udrv.net.nic import Frame, Link, Nic, NicStats, format_mac
 
@@ -57,11 +64,13 @@ TPID_8021Q = b"\x81\x00"  # at offset 12 of a tagged frame (the NIC's VET regist
 BOUNDARY = 64 * 1024  # 82545EM erratum (Linux e1000_check_64k_bound): no DMA crosses 64 KiB
 STUCK_AFTER = 2.0  # s a TX descriptor may stay unfinished with the link up, no progress
 
-# Registers and bits not yet in regs.py (to move into the register map).
-CTRL_RFCE = 1 << 27  # SDM 13.4.1: honour received PAUSE frames
-CTRL_TFCE = 1 << 28  # SDM 13.4.1: send PAUSE frames
-STATUS_FD = 1 << 0  # SDM 13.4.2: full duplex
-STATUS_SPEED_SHIFT = 6  # SDM 13.4.2: bits 7:6, 00 10 Mb/s, 01 100, 1x 1000
+CTRL_RFCE = E1000Regs.CTRL.fields["RFCE"].mask  # honour received PAUSE frames
+CTRL_TFCE = E1000Regs.CTRL.fields["TFCE"].mask  # send PAUSE frames
+CTRL_VME = E1000Regs.CTRL.fields["VME"].mask  # strip VLAN tags into the descriptor
+_STATUS_FD, _STATUS_SPEED = E1000Regs.STATUS.fields["FD"], E1000Regs.STATUS.fields["SPEED"]
+_MBPS = {Speed.MBPS_10: 10, Speed.MBPS_100: 100, Speed.MBPS_1000: 1000, Speed.MBPS_1000_ALT: 1000}
+MANC = E1000Regs.MANC.offset
+# Registers not in the register map yet (regs.py).
 FCAL, FCAH, FCT = 0x0028, 0x002C, 0x0030  # SDM 13.4.8-10 flow control address and type
 FCTTV = 0x0170  # SDM 13.4.12 flow control transmit timer value
 FCRTL, FCRTH = 0x2160, 0x2168  # SDM 13.4 flow control receive thresholds low/high
@@ -71,7 +80,6 @@ FCRTL_XONE = 1 << 31  # send XON when the FIFO drains below FCRTL
 FCAL_PAUSE, FCAH_PAUSE, FCT_PAUSE = 0x00C28001, 0x0100, 0x8808
 FC_PAUSE_TIME = 0xFFFF  # slot times asked for in a PAUSE frame (Linux E1000_FC_PAUSE_TIME)
 PBA_RX_KIB = 48  # SDM 13.4.16 PBA default on the 82540/82545: 48 KiB of the 64 KiB for RX
-MANC = 0x5820  # SDM 13.4 Management Control
 MANC_ARP_EN = 1 << 13  # the firmware answers ARP for the host: off while we drive the NIC
 IOADDR, IODATA = 0x00, 0x04  # SDM 13.3: I/O-BAR window onto the internal registers
 # RDESC.ERRORS (SDM 3.2.3.2): frame errors drop the frame; TCPE (bit 5) and IPE (bit 6) say
@@ -297,6 +305,10 @@ class E1000(Nic):
         self._rx_held = 0  # descriptors whose buffers the last rx_batch() lent out
         self._rx_in_chain = False  # the last descriptor seen had no EOP
         self.bar.write32(R.RDTR, 0)
+        # VLAN tags stay in the frames (the stack untags them), so VME must be off. CTRL is
+        # written, not assumed: QEMU's CTRL.RST does not reset CTRL, and the previous driver
+        # (Linux's e1000 strips tags) may have left VME set.
+        self.bar.clear_bits32(R.CTRL, CTRL_VME)
         # SECRC stays 0: the NIC keeps the FCS and rx_batch() strips it, as Linux's e1000
         # does (hardware stripping broke BMC pass-through on some boards).
         rctl = R.RCTL_EN | R.RCTL_BAM | R.RCTL_BSIZE_2048
@@ -377,8 +389,7 @@ class E1000(Nic):
         if not self._link_up:
             self._link_up = True
             self._resolve_flow_control()
-        speed = (status >> STATUS_SPEED_SHIFT) & 3
-        return Link(True, (10, 100, 1000, 1000)[speed], bool(status & STATUS_FD))
+        return Link(True, _MBPS[Speed(_STATUS_SPEED.get(status))], bool(_STATUS_FD.get(status)))
 
     @property
     def link_up(self) -> bool:

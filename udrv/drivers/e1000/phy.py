@@ -16,16 +16,13 @@ from __future__ import annotations
 import time
 
 from udrv.core.region import Region
+from udrv.drivers.e1000.regs import E1000Regs, MdicOp
 from udrv.errors import DriverError
 
-MDIC = 0x0020  # 8254x SDM 13.4.7 MDI Control
-MDIC_DATA_MASK = 0xFFFF
-MDIC_REGADD_SHIFT = 16
-MDIC_PHYADD_SHIFT = 21
-MDIC_OP_WRITE = 0b01 << 26
-MDIC_OP_READ = 0b10 << 26
-MDIC_R = 1 << 28  # ready: the frame is done
-MDIC_E = 1 << 30  # error: no answer from the PHY
+_MDIC = E1000Regs.MDIC  # 8254x SDM 13.4.7 MDI Control
+MDIC = _MDIC.offset
+MDIC_R = _MDIC.fields["R"].mask  # ready: the frame is done
+MDIC_E = _MDIC.fields["E"].mask  # error: no answer from the PHY
 PHY_ADDR = 1  # SDM 13.4.7: the internal PHY's address
 
 # IEEE 802.3 22.2.4.1 Control register (register 0; the SDM's PCTRL)
@@ -62,9 +59,7 @@ class Phy:
         self.bar, self.name = bar, name
 
     def _frame(self, op: int, reg: int, data: int = 0) -> int:
-        self.bar.write32(
-            MDIC, op | (PHY_ADDR << MDIC_PHYADD_SHIFT) | (reg << MDIC_REGADD_SHIFT) | data
-        )
+        self.bar.write32(MDIC, _MDIC.encode(OP=op, PHYADD=PHY_ADDR, REGADD=reg, DATA=data))
         deadline = time.monotonic() + MDIC_TIMEOUT
         while True:
             v = self.bar.read32(MDIC)
@@ -81,7 +76,7 @@ class Phy:
                 f"{self.name}: the PHY at address {PHY_ADDR} did not answer for register {reg} "
                 f"(MDIC.E set, MDIC={v:#010x}); is this a copper part with the internal PHY?"
             )
-        return v & MDIC_DATA_MASK
+        return _MDIC.fields["DATA"].get(v)
 
     def read(self, reg: int) -> int:
         """One 16-bit PHY register.
@@ -89,7 +84,7 @@ class Phy:
         Raises:
             PhyError: no answer within the deadline, or MDIC.E.
         """
-        return self._frame(MDIC_OP_READ, reg)
+        return self._frame(MdicOp.READ, reg)
 
     def write(self, reg: int, value: int) -> None:
         """Write one 16-bit PHY register.
@@ -97,7 +92,7 @@ class Phy:
         Raises:
             PhyError: no answer within the deadline, or MDIC.E.
         """
-        self._frame(MDIC_OP_WRITE, reg, value & MDIC_DATA_MASK)
+        self._frame(MdicOp.WRITE, reg, value & 0xFFFF)
 
     def power_up_and_autonegotiate(self) -> bool:
         """Clear PHY_CTRL's power-down bit, advertise symmetric PAUSE, and restart
