@@ -505,7 +505,7 @@ class E1000(Nic):
                     self.stats.tx_dropped["runt" if size < ETH_HLEN else "oversize"] += 1
                     self.tx_dropped_sizes = [*self.tx_dropped_sizes[-15:], size]
                     continue
-            off = self._tx_order[tail + len(lengths)] * BUF_SIZE
+            off = ((tail + len(lengths)) % n) * BUF_SIZE
             mv[off : off + size] = frame
             lengths.append(size)
         if lengths:
