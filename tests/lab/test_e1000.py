@@ -172,9 +172,13 @@ def test_link_down_and_up(driver: subprocess.Popen[str]) -> None:
 
 def test_stuck_tx_ring_is_detected_and_reset(peer: str) -> None:
     """Fault injection wedges the TX unit (TCTL.EN cleared behind the ring's back); the
-    watchdog notices TDH standing still, says so, resets the TX unit, and traffic resumes."""
+    watchdog notices TDH standing still, says so, resets the TX unit, and traffic resumes.
+
+    With an 8-descriptor ring the wedged ring fills (QEMU otherwise finishes every descriptor
+    during the TDT write, so a full ring is seen only here): the loop waits instead of
+    dropping, and only the 7 frames inside the ring at the reset are lost, counted."""
     proc = subprocess.Popen([sys.executable, "-m", "udrv", "e1000", "serve", A, "--tap", "udrv0",
-                             "--inject-tx-stall", "30"],
+                             "--inject-tx-stall", "30", "--tx-ring", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdout is not None and "udrv0: 82540EM" in proc.stdout.readline()
     sh("ip addr add 10.9.0.1/24 dev udrv0")
@@ -192,6 +196,10 @@ def test_stuck_tx_ring_is_detected_and_reset(peer: str) -> None:
     assert "fault injection: wedging the TX unit" in err, err
     assert "TX ring stuck" in err and "resetting the TX unit" in err, err
     assert "tx_resets=1" in err, err
+    assert "tx_dropped[tx_timeout]=7" in err, err
+    m = re.search(r"tx_ring_full=(\d+)", err)
+    assert m and int(m[1]) > 0, err
+    assert "dropped[" not in err.split("tap:")[1].split(";")[0], err  # the loop dropped nothing
 
 
 PHY_SNIPPET = """

@@ -17,6 +17,8 @@ def register(sub: Any) -> None:
     s.add_argument("address", help="PCI address or 8086:100e")
     s.add_argument("--tap", default="udrv0", help="TAP interface name (udrv0)")
     s.add_argument("--mtu", type=int, help="TAP MTU (default: the NIC's, 1500)")
+    s.add_argument("--rx-ring", type=int, default=256, help="RX descriptors (multiple of 8)")
+    s.add_argument("--tx-ring", type=int, default=256, help="TX descriptors (multiple of 8)")
     s.add_argument("--polling", action="store_true", help="no interrupts: poll the rings")
     s.add_argument("--promiscuous", action="store_true")
     s.add_argument("--itr-us", type=int, default=50, help="interrupt throttling interval")
@@ -35,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with udrv.open(args.address) as dev:
-        nic = E1000(dev, interrupts=None if args.polling else "intx", itr_us=args.itr_us,
+        nic = E1000(dev, rx_ring=args.rx_ring, tx_ring=args.tx_ring, itr_us=args.itr_us,
+                    interrupts=None if args.polling else "intx",
                     promiscuous=args.promiscuous)  # fmt: skip
         nic.inject_tx_stall_after = args.inject_tx_stall
         with nic, Tap(args.tap, mac=nic.mac, mtu=args.mtu or nic.mtu) as tap:

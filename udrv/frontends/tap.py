@@ -160,11 +160,15 @@ class ServeStats:
 
     to_nic: int = 0  # frames the kernel sent that the NIC took
     to_kernel: int = 0  # frames the NIC received that went to the kernel
+    tx_ring_full: int = 0  # times the NIC took fewer frames than offered (the loop waited)
     dropped: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> str:
         drops = " ".join(f"dropped[{r}]={n}" for r, n in sorted(self.dropped.items()))
-        return f"to_nic={self.to_nic} to_kernel={self.to_kernel}" + (f" {drops}" if drops else "")
+        return (
+            f"to_nic={self.to_nic} to_kernel={self.to_kernel} tx_ring_full={self.tx_ring_full}"
+            + (f" {drops}" if drops else "")
+        )
 
 
 POLL_INTERVAL = 0.05  # s: how often a NIC without an event fd is looked at when idle
@@ -236,6 +240,8 @@ def serve(
         if pending:
             taken = nic.tx_batch(pending)
             stats.to_nic += taken
+            if taken < len(pending):
+                stats.tx_ring_full += 1
             pending = pending[taken:]
     if pending:
         stats.dropped["stopped"] += len(pending)
