@@ -36,6 +36,7 @@ def fake_nic(ring: int = 256, *, rx_iova: int = 0x100000, tx_iova: int = 0x40000
     and data path run unchanged, and the caller plays the NIC by writing descriptors."""
     nic = E1000.__new__(E1000)
     nic.bar = MmioRegion(bytearray(128 * 1024), name="fake e1000 BAR0")
+    nic.regs = R.E1000Regs(nic.bar)
     nic.name, nic.model, nic.mtu, nic.mac = "synthetic 82540EM", "82540EM", 1500, bytes(6)
     nic.stats, nic.tx_dropped_sizes, nic.tx_resets = NicStats(), [], 0
     nic.irq, nic.inject_tx_stall_after, nic._link_up = None, None, False

@@ -187,3 +187,46 @@ def test_command_refuses_to_write_behind_a_kernel_driver(
 def test_command_names_the_devices_it_knows(tree: Path) -> None:
     with pytest.raises(UdrvError, match=r"0000:00:07.0 \(10ec:8139.*no built-in register map"):
         run(tree, "00:07.0")
+
+
+def test_watch_marks_what_changed_since_the_last_refresh(
+    tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bar0 = tree / "0000:00:04.0" / "resource0"
+    sleeps: list[float] = []
+
+    def device_changes_while_we_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C
+        with open(bar0, "r+b") as f:  # the device finishes a factorial meanwhile
+            f.seek(0x08)
+            f.write(le(120))
+
+    monkeypatch.setattr("udrv.cli.regs.time.sleep", device_changes_while_we_sleep)
+    with pytest.raises(KeyboardInterrupt):
+        run(tree, "00:04.0", "FACTORIAL", "STATUS", "--watch", "0.5")
+    first, second = capsys.readouterr().out.split("\n\n")
+    assert sleeps == [0.5, 0.5]
+    assert "  FACTORIAL 0x0008  0x00000000" in first
+    assert "< FACTORIAL 0x0008  0x00000078" in second
+    assert "  STATUS    0x0020  0x00000000" in second  # unchanged, as at reset
+
+
+def test_a_bar_the_kernel_driver_claimed_gets_the_fix_in_the_error(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Strict-devmem kernels refuse to mmap a BAR a driver claimed (EINVAL, seen in the lab
+    with Linux's nvme driver): the error must say to unbind the device."""
+    import mmap
+
+    def refuse(*args: object, **kw: object) -> mmap.mmap:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr("udrv.backends.sysfs.mmap.mmap", refuse)
+    with pytest.raises(
+        RegionError,
+        match=r"resource0 .*\[EINVAL\].*; e1000e has claimed this BAR: unbind 0000:00:05.0 "
+        r"from e1000e \(or `udrv bind 0000:00:05.0`\)",
+    ):
+        run(tree, "00:05.0", "STATUS")

@@ -19,8 +19,9 @@ from udrv.backends.vfio import VfioDevice
 from udrv.core.device import RegionKind
 from udrv.core.region import MmioRegion
 from udrv.errors import DeviceBusyError, DeviceNotFoundError, RegionError, VfioError
+from udrv.lab.pytest_plugin import bind
 
-from .conftest import BACKEND_DEVICES, E1000, RTL8139, bind
+from .conftest import BACKEND_DEVICES, E1000, RTL8139
 
 pytestmark = pytest.mark.lab(*BACKEND_DEVICES)
 Bind = Callable[[str, "str | None"], str]

@@ -64,9 +64,6 @@ TPID_8021Q = b"\x81\x00"  # at offset 12 of a tagged frame (the NIC's VET regist
 BOUNDARY = 64 * 1024  # 82545EM erratum (Linux e1000_check_64k_bound): no DMA crosses 64 KiB
 STUCK_AFTER = 2.0  # s a TX descriptor may stay unfinished with the link up, no progress
 
-CTRL_RFCE = E1000Regs.CTRL.fields["RFCE"].mask  # honour received PAUSE frames
-CTRL_TFCE = E1000Regs.CTRL.fields["TFCE"].mask  # send PAUSE frames
-CTRL_VME = E1000Regs.CTRL.fields["VME"].mask  # strip VLAN tags into the descriptor
 _STATUS_FD, _STATUS_SPEED = E1000Regs.STATUS.fields["FD"], E1000Regs.STATUS.fields["SPEED"]
 _MBPS = {Speed.MBPS_10: 10, Speed.MBPS_100: 100, Speed.MBPS_1000: 1000, Speed.MBPS_1000_ALT: 1000}
 MANC = E1000Regs.MANC.offset
@@ -168,6 +165,7 @@ class E1000(Nic):
                 f"ring sizes must be multiples of 8 in 8..4096, not {rx_ring}/{tx_ring}"
             )
         self.bar = device.bar(0)
+        self.regs = R.E1000Regs(self.bar)  # bring-up; the data path uses the flat offsets
         self.model = MODELS[dev_id]
         self.name = f"{self.model} at {device.address}"
         self.mtu = MTU
@@ -196,8 +194,8 @@ class E1000(Nic):
             from udrv import irq
 
             self.irq = irq.enable(device, interrupts)[0]
-            self.bar.write32(R.ITR, max(1, itr_us * 1000 // 256))
-            self.bar.write32(R.IMS, R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0 | R.ICR_LSC | R.ICR_TXDW)
+            self.regs.ITR.write_fields(INTERVAL=max(1, itr_us * 1000 // 256))  # 256 ns units
+            self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1, TXDW=1)
         self._start_link(link_timeout)
 
     def _attach_rings(self) -> None:
@@ -243,95 +241,94 @@ class E1000(Nic):
         Raises:
             E1000Error: CTRL.RST did not clear.
         """
-        self.bar.write32(R.IMC, 0xFFFFFFFF)
-        self.bar.write32(R.RCTL, 0)
-        self.bar.write32(R.TCTL, R.TCTL_PSP)
-        self.bar.read32(R.STATUS)  # flush the posted writes
+        self.regs.IMC.write(0xFFFFFFFF)
+        self.regs.RCTL.write(0)
+        self.regs.TCTL.write_fields(PSP=1)
+        self.regs.STATUS.read()  # flush the posted writes
         time.sleep(0.010)
-        ctrl = self.bar.read32(R.CTRL)
+        ctrl = self.regs.CTRL.read()
         io = self._io_bar() if self.model in RESET_THROUGH_IO else None
         if io is not None:
-            self.bar.write32(R.ITR, ITR_PROBE)  # ITR's reset value is 0 (SDM 13.4.18)
+            self.regs.ITR.write(ITR_PROBE)  # ITR's reset value is 0 (SDM 13.4.18)
             io.write32(IOADDR, R.CTRL)
             io.write32(IODATA, ctrl | R.CTRL_RST)
             time.sleep(0.001)  # "at least 1 us" before touching registers again
-            self.bar.poll32(R.CTRL, R.CTRL_RST, 0, timeout=1.0, name="CTRL")
-            if self.bar.read32(R.ITR) == ITR_PROBE:
+            self.regs.CTRL.poll(RST=0, timeout=1.0)
+            if self.regs.ITR.read() == ITR_PROBE:
                 # QEMU's e1000 implements the I/O BAR as a stub that ignores every access.
                 log.info("%s: the reset through the I/O BAR (IOADDR/IODATA) was ignored; "
                          "resetting through BAR0", self.name)  # fmt: skip
                 io = None
         if io is None:
-            self.bar.write32(R.CTRL, ctrl | R.CTRL_RST)
+            self.regs.CTRL.write(ctrl | R.CTRL_RST)
             time.sleep(0.001)
-            self.bar.poll32(R.CTRL, R.CTRL_RST, 0, timeout=1.0, name="CTRL")
+            self.regs.CTRL.poll(RST=0, timeout=1.0)
         time.sleep(EEPROM_RELOAD)
-        self.bar.write32(R.IMC, 0xFFFFFFFF)  # 14.4: interrupts masked again after reset
-        self.bar.read32(R.ICR)
-        self.bar.clear_bits32(MANC, MANC_ARP_EN)
+        self.regs.IMC.write(0xFFFFFFFF)  # 14.4: interrupts masked again after reset
+        self.regs.ICR.read()  # read-to-clear: drop causes from before the reset
+        self.regs.MANC.clear_bits(MANC_ARP_EN)
 
     def read_eeprom(self, word: int) -> int:
         """One EEPROM word through EERD (SDM 13.4.4; 5.6: words 0-2 hold the MAC)."""
-        self.bar.write32(R.EERD, (word << R.EERD_ADDR_SHIFT) | R.EERD_START)
-        v = self.bar.poll32(R.EERD, R.EERD_DONE, R.EERD_DONE, timeout=0.5, name="EERD")
-        return v >> R.EERD_DATA_SHIFT
+        self.regs.EERD.write_fields(ADDR=word, START=1)
+        v = self.regs.EERD.poll(DONE=1, timeout=0.5)
+        return R.E1000Regs.EERD.fields["DATA"].get(v)
 
     def read_mac(self) -> bytes:
         """The station address: RAL0/RAH0 as loaded from the EEPROM, else the EEPROM itself."""
-        ral, rah = self.bar.read32(R.RAL0), self.bar.read32(R.RAH0)
-        if rah & R.RAH_AV:
-            return ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")
+        ral, rah = self.regs.RAL(0).read(), self.regs.RAH(0).decode()
+        if rah["AV"]:
+            return ral.to_bytes(4, "little") + rah["RAH"].to_bytes(2, "little")
         words = [self.read_eeprom(i) for i in range(3)]
         return b"".join(w.to_bytes(2, "little") for w in words)
 
     def set_mac(self, mac: bytes) -> None:
-        self.bar.write32(R.RAL0, int.from_bytes(mac[:4], "little"))
-        self.bar.write32(R.RAH0, int.from_bytes(mac[4:6], "little") | R.RAH_AV)
+        self.regs.RAL(0).write(int.from_bytes(mac[:4], "little"))
+        self.regs.RAH(0).write_fields(RAH=int.from_bytes(mac[4:6], "little"), AV=1)
         self.mac = bytes(mac)
 
     def _init_rx(self, promiscuous: bool) -> None:
         """SDM 14.4: receive initialization."""
         for i in range(R.MTA_COUNT):
-            self.bar.write32(R.MTA + 4 * i, 0)
+            self.regs.MTA(i).write(0)
         self.rx[:] = 0
         self.rx["addr"] = self._rx_iovas
-        self.bar.write32(R.RDBAL, self._rx_base & 0xFFFFFFFF)
-        self.bar.write32(R.RDBAH, self._rx_base >> 32)
-        self.bar.write32(R.RDLEN, self.nrx * 16)
-        self.bar.write32(R.RDH, 0)
+        self.regs.RDBAL.write(self._rx_base & 0xFFFFFFFF)
+        self.regs.RDBAH.write(self._rx_base >> 32)
+        self.regs.RDLEN.write(self.nrx * 16)
+        self.regs.RDH.write(0)
         wmb()  # the descriptors are in memory before RDT hands them over
-        self.bar.write32(R.RDT, self.nrx - 1)  # all but one descriptor belong to the NIC
+        self.regs.RDT.write(self.nrx - 1)  # all but one descriptor belong to the NIC
         self.rx_next = 0
         self._rx_held = 0  # descriptors whose buffers the last rx_batch() lent out
         self._rx_in_chain = False  # the last descriptor seen had no EOP
-        self.bar.write32(R.RDTR, 0)
+        self.regs.RDTR.write(0)
         # VLAN tags stay in the frames (the stack untags them), so VME must be off. CTRL is
         # written, not assumed: QEMU's CTRL.RST does not reset CTRL, and the previous driver
         # (Linux's e1000 strips tags) may have left VME set.
-        self.bar.clear_bits32(R.CTRL, CTRL_VME)
+        self.regs.CTRL.clear("VME")
         # SECRC stays 0: the NIC keeps the FCS and rx_batch() strips it, as Linux's e1000
         # does (hardware stripping broke BMC pass-through on some boards).
-        rctl = R.RCTL_EN | R.RCTL_BAM | R.RCTL_BSIZE_2048
-        if promiscuous:
-            rctl |= R.RCTL_UPE | R.RCTL_MPE
-        self.bar.write32(R.RCTL, rctl)
+        p = int(promiscuous)
+        self.regs.RCTL.write_fields(
+            EN=1, BAM=1, BSIZE=R.RctlBsize.B2048, UPE=p, MPE=p
+        )  # BSIZE with BSEX = 0: 2048-byte buffers
 
     def _init_tx(self) -> None:
         """SDM 14.5: transmit initialization."""
         self.tx[:] = 0
         self.tx["addr"] = self._tx_iovas
         self.tx["status"] = R.TXD_STAT_DD  # all free
-        self.bar.write32(R.TDBAL, self._tx_base & 0xFFFFFFFF)
-        self.bar.write32(R.TDBAH, self._tx_base >> 32)
-        self.bar.write32(R.TDLEN, self.ntx * 16)
-        self.bar.write32(R.TDH, 0)
-        self.bar.write32(R.TDT, 0)
+        self.regs.TDBAL.write(self._tx_base & 0xFFFFFFFF)
+        self.regs.TDBAH.write(self._tx_base >> 32)
+        self.regs.TDLEN.write(self.ntx * 16)
+        self.regs.TDH.write(0)
+        self.regs.TDT.write(0)
         self.tx_tail = self.tx_clean = 0  # next to fill; oldest the NIC may still own
         self._tx_progress = time.monotonic()
-        self.bar.write32(R.TIPG, R.TIPG_DEFAULT)
-        self.bar.write32(
-            R.TCTL, R.TCTL_EN | R.TCTL_PSP | (0x0F << R.TCTL_CT_SHIFT) | (0x40 << R.TCTL_COLD_SHIFT)
-        )
+        self.regs.TIPG.write_fields(IPGT=10, IPGR1=8, IPGR2=6)  # 802.3 copper (14.5)
+        # 14.5: collision threshold 0Fh, collision distance 40h (full duplex).
+        self.regs.TCTL.write_fields(EN=1, PSP=1, CT=0x0F, COLD=0x40)
 
     def _init_flow_control(self) -> None:
         """IEEE 802.3x flow control registers at the manual's values (Linux e1000_setup_link):
@@ -349,14 +346,14 @@ class E1000(Nic):
 
     def _resolve_flow_control(self) -> None:
         """CTRL.RFCE/TFCE from what both ends advertised (IEEE 802.3 Annex 28B.3)."""
-        on = self.phy.pause_resolved()
-        self.bar.modify32(R.CTRL, CTRL_RFCE | CTRL_TFCE, (CTRL_RFCE | CTRL_TFCE) if on else 0)
+        on = int(self.phy.pause_resolved())
+        self.regs.CTRL.set(RFCE=on, TFCE=on)
 
     def _start_link(self, timeout: float) -> None:
         """Power the PHY up, restart auto-negotiation, set CTRL.SLU, wait for STATUS.LU."""
         if self.phy.power_up_and_autonegotiate():
             log.warning("%s: the PHY was powered down (PHY_CTRL bit 11); powered it up", self.name)
-        self.bar.set_bits32(R.CTRL, R.CTRL_SLU | R.CTRL_ASDE)
+        self.regs.CTRL.set(SLU=1, ASDE=1)
         deadline = time.monotonic() + timeout
         while not self.bar.read32(R.STATUS) & R.STATUS_LU:
             if time.monotonic() > deadline:

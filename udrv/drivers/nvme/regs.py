@@ -1,8 +1,9 @@
-"""NVMe controller registers, queue entries and opcodes.
+"""NVMe controller registers.
 
 Registers: NVMe Base Specification 2.0 section 3.1.3 ("Controller Properties", offsets in
 BAR0 for PCIe), and the NVMe over PCIe Transport Specification 1.0 section 3.1.2 for the
-doorbells. Queue entries, commands and status codes: NVMe Base Spec 1.4 sections as cited.
+doorbells.
+Commands, queue entries and status codes live in :mod:`udrv.drivers.nvme.command`.
 The flat constants (``CC``, ``CSTS_RDY``...) are derived from :class:`NvmeRegs`, so drivers that
 import them and the map agree by construction.
 """
@@ -10,8 +11,6 @@ import them and the map agree by construction.
 from __future__ import annotations
 
 import enum
-
-import numpy as np
 
 from udrv.core.region import Region
 from udrv.core.regmap import Field, Register, RegisterArray, RegisterMap
@@ -211,38 +210,3 @@ ACQ = NvmeRegs.ACQ.offset  # 64-bit admin completion queue base
 DOORBELLS = (
     NvmeRegs.SQyTDBL.base
 )  # SQ y tail at 0x1000 + 2y * stride, CQ y head at + (2y + 1) * stride
-
-# 4.2 Submission queue entry (64 bytes) as 16 dwords; 4.6 completion queue entry (16 bytes).
-SQE = np.dtype((np.uint32, 16))
-CQE = np.dtype([("dw0", "<u4"), ("dw1", "<u4"), ("sqhd", "<u2"), ("sqid", "<u2"),
-                ("cid", "<u2"), ("status", "<u2")])  # fmt: skip
-assert SQE.itemsize == 64 and CQE.itemsize == 16
-
-# 5 Admin commands.
-ADMIN_DELETE_SQ, ADMIN_CREATE_SQ = 0x00, 0x01
-ADMIN_DELETE_CQ, ADMIN_CREATE_CQ = 0x04, 0x05
-CQ_PC, CQ_IEN = 1 << 0, 1 << 1  # Create I/O CQ CDW11: physically contiguous, interrupts on (5.3)
-ADMIN_IDENTIFY = 0x06
-ADMIN_SET_FEATURES = 0x09
-FEAT_NUMBER_OF_QUEUES = 0x07  # 5.21.1.7
-CNS_NAMESPACE, CNS_CONTROLLER, CNS_ACTIVE_NS_LIST = 0x00, 0x01, 0x02  # 5.15.1
-
-# 6 NVM command set.
-NVM_FLUSH, NVM_WRITE, NVM_READ = 0x00, 0x01, 0x02
-NVM_WRITE_ZEROES = 0x08
-NVM_DSM = 0x09  # dataset management; CDW11 bit 2: deallocate (6.7)
-DSM_AD = 1 << 2
-
-# 4.6.1.2 Status codes (SCT 0, generic) worth naming.
-STATUS_NAMES = {
-    0x00: "successful completion", 0x01: "invalid command opcode", 0x02: "invalid field in command",
-    0x04: "data transfer error", 0x06: "internal error", 0x0B: "invalid namespace or format",
-    0x80: "LBA out of range", 0x81: "capacity exceeded",
-}  # fmt: skip
-
-
-def describe_status(status: int) -> str:
-    """A completion's status field (CQE DW3 bits 31:17, 4.6.1): type, code and name."""
-    sc, sct = status & 0xFF, (status >> 8) & 7
-    name = STATUS_NAMES.get(sc, "") if sct == 0 else ""
-    return f"SCT {sct} SC {sc:#04x}" + (f" ({name})" if name else "")
