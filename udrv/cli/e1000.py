@@ -16,7 +16,9 @@ def register(sub: Any) -> None:
     s = esub.add_parser("serve", help="drive the NIC and connect it to a TAP interface")
     s.add_argument("address", help="PCI address or 8086:100e")
     s.add_argument("--tap", default="udrv0", help="TAP interface name (udrv0)")
-    s.add_argument("--mtu", type=int, default=1500)
+    s.add_argument("--mtu", type=int, help="TAP MTU (default: the NIC's, 1500)")
+    s.add_argument("--rx-ring", type=int, default=256, help="RX descriptors (multiple of 8)")
+    s.add_argument("--tx-ring", type=int, default=256, help="TX descriptors (multiple of 8)")
     s.add_argument("--polling", action="store_true", help="no interrupts: poll the rings")
     s.add_argument("--promiscuous", action="store_true")
     s.add_argument("--itr-us", type=int, default=50, help="interrupt throttling interval")
@@ -28,28 +30,29 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import udrv
     from udrv.drivers.e1000 import E1000
-    from udrv.drivers.e1000.bridge import bridge
-    from udrv.frontends.tap import Tap
+    from udrv.frontends.tap import Tap, serve
 
     logging.basicConfig(level=logging.INFO, format="udrv e1000: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with udrv.open(args.address) as dev:
-        nic = E1000(dev, interrupts=None if args.polling else "intx", itr_us=args.itr_us,
+        nic = E1000(dev, rx_ring=args.rx_ring, tx_ring=args.tx_ring, itr_us=args.itr_us,
+                    interrupts=None if args.polling else "intx",
                     promiscuous=args.promiscuous)  # fmt: skip
-        with nic, Tap(args.tap, mac=nic.mac, mtu=args.mtu) as tap:
-            mac = ":".join(f"{b:02x}" for b in nic.mac)
-            print(f"{tap.name}: {nic.model} at {dev.address}, MAC {mac}, link "
-                  f"{'up' if nic.link_up else 'down'}; Ctrl-C to stop", flush=True)  # fmt: skip
-            bridge(nic, tap, stop, stall_tx_after=args.inject_tx_stall)
-            stats = nic.update_stats()
+        nic.inject_tx_stall_after = args.inject_tx_stall
+        with nic, Tap(args.tap, mac=nic.mac, mtu=args.mtu or nic.mtu) as tap:
+            print(f"{tap.name}: {nic.describe()}; Ctrl-C to stop", flush=True)
+            served = serve(nic, tap, stop)
+            hw = nic.update_stats()
+    sizes = " ".join(map(str, nic.tx_dropped_sizes))
     print(
-        "counters: "
-        + ", ".join(f"{k}={v}" for k, v in stats.items() if v)
-        + f", tap_rx={tap.rx_frames}, tap_tx={tap.tx_frames}, dropped_tx={nic.dropped_tx}"
-        + (f" (sizes {' '.join(map(str, nic.dropped_sizes))})" if nic.dropped_sizes else "")
-        + f", tx_resets={nic.tx_resets}",
+        f"counters: {nic.stats.summary()}"
+        + (f" (dropped sizes {sizes})" if sizes else "")
+        + f"; tap: {served.summary()}"
+        + "".join(f" tap_dropped[{r}]={n}" for r, n in sorted(tap.dropped.items()))
+        + f"; tx_resets={nic.tx_resets}; device: "
+        + ", ".join(f"{k}={v}" for k, v in hw.items() if v),
         file=sys.stderr,
     )
     return 0
