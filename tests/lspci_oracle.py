@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from udrv.pci.config import ConfigSpace
+from udrv.pci.config import Command, ConfigSpace
 
 
 def parse_lspci(text: str) -> dict[str, object]:
@@ -71,4 +71,10 @@ def compare(cs: ConfigSpace, lspci: str) -> None:
             f["pba_bar"],
             f["pba_offset"],
         ) == want["msix"]
-    assert first  # the device line exists
+    # The device line: revision and programming interface as lspci prints them (absent = 0).
+    rev = re.search(r"\(rev ([0-9a-f]+)\)", first)
+    assert cs.revision == (int(rev[1], 16) if rev else 0), (first, cs.revision)
+    prog_if = re.search(r"\(prog-if ([0-9a-f]+)", first)
+    assert cs.header.prog_if == (int(prog_if[1], 16) if prog_if else 0), (first, cs.header.prog_if)
+    bus_master = re.search(r"BusMaster([+-])", lspci)
+    assert bus_master and bool(cs.command & Command.BUS_MASTER) == (bus_master[1] == "+")

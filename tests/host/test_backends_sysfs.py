@@ -100,7 +100,9 @@ def test_selectors(tree: Path, tmp_path: Path) -> None:
             assert dev.address == "0000:00:04.0"
     with pytest.raises(AddressError, match="'00:04' is neither"):
         udrv.open("00:04", root=tree)
-    with pytest.raises(DeviceNotFoundError, match=r"no PCI device 0000:00:1e.0 .*`udrv list`"):
+    with pytest.raises(
+        DeviceNotFoundError, match=r"no PCI device 00:1e.0 \(0000:00:1e.0\) .*`udrv list`"
+    ):
         udrv.open("00:1e.0", root=tree)
     make_tree(tmp_path, "edu", "0000:00:08.0")
     with pytest.raises(

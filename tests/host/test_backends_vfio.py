@@ -538,3 +538,14 @@ def test_listing_bars_skips_absent_ones_but_reports_failures(
         pytest.raises(VfioError, match=r"VFIO_DEVICE_GET_REGION_INFO 2 .*EINVAL"),
     ):
         dev.bars  # noqa: B018
+
+
+def test_the_same_device_twice_in_one_process_is_refused(kernel: FakeKernel, tree: Path) -> None:
+    """The kernel would hand out a second device fd; two drivers would then share one device
+    unawares (and the leaked one blocks unbinding). One Device per device per process."""
+    with udrv.open(ADDR, root=tree):
+        with pytest.raises(VfioError, match=r"already open in this process.*\[EBUSY\]"):
+            udrv.open(ADDR, root=tree)
+        assert kernel.log.count(f"VFIO_GROUP_GET_DEVICE_FD {ADDR}") == 1
+    with udrv.open(ADDR, root=tree):  # once closed, it opens again
+        pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import subprocess
@@ -98,6 +99,85 @@ def test_put_packs_one_sqe_and_clears_a_long_command_left_in_the_slot() -> None:
             ring.put(layout, IU.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0)
         done = ring.wait(2)
         assert sorted(ud for ud, _, _ in done) == [10, 11]
+
+
+def _cq_full(ring: IoUring) -> bool:
+    return (ring._u32[ring._cq_tail] - ring._u32[ring._cq_head]) & 0xFFFFFFFF >= ring.cq_entries
+
+
+def test_a_full_cq_answered_with_ebusy_is_reaped_not_spun_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """io_uring_enter(2): with IORING_FEAT_NODROP, EBUSY means "the CQ overflowed: reap, then
+    enter again". The fake kernel says EBUSY while the CQ is full; entering again without
+    reaping would spin forever (here: fail after 100 entries)."""
+    real = IU._syscall
+    with IoUring(4) as ring:
+        assert ring.cq_entries == 8
+        for batch in range(2):  # 8 NOPs complete, none reaped: the CQ is full
+            for i in range(4):
+                ring.prep(IU.IORING_OP_NOP, -1, user_data=batch * 4 + i)
+            ring.submit()
+        assert _cq_full(ring)
+        entered = {"busy": 0, "all": 0}
+
+        def kernel(nr: int, *args: object) -> int:
+            entered["all"] += 1
+            if entered["all"] > 100:
+                raise AssertionError("io_uring_enter re-entered 100 times without reaping")
+            if nr == IU.SYS_io_uring_enter and _cq_full(ring):
+                entered["busy"] += 1
+                ctypes.set_errno(errno.EBUSY)
+                return -1
+            return int(real(nr, *args))
+
+        monkeypatch.setattr(IU, "_syscall", kernel)
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=8)
+        assert ring.submit(wait=1) == 1
+        assert entered["busy"] == 1
+        # Nothing lost, nothing doubled, in completion order.
+        assert [ud for ud, _, _ in ring.completions()] == list(range(9))
+        assert ring.completions() == []
+
+
+def test_busy_with_nothing_to_reap_gives_up_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def kernel(nr: int, *args: object) -> int:
+        ctypes.set_errno(errno.EAGAIN)
+        return -1
+
+    with IoUring(2) as ring:
+        monkeypatch.setattr(IU, "_syscall", kernel)
+        monkeypatch.setattr(IoUring, "BUSY_TIMEOUT", 0.05)
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=1)
+        with pytest.raises(
+            IoUringError, match=r"stayed busy for 0.05 s with no completion to reap \(1 SQEs"
+        ) as exc:
+            ring.submit(wait=1)
+        assert exc.value.errno == errno.EAGAIN
+
+
+def test_sqes_left_by_an_interrupted_enter_are_submitted_next_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = IU._syscall
+    interrupt = [True]
+
+    def kernel(nr: int, *args: object) -> int:
+        if nr == IU.SYS_io_uring_enter and interrupt:
+            interrupt.pop()
+            ctypes.set_errno(errno.EINTR)  # a signal before anything was consumed
+            return -1
+        return int(real(nr, *args))
+
+    with IoUring(4) as ring:
+        monkeypatch.setattr(IU, "_syscall", kernel)
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=1)
+        assert ring.submit() == 0  # interrupted; the SQE stays queued in the ring
+        ring.prep(IU.IORING_OP_NOP, -1, user_data=2)
+        assert ring.submit(wait=2) == 2
+        assert sorted(ud for ud, _, _ in ring.completions()) == [1, 2]
 
 
 def test_closed_ring() -> None:

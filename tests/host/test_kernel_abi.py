@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from udrv.errors import FrontendError, UdrvError
 from udrv.kernel import fuse as F
+from udrv.kernel import nbd as N
 from udrv.kernel import vfio as V
-from udrv.kernel.ioctl import _IO, _IOR, _IOW, _IOWR
+from udrv.kernel.ioctl import (
+    _IOC_DIR,
+    _IOC_NR,
+    _IOC_READ,
+    _IOC_SIZE,
+    _IOC_TYPE,
+    _IOC_WRITE,
+    _IOR,
+    _IOW,
+    _IOWR,
+    ioctl,
+)
 
 # Known values (computed by gcc from the headers; also checked live below).
 KNOWN = {
@@ -22,7 +36,15 @@ KNOWN = {
     "VFIO_DEVICE_GET_INFO": (V.VFIO_DEVICE_GET_INFO, 0x3B6B),
     "VFIO_DEVICE_SET_IRQS": (V.VFIO_DEVICE_SET_IRQS, 0x3B6E),
     "VFIO_IOMMU_MAP_DMA": (V.VFIO_IOMMU_MAP_DMA, 0x3B71),
-    "NBD_SET_SOCK": (_IO(0xAB, 0), 0xAB00),
+    "NBD_SET_SOCK": (N.NBD_SET_SOCK, 0xAB00),
+    "NBD_SET_BLKSIZE": (N.NBD_SET_BLKSIZE, 0xAB01),
+    "NBD_DO_IT": (N.NBD_DO_IT, 0xAB03),
+    "NBD_CLEAR_SOCK": (N.NBD_CLEAR_SOCK, 0xAB04),
+    "NBD_SET_SIZE_BLOCKS": (N.NBD_SET_SIZE_BLOCKS, 0xAB07),
+    "NBD_DISCONNECT": (N.NBD_DISCONNECT, 0xAB08),
+    "NBD_SET_TIMEOUT": (N.NBD_SET_TIMEOUT, 0xAB09),
+    "NBD_SET_FLAGS": (N.NBD_SET_FLAGS, 0xAB0A),
+    "FUSE_DEV_IOC_CLONE": (_IOR(229, 0, ctypes.c_uint32), 0x8004E500),
     "TUNSETIFF": (_IOW("T", 202, ctypes.c_int), 0x400454CA),
     "EVIOCGVERSION": (_IOR("E", 0x01, ctypes.c_int), 0x80044501),
     "UBLK_U_CMD_ADD_DEV": (_IOWR("u", 0x04, 32), 0xC0207504),
@@ -76,7 +98,7 @@ def c_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
         offs = " ".join(f'printf(" %zu", offsetof(struct {name}, {f[0]}));' for f in t._fields_)
         lines.append(f'printf("{name} %zu", sizeof(struct {name})); {offs} printf("\\n");')
     # (UBLK_U_* are newer than Debian 12's headers: checked against the known value only.)
-    macros = [k for k in KNOWN if k.startswith(("VFIO", "NBD", "TUN"))]
+    macros = [k for k in KNOWN if k.startswith(("VFIO", "NBD", "TUN", "FUSE"))]
     lines += [f'printf("{m} %lu\\n", (unsigned long){m});' for m in macros]
     src = tmp_path_factory.mktemp("abi") / "abi.c"
     src.write_text(
@@ -101,6 +123,65 @@ def test_ioctl_numbers_match_the_headers(c_layouts: dict[str, list[int]]) -> Non
     for name, (ours, _) in KNOWN.items():
         if name in c_layouts:
             assert ours == c_layouts[name][0], name
+
+
+@pytest.mark.parametrize(
+    ("number", "fields"),
+    [
+        (0x400454CA, (_IOC_WRITE, ord("T"), 202, 4)),  # TUNSETIFF
+        (0xC0207504, (_IOC_READ | _IOC_WRITE, ord("u"), 4, 32)),  # UBLK_U_CMD_ADD_DEV
+        (0x8004E500, (_IOC_READ, 229, 0, 4)),  # FUSE_DEV_IOC_CLONE
+        (0xAB03, (0, 0xAB, 3, 0)),  # NBD_DO_IT
+        (0x3B71, (0, ord(";"), 113, 0)),  # VFIO_IOMMU_MAP_DMA
+    ],
+)
+def test_ioc_fields_take_known_numbers_apart(number: int, fields: tuple[int, ...]) -> None:
+    assert (_IOC_DIR(number), _IOC_TYPE(number), _IOC_NR(number), _IOC_SIZE(number)) == fields
+
+
+def test_ioctl_errors_name_the_operation_and_carry_errno() -> None:
+    with open("/dev/null", "rb") as f:
+        with pytest.raises(
+            FrontendError, match=r"^ioctl NBD_SET_BLKSIZE on /dev/null failed: \[ENOTTY\]"
+        ) as exc:
+            N.nbd_ioctl(f.fileno(), N.NBD_SET_BLKSIZE, 4096, path="/dev/null")
+        assert exc.value.errno == 25
+        buf = bytearray(4)
+        with pytest.raises(UdrvError, match=r"^ioctl TUNGETIFF on /dev/null failed: \[ENOTTY\]"):
+            ioctl(f.fileno(), _IOR("T", 210, ctypes.c_uint), buf, what="TUNGETIFF on /dev/null")
+
+
+def test_nbd_device_setup_failure_names_the_ioctl_and_closes_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from udrv.block.ram import RamDisk
+    from udrv.frontends.nbd import NbdDevice
+
+    dev = NbdDevice(RamDisk(1 << 20))
+    opened: list[int] = []
+
+    def open_null() -> None:  # /dev/null stands in for /dev/nbd0: every NBD ioctl is ENOTTY
+        dev.fd, dev.path = os.open("/dev/null", os.O_RDWR), "/dev/null"
+        opened.append(dev.fd)
+
+    monkeypatch.setattr(dev, "_open_free", open_null)
+    with pytest.raises(
+        FrontendError, match=r"^ioctl NBD_SET_BLKSIZE on /dev/null failed: \[ENOTTY\]"
+    ):
+        dev.start()
+    assert dev.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(opened[0])  # closed, not leaked
+
+
+def test_no_fcntl_ioctl_outside_udrv_kernel() -> None:
+    root = Path(__import__("udrv").__file__).parent
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if p.parent.name != "kernel" and "fcntl.ioctl" in p.read_text()
+    ]
+    assert offenders == []
 
 
 def test_vfio_capability_chain_walk_and_loop_detection() -> None:

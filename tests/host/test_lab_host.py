@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +78,46 @@ def test_check_raises_with_output(lab) -> None:  # type: ignore[no-untyped-def]
         lab.run(["sh", "-c", "echo boom; exit 3"], timeout=30, check=True)
 
 
+def test_functions_of_one_slot_share_an_iommu_group(tmp_path: Path) -> None:
+    require_lab()
+    from udrv.lab import Lab
+
+    script = (
+        'echo "$UDRV_LAB_DEVICES"; for f in 0 1; do d=/sys/bus/pci/devices/0000:00:05.$f; '
+        "cat $d/device; basename $(readlink $d/iommu_group); done"
+    )
+    with Lab(["e1000:slot=5", "e1000:slot=5,fn=1"], results=tmp_path) as lab:
+        r = lab.run(["sh", "-c", script], timeout=60, check=True)
+    env, dev0, group0, dev1, group1 = r.stdout.split()
+    assert env == "e1000=0000:00:05.0,e1000.1=0000:00:05.1"
+    assert dev0 == dev1 == "0x100e"  # 82540EM, both functions enumerated
+    assert group0 == group1  # no ACS between functions: VFIO must take them together
+
+
+def test_a_kernel_warning_during_a_command_comes_back_with_it(lab) -> None:  # type: ignore[no-untyped-def]
+    # Through the kernel's own log at KERN_WARNING, as a driver's WARN_ON prints it.
+    warn = (
+        "for line in '------------[ cut here ]------------' "
+        "'WARNING: CPU: 0 PID: 1 at drivers/udrv/test.c:7 udrv_test+0x1/0x2' 'Call Trace:' "
+        "' udrv_test+0x1/0x2' '---[ end trace 0000000000000000 ]---'; "
+        'do printf "<4>%s\\n" "$line" > /dev/kmsg; done; exit 3'
+    )
+    r = lab.run(["sh", "-c", warn], timeout=30)
+    assert r.returncode == 3
+    assert r.kernel_report is not None
+    lines = r.kernel_report.splitlines()
+    assert re.fullmatch(r"--- kernel report from console.log line \d+ ---", lines[0])
+    assert lines[1].endswith("------------[ cut here ]------------")
+    assert lines[2].endswith("WARNING: CPU: 0 PID: 1 at drivers/udrv/test.c:7 udrv_test+0x1/0x2")
+    assert lines[-1].endswith("---[ end trace 0000000000000000 ]---")
+    with pytest.raises(
+        LabError, match=r"(?s)exited 3 in the lab.*WARNING: CPU: 0 PID: 1 at drivers"
+    ):
+        r.check()
+    # The next command sees only what the kernel printed while it ran.
+    assert lab.run(["true"], timeout=30).kernel_report is None
+
+
 def _udrv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "udrv", *args],
@@ -127,3 +169,36 @@ def test_cli_errors_are_one_line_not_tracebacks() -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("udrv: error: bad option 'size'")
     assert "Traceback" not in r.stderr
+
+
+def test_cli_refuses_an_unknown_model_before_booting() -> None:
+    require_lab()
+    start = time.monotonic()
+    r = _udrv("lab", "run", "--device", "edu", "--device", "e1000x", "--", "true")
+    assert r.returncode == 1
+    assert r.stderr.startswith("udrv: error: QEMU has no device model 'e1000x': did you mean e1000")
+    assert "booting" not in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - start < 20  # no guest was booted for it
+
+
+def test_a_guest_panic_is_printed_from_its_first_line_and_the_session_kept(
+    tmp_path: Path,
+) -> None:
+    require_lab()
+    r = _udrv(
+        "lab", "run", "--results", str(tmp_path), "--", "sh", "-c", "echo c >/proc/sysrq-trigger"
+    )
+    kept = re.search(r"session files kept in (\S+) ", r.stderr)
+    try:
+        assert r.returncode == 1
+        assert "\nudrv: error: the lab guest died while running `sh -c" in r.stderr
+        # The report from its first line, then the frames that name the culprit.
+        head = re.search(r"kernel report from console.log line \d+ ---\n(.*)\n", r.stderr)
+        assert head and head.group(1).endswith("Kernel panic - not syncing: sysrq triggered crash")
+        assert r.stderr.index("Call Trace:") < r.stderr.index("sysrq_handle_crash+")
+        assert kept, r.stderr
+        session = Path(kept.group(1))
+        assert "sysrq triggered crash" in (session / "console.log").read_text()
+    finally:
+        if kept:
+            shutil.rmtree(kept.group(1), ignore_errors=True)

@@ -89,7 +89,9 @@ def test_enumeration_from_dumps(tree: Path) -> None:
 
 def test_find_by_id_and_errors(tree: Path) -> None:
     assert find("1234:11e8", tree).address == "0000:00:04.0"
-    with pytest.raises(DeviceNotFoundError, match=r"no PCI device 0000:00:09\.0 .* `udrv list`"):
+    with pytest.raises(
+        DeviceNotFoundError, match=r"no PCI device 00:09\.0 \(0000:00:09\.0\) in .* `udrv list`"
+    ):
         find("00:09.0", tree)
     with pytest.raises(DeviceNotFoundError, match="no PCI device with id 8086:1234"):
         find("8086:1234", tree)

@@ -359,3 +359,14 @@ def test_recording_region_wraps_a_real_region_and_logs_bulk_copies() -> None:
 def test_zero_size_region_is_refused() -> None:
     with pytest.raises(RegionError, match="positive size"):
         FileRegion(0, name="empty", size=0)
+
+
+@pytest.mark.parametrize(
+    ("bits", "value"), [(8, 0x81), (16, 0x8001), (32, 0x8000_0001), (64, 1 << 63 | 1)]
+)
+def test_pollN_reads_exactly_N_bits(bits: int, value: int) -> None:
+    """poll8/16/32 make one access of their width per read, as read8/16/32 do."""
+    rec = RecordingRegion(64, on_read=lambda offset, width: value)
+    mask = 1 << (bits - 1)
+    assert getattr(rec, f"poll{bits}")(0x20, mask, mask, 1.0, interval=0) == value
+    assert [(a.op, a.width) for a in rec.log] == [("r", bits // 8)]

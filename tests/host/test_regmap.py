@@ -23,22 +23,29 @@ class EduRegs(RegisterMap):
     """A slice of QEMU's edu (docs/specs/edu.rst) plus e1000/NVMe-like extras for testing."""
 
     SIZE = 0x2000
-    IDENT = Register(0x00, 32, access="ro", doc="Identification: 0xRRrr00ed")
-    LIVENESS = Register(0x04, 32)
+    IDENT = Register(0x00, 4, access="ro", reset=0x010000ED, doc="Identification: 0xRRrr00ed")
+    LIVENESS = Register(0x04, 4)
     STATUS = Register(
         0x20,
-        32,
+        4,
+        reset=0,
         fields={
             "COMPUTING": Field(0, 1, access="ro", doc="factorial in progress"),
             "IRQFACT": Field(7, 1),
         },
     )
-    INTR_STATUS = Register(0x24, 32, access="ro")
-    INTR_ACK = Register(0x64, 32, access="wo")
-    ICR = Register(0x70, 32, access="rc", fields={"TXDW": Field(0, 1), "RXT0": Field(7, 1)})
+    INTR_STATUS = Register(0x24, 4, access="ro")
+    INTR_ACK = Register(0x64, 4, access="wo")
+    ICR = Register(
+        0x70,
+        4,
+        access="rc",
+        fields={"TXDW": Field(0, access="w1c"), "RXT0": Field(7, access="w1c")},
+    )
     CTRL = Register(
         0x78,
-        32,
+        4,
+        reset=0x0000_0200,
         fields={
             "SLU": Field(6, 1),
             "SPEED": Field(8, 2, enum=Speed),
@@ -46,8 +53,8 @@ class EduRegs(RegisterMap):
             "ID": Field(16, 16),
         },
     )
-    DMA_CMD = Register(0x98, 64, fields={"START": Field(0, 1), "TO_RAM": Field(1, 1)})
-    CAUSE = Register(0xA0, 16, access="w1c")
+    DMA_CMD = Register(0x98, 8, fields={"START": Field(0, 1), "TO_RAM": Field(1, 1)})
+    CAUSE = Register(0xA0, 2, access="w1c")
     RDBAL = RegisterArray(0x800, 0x100, 4, doc="receive descriptor base low, queue n")
     SQTDBL = RegisterArray(0x1000, 8, doc="NVMe SQyTDBL at 0x1000 + (2y) * (4 << CAP.DSTRD)")
 
@@ -61,7 +68,7 @@ def dev() -> tuple[EduRegs, RecordingRegion]:
 def test_class_attributes_are_the_single_source_of_offsets() -> None:
     assert EduRegs.STATUS.offset == 0x20
     assert EduRegs.STATUS.name == "STATUS"
-    assert EduRegs.DMA_CMD.width == 64 and EduRegs.DMA_CMD.nbytes == 8
+    assert EduRegs.DMA_CMD.width == 8 and EduRegs.DMA_CMD.bits == 64
     assert EduRegs.STATUS.fields["IRQFACT"].mask == 0x80
     assert list(EduRegs.REGISTERS)[:3] == ["IDENT", "LIVENESS", "STATUS"]
     assert set(EduRegs.ARRAYS) == {"RDBAL", "SQTDBL"}
@@ -107,7 +114,7 @@ def test_access_modes_are_enforced_naming_the_register(
         regs.INTR_ACK.read()
     with pytest.raises(RegionError, match="write-only"):
         regs.INTR_ACK.set_bits(1)
-    with pytest.raises(RegionError, match="write-1-to-clear: use clear"):
+    with pytest.raises(RegionError, match="write-1-to-clear: use w1c"):
         regs.CAUSE.set_bits(1)
     with pytest.raises(
         RegionError,
@@ -148,13 +155,98 @@ def test_rmw_never_writes_back_w1c_bits(dev: tuple[EduRegs, RecordingRegion]) ->
     assert regs.CTRL.set(SLU=1, EVT=1) & (1 << 12)  # unless asked for
 
 
-def test_clear_writes_only_the_bits_with_no_read(dev: tuple[EduRegs, RecordingRegion]) -> None:
+def test_w1c_writes_only_the_bits_with_no_read(dev: tuple[EduRegs, RecordingRegion]) -> None:
     regs, rec = dev
     rec.mem[0x70:0x74] = b"\xff\xff\xff\xff"
-    assert regs.CAUSE.clear(0x8001) == 0x8001
-    assert regs.CTRL.clear(EVT=1) == 1 << 12
-    assert rec.log == [("w", 0xA0, 2, 0x8001), ("w", 0x78, 4, 0x1000)]
+    assert regs.CAUSE.w1c(0x8001) == 0x8001
+    assert regs.CTRL.w1c(EVT=1) == 1 << 12
+    assert regs.ICR.w1c(RXT0=1, TXDW=1) == 0x81  # read-to-clear, and W1C in its cause bits
+    assert rec.log == [("w", 0xA0, 2, 0x8001), ("w", 0x78, 4, 0x1000), ("w", 0x70, 4, 0x81)]
     assert regs.STATUS.write_fields(IRQFACT=1) == 0x80
+
+
+def test_w1c_is_refused_where_the_bits_are_not_w1c(dev: tuple[EduRegs, RecordingRegion]) -> None:
+    """Writing 1 to a bit that is not W1C sets it: w1c() must not be a disguised write."""
+    regs, rec = dev
+    with pytest.raises(
+        RegionError,
+        match=r"write-1-to-clear of register STATUS \(0x20\) refused: it is not "
+        r"write-1-to-clear \(rw\)",
+    ):
+        regs.STATUS.w1c(IRQFACT=1)
+    with pytest.raises(RegionError, match=r"bits 0x40 of register CTRL .* only in bits 0x1000"):
+        regs.CTRL.w1c(SLU=1)
+    with pytest.raises(RegionError, match=r"bits 0x2 of register ICR"):
+        regs.ICR.w1c(0x2)
+    with pytest.raises(RegionError, match="give the bits"):
+        regs.CAUSE.w1c()
+    assert rec.log == []
+
+
+def test_clear_of_a_rw_field_makes_it_zero(dev: tuple[EduRegs, RecordingRegion]) -> None:
+    """The old clear() wrote the bits it meant to clear (turning IRQFACT on); clear() is a
+    read-modify-write that leaves the field 0 and the other bits as they were."""
+    regs, rec = dev
+    rec.mem[0x78:0x7C] = (0xABCD_0241).to_bytes(4, "little")
+    assert regs.CTRL.clear("SLU") == 0xABCD_0201
+    assert int.from_bytes(rec.mem[0x78:0x7C], "little") == 0xABCD_0201
+    regs.STATUS.write_fields(IRQFACT=1)
+    regs.STATUS.clear("IRQFACT")
+    assert regs.STATUS.get("IRQFACT") == 0
+    assert rec.mem[0x20] == 0
+    with pytest.raises(RegionError, match=r"clearing field EVT of .* use w1c\(\)"):
+        regs.CTRL.clear("EVT")
+    with pytest.raises(RegionError, match=r"clearing field COMPUTING .* read-only"):
+        regs.STATUS.clear("COMPUTING")
+
+
+def test_rmw_is_refused_on_w1s_and_read_to_clear_registers() -> None:
+    class Nic(RegisterMap):
+        ICR = Register(0xC0, 4, access="rc")
+        IMS = Register(0xD0, 4, access="w1s")
+
+    rec = RecordingRegion(0x100, name="BAR0")
+    regs = Nic(rec)
+    with pytest.raises(RegionError, match=r"set_bits \(read-modify-write\) of register ICR .*"
+                       r"read-to-clear"):  # fmt: skip
+        regs.ICR.set_bits(1)
+    with pytest.raises(RegionError, match="write-1-to-set: write"):
+        regs.IMS.clear_bits(1)
+    assert rec.log == []
+    regs.IMS.write(0x84)
+    assert rec.writes() == [(0xD0, 4, 0x84)]
+
+
+def test_reset_values_and_changed_fields() -> None:
+    assert EduRegs.IDENT.reset == 0x010000ED
+    assert EduRegs.CTRL.changed_from_reset(0x0000_0240) == {
+        "SLU": True,
+        "SPEED": False,
+        "EVT": False,
+        "ID": False,
+    }
+    assert EduRegs.LIVENESS.changed_from_reset(5) is None  # no reset value declared
+    with pytest.raises(ValueError, match="reset 0x10000 does not fit"):
+        Register(0x0, 2, reset=0x10000)
+
+
+def test_field_parse_takes_numbers_and_enum_names() -> None:
+    speed = EduRegs.CTRL.fields["SPEED"]
+    assert speed.parse("0x2") == 2 and speed.parse("s100") == 1
+    assert speed.span == "9:8" and EduRegs.CTRL.fields["SLU"].span == "6"
+    with pytest.raises(RegionError, match=r"'fast' is not a number; or one of S10, S100, S1000"):
+        speed.parse("fast")
+
+
+def test_lookup_by_name_and_array_element(dev: tuple[EduRegs, RecordingRegion]) -> None:
+    _, rec = dev
+    assert EduRegs.lookup("status") is EduRegs.STATUS
+    assert EduRegs.lookup("RDBAL[2]").offset == 0xA00
+    with pytest.raises(RegionError, match=r"EduRegs has no register 'NOPE' \(registers: IDENT"):
+        EduRegs.lookup("NOPE")
+    nvme = EduRegs(rec, strides={"SQTDBL": 16})
+    nvme.bind(EduRegs.lookup("SQTDBL(2)")).write(7)  # bound with the run-time stride
+    assert rec.writes() == [(0x1020, 4, 7)]
 
 
 def test_register_arrays(dev: tuple[EduRegs, RecordingRegion]) -> None:
@@ -175,6 +267,10 @@ def test_register_arrays(dev: tuple[EduRegs, RecordingRegion]) -> None:
     assert rec.log[-1] == ("w", 0x1020, 4, 5)
     with pytest.raises(RegionError, match="unknown arrays"):
         EduRegs(rec, strides={"NOPE": 8})
+    # Base and stride both known only at run time: CQyHDBL = 0x1000 + (2y + 1) * (4 << DSTRD).
+    cq = EduRegs(rec, arrays={"SQTDBL": (0x1000 + 16, 32)})
+    assert cq.SQTDBL.offset(1) == 0x1030
+    assert EduRegs.SQTDBL.offset(1) == 0x1008  # the class keeps the declared layout
 
 
 def test_map_at_a_base_inside_the_region() -> None:
@@ -222,34 +318,34 @@ def test_format_names_fields_enums_and_reserved_bits() -> None:
 
 
 def test_declaration_mistakes_are_caught_at_class_creation() -> None:
-    with pytest.raises(TypeError, match=r"A \(0x0, 64 bits\) overlaps B \(0x4\)"):
+    with pytest.raises(TypeError, match=r"A \(0x0, 8 bytes\) overlaps B \(0x4\)"):
 
         class Bad(RegisterMap):
-            A = Register(0x0, 64)
-            B = Register(0x4, 32)
+            A = Register(0x0, 8)
+            B = Register(0x4, 4)
 
     class Aliased(RegisterMap):
         ALIASES = (("RBR", "THR"),)
-        RBR = Register(0x0, 8, access="ro")
-        THR = Register(0x0, 8, access="wo")
+        RBR = Register(0x0, 1, access="ro")
+        THR = Register(0x0, 1, access="wo")
 
     assert set(Aliased.REGISTERS) == {"RBR", "THR"}
     with pytest.raises(TypeError, match="past SIZE"):
 
         class Big(RegisterMap):
             SIZE = 0x10
-            A = Register(0x10, 32)
+            A = Register(0x10, 4)
 
     with pytest.raises(ValueError, match="not aligned"):
-        Register(0x2, 32)
-    with pytest.raises(ValueError, match="width is in bits"):
-        Register(0x0, 4)
+        Register(0x2, 4)
+    with pytest.raises(ValueError, match="width is in bytes: 1, 2, 4 or 8, not 32"):
+        Register(0x0, 32)
     with pytest.raises(ValueError, match="does not fit in 16 bits"):
-        Register(0x0, 16, fields={"X": Field(12, 8)})
+        Register(0x0, 2, fields={"X": Field(12, 8)})
     with pytest.raises(ValueError, match="overlaps another field"):
-        Register(0x0, 32, fields={"X": Field(0, 4), "Y": Field(3, 1)})
+        Register(0x0, 4, fields={"X": Field(0, 4), "Y": Field(3, 1)})
     with pytest.raises(ValueError, match="access must be one of"):
-        Register(0x0, 32, access="rx")  # type: ignore[arg-type]
+        Register(0x0, 4, access="rx")  # type: ignore[arg-type]
 
 
 FIELDS = EduRegs.CTRL.fields

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.lspci_oracle import compare
+from udrv.lab.pytest_plugin import bind
 from udrv.pci.config import decode, describe
 from udrv.pci.sysfs import find
 
-from .conftest import BACKEND_DEVICES, E1000, RTL8139, bind
+from .conftest import BACKEND_DEVICES, E1000, RTL8139
 
 pytestmark = pytest.mark.lab(*BACKEND_DEVICES)
 SYS = Path("/sys/bus/pci/devices")
@@ -173,10 +174,12 @@ def test_refuses_the_default_route_interface(restored: list[str]) -> None:
                    check=True)  # fmt: skip
     try:
         r = udrv("bind", E1000, ok=False)
-        assert f"carries {iface}, the default route; pass --force" in r.stderr
+        assert f"{E1000} carries {iface} (the default route, route to 10.9.9.0/24); " in r.stderr
+        assert "refusing: pass --force" in r.stderr
         assert driver_of(E1000) == "e1000"
     finally:
         subprocess.run(["ip", "route", "del", "default"], check=False)
+        subprocess.run(["ip", "addr", "flush", "dev", iface], check=False)
     udrv("bind", E1000)
     assert driver_of(E1000) == "vfio-pci"
 
@@ -196,7 +199,7 @@ def test_refuses_the_disk_of_a_mounted_filesystem(
     subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True)
     subprocess.run(["mount", disk, "/mnt"], check=True)
     r = udrv("bind", nvme, ok=False)
-    assert f"{nvme} backs the filesystem mounted at /mnt; pass --force" in r.stderr
+    assert f"{nvme} backs {ctrl}n1 (mounted on /mnt); refusing: pass --force" in r.stderr
     assert driver_of(nvme) == "nvme"
     subprocess.run(["umount", "/mnt"], check=True)
     udrv("bind", nvme)

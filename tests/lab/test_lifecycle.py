@@ -20,8 +20,7 @@ from udrv.drivers.e1000 import regs as ER
 from udrv.drivers.edu import Edu
 from udrv.drivers.edu.driver import EduError
 from udrv.drivers.nvme import Nvme
-
-from .conftest import bind
+from udrv.lab.pytest_plugin import bind
 
 #: Two e1000s as functions 0 and 1 of slot 0x10: one IOMMU group (no ACS between functions).
 pytestmark = pytest.mark.lab(

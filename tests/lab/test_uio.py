@@ -55,8 +55,7 @@ def test_dma_refused_when_the_iommu_translates(bound: Bind) -> None:
     from pathlib import Path
 
     from udrv.errors import DmaError
-
-    from .conftest import bind
+    from udrv.lab.pytest_plugin import bind
 
     address = bound("edu", None)
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{address}/iommu_group"))

@@ -19,8 +19,9 @@ from udrv.backends.vfio import VfioDevice
 from udrv.core.device import RegionKind
 from udrv.core.region import MmioRegion
 from udrv.errors import DeviceBusyError, DeviceNotFoundError, RegionError, VfioError
+from udrv.lab.pytest_plugin import bind
 
-from .conftest import BACKEND_DEVICES, E1000, RTL8139, bind
+from .conftest import BACKEND_DEVICES, E1000, RTL8139
 
 pytestmark = pytest.mark.lab(*BACKEND_DEVICES)
 Bind = Callable[[str, "str | None"], str]
@@ -85,8 +86,8 @@ def test_edu_over_vfio(bound: Bind) -> None:
             dev.bar(1)
         with pytest.raises(VfioError, match="cannot be reset through VFIO"):
             dev.reset()
-        # The group is open: a second open is refused with the reason.
-        with pytest.raises(VfioError, match=r"already opened by another process.*\[EBUSY\]"):
+        # The device is open: a second open in this process is refused with the reason.
+        with pytest.raises(VfioError, match=r"already open in this process.*\[EBUSY\]"):
             udrv.open(address)
     with pytest.raises(RegionError, match="closed"):
         bar.read32(0)

@@ -381,10 +381,22 @@ class _Shared:
         self.container: Container | None = None
         self.groups: dict[int, Group] = {}
         self.users: dict[int, int] = {}
+        self.devices: set[str] = set()  # addresses open now
 
     def acquire(self, group_id: int, address: str) -> tuple[Container, Group]:
-        """The container and the group ``group_id`` (opened, attached), counted once more."""
+        """The container and the group ``group_id`` (opened, attached), counted once more.
+
+        Raises:
+            VfioError: ``address`` is already open in this process. The kernel would hand out
+                a second device fd, and two drivers would share one device without knowing.
+        """
         with self.lock:
+            if address in self.devices:
+                raise VfioError(
+                    f"{address} is already open in this process; close that device first "
+                    "(or give its Device object to both users)",
+                    errno=errno.EBUSY,
+                )
             container = self.container or Container()
             group = self.groups.get(group_id)
             if group is None:
@@ -403,11 +415,13 @@ class _Shared:
             self.container = container
             self.groups[group_id] = group
             self.users[group_id] = self.users.get(group_id, 0) + 1
+            self.devices.add(address)
             return container, group
 
-    def release(self, group_id: int) -> None:
-        """One device of ``group_id`` closed."""
+    def release(self, group_id: int, address: str) -> None:
+        """The device ``address`` of ``group_id`` closed."""
         with self.lock:
+            self.devices.discard(address)
             self.users[group_id] -= 1
             if self.users[group_id]:
                 return
@@ -729,7 +743,7 @@ class VfioDevice(Device):
             os.close(self.device_fd)
             self.device_fd = -1
         if getattr(self, "group", None) is not None:
-            _shared.release(self.group.id)
+            _shared.release(self.group.id, self.address)
             del self.group
 
     def _close(self) -> None:

@@ -13,9 +13,13 @@ def register(sub: Any) -> None:
     )
     b.add_argument("address")
     b.add_argument("--driver", choices=["vfio-pci", "uio_pci_generic"], default="vfio-pci")
-    b.add_argument("--user", help="let this user open the VFIO group")
     b.add_argument(
-        "--force", action="store_true", help="unbind even if it backs a mount or the default route"
+        "--user", help="let this user open the VFIO group afterwards without root (vfio-pci only)"
+    )
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="take it even if the host uses it (mounts, swap, dm/md/LVM, routes, bond/bridge)",
     )
     b.set_defaults(func=cmd_bind)
     r = sub.add_parser("restore", help="give a device back to its original kernel driver")
@@ -25,7 +29,14 @@ def register(sub: Any) -> None:
 
 def cmd_bind(args: argparse.Namespace) -> int:
     from udrv.core.bind import bind, grant
+    from udrv.errors import BindError
 
+    if args.user and args.driver != "vfio-pci":
+        raise BindError(
+            f"--user gives a user the VFIO group of {args.address}; with {args.driver} the "
+            "device is reached through /dev/uioN and sysfs files that only root may use: "
+            "bind to vfio-pci (the default) for unprivileged use"
+        )
     bound = bind(args.address, args.driver, force=args.force)
     for a in bound:
         print(f"{a}: bound to {args.driver}")

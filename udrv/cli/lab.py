@@ -18,10 +18,12 @@ examples:
   udrv lab setup
   udrv lab run --device edu -- sh -c 'cat /sys/bus/pci/devices/*/device'
   udrv lab run --device nvme:size=256M --device e1000 -- lspci -nn
+  udrv lab run --device e1000:slot=5 --device e1000:slot=5,fn=1 -- lspci -s 05
 
-Device N (from 0) is at guest address 0000:00:(04+N).0; the command sees them in
-UDRV_LAB_DEVICES (e.g. edu=0000:00:04.0,nvme=0000:00:05.0) and the results share,
-writable and visible on the host, in UDRV_LAB_RESULTS.
+Device N (from 0) is at guest address 0000:00:(04+N).0 unless slot=/fn= place it (devices
+sharing a slot are functions of one multi-function device, one of them fn=0); the command
+sees them in UDRV_LAB_DEVICES (e.g. edu=0000:00:04.0,nvme=0000:00:05.0) and the results
+share, writable and visible on the host, in UDRV_LAB_RESULTS.
 """
 
 
@@ -44,7 +46,7 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="QEMU device NAME[:KEY=VALUE,...], e.g. edu, e1000, nvme:size=256M",
+        help="QEMU device NAME[:KEY=VALUE,...], e.g. edu, nvme:size=256M, e1000:slot=5,fn=1",
     )
     run.add_argument("--memory", type=int, default=1024, metavar="MB", help="guest memory (1024)")
     run.add_argument("--cpus", type=int, default=1, help="guest CPUs (1)")
@@ -116,6 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"udrv lab: guest up in {boot:.1f} s; devices: {lab.devices or 'none'}", file=sys.stderr
         )
         result = lab.run(cmd, timeout=args.timeout, stream=True)
+    if result.kernel_report:
+        print(
+            f"udrv lab: the guest kernel reported a problem during the command:\n"
+            f"{result.kernel_report}",
+            file=sys.stderr,
+        )
     if args.keep:
         print(f"udrv lab: session files in {lab.session}", file=sys.stderr)
     if result.timed_out:

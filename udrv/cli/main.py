@@ -11,7 +11,9 @@ from udrv import __version__
 from udrv.errors import UdrvError
 
 #: Modules under udrv.cli that add commands; each has ``register(subparsers)``.
-COMMAND_MODULES = ("lab", "devices", "bind", "hugepages", "edu", "e1000", "nvme", "ramdisk", "demo")
+COMMAND_MODULES = (
+    "lab", "devices", "bind", "hugepages", "regs", "edu", "e1000", "nvme", "ramdisk", "demo",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,10 +34,17 @@ def cmd_identify(args: argparse.Namespace) -> int:
         )
         print(f"  max transfer {c.mdts // 1024 if c.mdts else 'unlimited'} KiB, queue entries up to {nvme.mqes}, "
               f"{c.namespaces} namespace(s), I/O queues {len(nvme.io)}")  # fmt: skip
+        feats = [name for name, on in (("discard", c.discard), ("write zeroes", c.write_zeroes),
+                                       ("volatile write cache", c.volatile_cache)) if on]  # fmt: skip
+        print(
+            f"  optional features: {', '.join(feats) or 'none'} (ONCS {c.oncs:#06x}, VWC {c.vwc:#04x})"
+        )
         for nsid in nvme.active_namespaces():
             ns = nvme.identify_namespace(nsid)
+            why = ns.unsupported()
             print(
                 f"  namespace {nsid}: {ns.blocks} blocks of {ns.block_size} bytes = {ns.size // (1 << 20)} MiB"
+                + (f" (not servable: {why})" if why else "")
             )
     return 0
 

@@ -339,6 +339,32 @@ class Region(abc.ABC):
             if interval:
                 time.sleep(interval)
 
+    def poll8(
+        self,
+        offset: int,
+        mask: int,
+        value: int,
+        timeout: float,
+        *,
+        interval: float = POLL_INTERVAL,
+        name: str | None = None,
+    ) -> int:
+        """:meth:`poll` a 8-bit register."""
+        return self.poll(offset, mask, value, timeout, width=1, interval=interval, name=name)
+
+    def poll16(
+        self,
+        offset: int,
+        mask: int,
+        value: int,
+        timeout: float,
+        *,
+        interval: float = POLL_INTERVAL,
+        name: str | None = None,
+    ) -> int:
+        """:meth:`poll` a 16-bit register."""
+        return self.poll(offset, mask, value, timeout, width=2, interval=interval, name=name)
+
     def poll32(
         self,
         offset: int,
@@ -351,6 +377,19 @@ class Region(abc.ABC):
     ) -> int:
         """:meth:`poll` a 32-bit register."""
         return self.poll(offset, mask, value, timeout, width=4, interval=interval, name=name)
+
+    def poll64(
+        self,
+        offset: int,
+        mask: int,
+        value: int,
+        timeout: float,
+        *,
+        interval: float = POLL_INTERVAL,
+        name: str | None = None,
+    ) -> int:
+        """:meth:`poll` a 64-bit register."""
+        return self.poll(offset, mask, value, timeout, width=8, interval=interval, name=name)
 
     # -- lifetime ------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from udrv.errors import FrontendError
 from udrv.kernel import fuse as F
+from udrv.kernel.ioctl import _IOC_DIR, _IOC_READ, _IOC_SIZE, _IOC_WRITE
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,6 @@ MAX_WRITE = 128 * 1024
 MAX_READ = 128 * 1024
 # Request buffer: a header, the largest body (fuse_write_in) and MAX_WRITE bytes of data.
 READ_BUFFER = max(F.FUSE_MIN_READ_BUFFER, MAX_WRITE + 4096)
-
-# asm-generic/ioctl.h field layout (x86-64, arm64, ...): nr 8, type 8, size 14, dir 2 bits.
-_IOC_WRITE, _IOC_READ = 1, 2
-
-
-def ioc_dir(cmd: int) -> int:
-    return (cmd >> 30) & 3
-
-
-def ioc_size(cmd: int) -> int:
-    return (cmd >> 16) & 0x3FFF
 
 
 @dataclass
@@ -332,7 +322,7 @@ class CuseServer:
         unrestricted = bool(arg.flags & F.FUSE_IOCTL_UNRESTRICTED)
         if unrestricted and arg.in_size == 0 and arg.out_size == 0:
             # First round: ask for what the _IOC bits say the argument is.
-            size, d = ioc_size(arg.cmd), ioc_dir(arg.cmd)
+            size, d = _IOC_SIZE(arg.cmd), _IOC_DIR(arg.cmd)
             ins = [(arg.arg, size)] if d & _IOC_WRITE and size else []
             outs = [(arg.arg, size)] if d & _IOC_READ and size else []
             if ins or outs:

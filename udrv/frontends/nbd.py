@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import socket
@@ -249,29 +248,38 @@ class NbdDevice:
                 continue  # connected to someone else
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                fcntl.ioctl(fd, N.NBD_CLEAR_SOCK)
+                N.nbd_ioctl(fd, N.NBD_CLEAR_SOCK, path=path)
                 self.fd, self.path = fd, path
                 return
-            except OSError:
+            except FrontendError:
                 os.close(fd)
         raise FrontendError("no free /dev/nbdN; disconnect one or `modprobe nbd nbds_max=N`")
 
     def start(self) -> NbdDevice:
         g = self.driver.geometry
         self._open_free()
+        fd, path = self.fd, self.path
         try:
-            fcntl.ioctl(self.fd, N.NBD_SET_BLKSIZE, g.block_size)
-            fcntl.ioctl(self.fd, N.NBD_SET_SIZE_BLOCKS, g.num_blocks)
-            fcntl.ioctl(self.fd, N.NBD_SET_TIMEOUT, self.timeout)
-            fcntl.ioctl(self.fd, N.NBD_SET_FLAGS, _transmission_flags(self.driver, False))
+            N.nbd_ioctl(fd, N.NBD_SET_BLKSIZE, g.block_size, path=path)
+            N.nbd_ioctl(fd, N.NBD_SET_SIZE_BLOCKS, g.num_blocks, path=path)
+            N.nbd_ioctl(fd, N.NBD_SET_TIMEOUT, self.timeout, path=path)
+            N.nbd_ioctl(fd, N.NBD_SET_FLAGS, _transmission_flags(self.driver, False), path=path)
             for i in range(self.connections):
                 kernel_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                fcntl.ioctl(self.fd, N.NBD_SET_SOCK, kernel_end.fileno())
-                kernel_end.close()  # the kernel holds its own reference
+                try:
+                    N.nbd_ioctl(fd, N.NBD_SET_SOCK, kernel_end.fileno(), path=path)
+                except FrontendError:
+                    ours.close()
+                    raise
+                finally:
+                    kernel_end.close()  # the kernel holds its own reference
                 t = threading.Thread(target=self._serve, args=(ours, i), name=f"{self.path}-{i}",
                                      daemon=True)  # fmt: skip
                 t.start()
                 self._threads.append(t)
+        except FrontendError:
+            self._cleanup()
+            raise
         except OSError as exc:
             self._cleanup()
             raise FrontendError(f"cannot set up {self.path or '/dev/nbdN'}: {exc}",
@@ -293,8 +301,9 @@ class NbdDevice:
 
     def _do_it(self) -> None:
         try:
-            fcntl.ioctl(self.fd, N.NBD_DO_IT)  # blocks (GIL released) until disconnected
-        except OSError as exc:
+            # Blocks (GIL released) until disconnected.
+            N.nbd_ioctl(self.fd, N.NBD_DO_IT, path=self.path)
+        except FrontendError as exc:
             if not self._stopping:
                 self.error = exc
                 log.warning("%s: NBD_DO_IT ended: %s", self.path, exc)
@@ -329,8 +338,8 @@ class NbdDevice:
         if self.fd < 0:
             return
         self._stopping = True
-        with contextlib.suppress(OSError):
-            fcntl.ioctl(self.fd, N.NBD_DISCONNECT)
+        with contextlib.suppress(FrontendError):
+            N.nbd_ioctl(self.fd, N.NBD_DISCONNECT, path=self.path)
         self._done.wait(30)
         for t in self._threads:
             t.join(30)
@@ -338,8 +347,8 @@ class NbdDevice:
 
     def _cleanup(self) -> None:
         if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(self.fd, N.NBD_CLEAR_SOCK)
+            with contextlib.suppress(FrontendError):
+                N.nbd_ioctl(self.fd, N.NBD_CLEAR_SOCK, path=self.path)
             os.close(self.fd)
             self.fd = -1
 

@@ -24,6 +24,7 @@ import errno as E
 import mmap
 import os
 import struct
+import time
 
 from udrv.errors import UdrvError
 
@@ -96,6 +97,9 @@ class IoUring:
         sqe128: 128-byte SQEs, as ublk's commands need.
     """
 
+    #: Seconds :meth:`submit` keeps retrying EBUSY/EAGAIN when there is nothing to reap.
+    BUSY_TIMEOUT = 5.0
+
     def __init__(self, entries: int, *, sqe128: bool = False) -> None:
         p = IoUringParams()
         p.flags = IORING_SETUP_CLAMP | (IORING_SETUP_SQE128 if sqe128 else 0)
@@ -132,6 +136,7 @@ class IoUring:
         self._cqes = ring[co.cqes : co.cqes + p.cq_entries * CQE.size]
         self._tail = self._u32[self._sq_tail]
         self._pending = 0  # SQEs queued, not yet submitted
+        self._backlog: list[tuple[int, int, int]] = []  # CQEs reaped by submit(), not yet seen
         self._keep: list[object] = []  # what queued SQEs point at, until they are submitted
         self._dirty = bytearray(self.sq_entries)  # slots whose bytes 64..127 are not zero
         # The SQ array maps ring slots to SQE indexes: keep it the identity.
@@ -199,12 +204,23 @@ class IoUring:
                   user_data=user_data)  # fmt: skip
 
     def submit(self, wait: int = 0) -> int:
-        """Publish queued SQEs and enter; with ``wait`` block until that many CQEs exist."""
-        n = self._pending
+        """Publish queued SQEs and enter; with ``wait`` block until that many CQEs exist.
+
+        Returns:
+            How many SQEs the kernel consumed.
+
+        Raises:
+            IoUringError: ``io_uring_enter`` failed, or stayed busy (EBUSY/EAGAIN) for
+                :attr:`BUSY_TIMEOUT` seconds with no completion to reap.
+        """
         self._u32[self._sq_tail] = self._tail  # publish (the syscall orders it)
         self._pending = 0
-        flags = IORING_ENTER_GETEVENTS if wait else 0
+        deadline = 0.0
         while True:
+            # What the kernel has not consumed yet: it advances the SQ head as it submits, so
+            # SQEs left over by an interrupted or partial enter are submitted again.
+            n = (self._tail - self._u32[self._sq_head]) & 0xFFFFFFFF
+            flags = IORING_ENTER_GETEVENTS if wait else 0
             r = _syscall(SYS_io_uring_enter, self.fd, n, wait, flags, None, 0)
             if r >= 0:
                 if self._keep:
@@ -212,18 +228,42 @@ class IoUring:
                 return int(r)
             err = ctypes.get_errno()
             if err == E.EINTR:
-                if n == 0 and not wait:
+                if not wait:
                     return 0
-                n = 0  # the SQEs were consumed before the signal, or will be on retry
                 continue
             if err == E.EBUSY or err == E.EAGAIN:
-                continue  # CQ overflow pressure: reap and retry
+                # EBUSY: the CQ is full and the kernel holds completions it cannot post until
+                # we make room (io_uring_enter(2), IORING_FEAT_NODROP); EAGAIN: it is short
+                # of resources. Entering again without reaping would spin forever: reap into
+                # the backlog (completions() hands it out first), then enter again.
+                reaped = self._reap()
+                if reaped:
+                    self._backlog += reaped
+                    wait = max(0, wait - len(reaped))  # they count toward what we wait for
+                    continue
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.BUSY_TIMEOUT
+                elif now > deadline:
+                    raise IoUringError(
+                        f"io_uring_enter stayed busy for {self.BUSY_TIMEOUT:g} s with no "
+                        f"completion to reap ({n} SQEs pending)",
+                        errno=err,
+                    )
+                time.sleep(0.001)
+                continue
             raise IoUringError("io_uring_enter failed", errno=err)
 
     # -- completion ------------------------------------------------------------------------
 
     def completions(self) -> list[tuple[int, int, int]]:
-        """Reap every available CQE: ``[(user_data, res, flags)]``."""
+        """Reap every available CQE: ``[(user_data, res, flags)]``, oldest first."""
+        if self._backlog:
+            out, self._backlog = self._backlog, []
+            return out + self._reap()
+        return self._reap()
+
+    def _reap(self) -> list[tuple[int, int, int]]:
         u32, head = self._u32, self._u32[self._cq_head]
         tail = u32[self._cq_tail]
         if head == tail:

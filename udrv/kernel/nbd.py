@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from udrv.kernel.ioctl import _IO
+from udrv.errors import FrontendError
+from udrv.kernel.ioctl import _IO, ioctl
 
 # -- ioctls (linux/nbd.h) --------------------------------------------------------------------
 NBD_SET_SOCK = _IO(0xAB, 0)
@@ -19,6 +20,35 @@ NBD_SET_SIZE_BLOCKS = _IO(0xAB, 7)
 NBD_DISCONNECT = _IO(0xAB, 8)
 NBD_SET_TIMEOUT = _IO(0xAB, 9)
 NBD_SET_FLAGS = _IO(0xAB, 10)
+IOCTL_NAMES = {
+    NBD_SET_SOCK: "NBD_SET_SOCK",
+    NBD_SET_BLKSIZE: "NBD_SET_BLKSIZE",
+    NBD_DO_IT: "NBD_DO_IT",
+    NBD_CLEAR_SOCK: "NBD_CLEAR_SOCK",
+    NBD_SET_SIZE_BLOCKS: "NBD_SET_SIZE_BLOCKS",
+    NBD_DISCONNECT: "NBD_DISCONNECT",
+    NBD_SET_TIMEOUT: "NBD_SET_TIMEOUT",
+    NBD_SET_FLAGS: "NBD_SET_FLAGS",
+}
+
+
+def nbd_ioctl(fd: int, request: int, arg: int = 0, *, path: str) -> int:
+    """One of the NBD ioctls above on the open ``/dev/nbdN`` ``fd``.
+
+    Args:
+        fd: the open device.
+        request: ``NBD_SET_SOCK``, ``NBD_DO_IT``, ...
+        arg: the ioctl's integer argument (a socket fd, a size, seconds, flags).
+        path: the device's path, for the error message.
+
+    Returns:
+        The ioctl's result.
+
+    Raises:
+        FrontendError: "ioctl NBD_SET_SOCK on /dev/nbd0 failed: [EBUSY] ...", with errno.
+    """
+    return ioctl(fd, request, arg, what=f"{IOCTL_NAMES[request]} on {path}", error=FrontendError)
+
 
 # -- transmission flags (nbd.h; proto.md "Transmission flags") --------------------------------
 NBD_FLAG_HAS_FLAGS = 1 << 0

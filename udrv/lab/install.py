@@ -3,7 +3,7 @@
 1. Debian packages: QEMU, a static busybox for the initramfs, cpio, kmod (depmod/modprobe),
    pciutils (lspci is the tests' oracle), xz-utils, and the ordinary programs tests run in
    the guest against udrv's devices (mkfs.ext4, fio, blkdiscard, nbdinfo, qemu-img, ip,
-   ping, gcc for C reference programs).
+   ping, gcc for C reference programs, dmsetup for the bind safety checks).
 2. A Debian 6.12 kernel (``linux-image-6.12.*+deb12-amd64-unsigned``): vmlinuz plus modules for
    vfio-pci, uio_pci_generic, ublk_drv, nbd, cuse, tun, null_blk and 9p. Old point releases
    vanish from the archive, so the newest available name is resolved at install time; the
@@ -46,6 +46,7 @@ APT_PACKAGES = {
     "iputils-ping": "/usr/bin/ping",
     "iperf3": "/usr/bin/iperf3",
     "gcc": "/usr/bin/gcc",
+    "dmsetup": "/usr/sbin/dmsetup",  # tests/lab/test_bind_safety.py: a dm target on an NVMe
 }
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)-unsigned$")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shlex
 import shutil
@@ -32,10 +33,18 @@ from pathlib import Path
 from types import TracebackType
 
 from udrv.errors import LabError, LabSetupError, LabTimeout
-from udrv.lab.devices import DeviceSpec, PlacedDevice, devices_env, place
+from udrv.lab.devices import (
+    DeviceSpec,
+    PlacedDevice,
+    check_models,
+    devices_env,
+    place,
+    qemu_models,
+)
 from udrv.lab.install import ensure_initramfs
 from udrv.lab.monitor import Relay
-from udrv.lab.paths import installed
+from udrv.lab.oops import find_oops
+from udrv.lab.paths import installed, lab_dir
 
 #: Kernel modules the agent loads at boot: the interfaces user-space drivers use.
 GUEST_MODULES = (
@@ -50,8 +59,11 @@ GUEST_MODULES = (
 )
 #: Host environment variables a command in the guest keeps (besides UDRV_*).
 ENV_KEEP = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TERM", "CI", "USER")
+#: loglevel=5: the console shows KERN_WARNING and above, so a WARNING and its call trace
+#: (printed at the default level 4) reach console.log before a later panic does; a boot adds
+#: three such lines.
 KERNEL_CMDLINE = (
-    "console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt mitigations=off "
+    "console=ttyS0 quiet loglevel=5 panic=-1 intel_iommu=on iommu=pt mitigations=off "
     "no_timer_check tsc=reliable 8250.nr_uarts=1 rdinit=/init"
 )
 QEMU = "qemu-system-x86_64"
@@ -68,16 +80,22 @@ class LabResult:
     stderr: str
     seconds: float
     timed_out: bool = False
+    #: The first oops/WARNING the guest kernel printed during the command (it survived it),
+    #: with its call trace; None if it printed none.
+    kernel_report: str | None = None
 
     def check(self) -> LabResult:
+        """Raise LabTimeout/LabError (with the kernel's report, if any) unless it exited 0."""
+        report = f"\n{self.kernel_report}" if self.kernel_report else ""
         if self.timed_out:
             raise LabTimeout(
                 f"`{shlex.join(self.args)}` timed out in the lab after {self.seconds:.0f} s"
+                + report
             )
         if self.returncode != 0:
             raise LabError(
                 f"`{shlex.join(self.args)}` exited {self.returncode} in the lab:\n"
-                f"{self.stdout}{self.stderr}"
+                f"{self.stdout}{self.stderr}" + report
             )
         return self
 
@@ -100,11 +118,13 @@ class Lab:
         results: host directory shared read-write at the same path in the guest.
         trace: QEMU trace event patterns (e.g. ``memory_region_ops_*``), written to ``trace_file``.
         boot_timeout: seconds to wait for the guest to come up.
-        keep: keep the session directory (console log, scratch images) after close.
+        keep: keep the session directory (console log, scratch images) after close. It is
+            kept anyway when the guest dies or does not boot, and the error says where.
 
     Raises:
         LabSetupError: QEMU or the lab kernel is missing (run `udrv lab setup`).
-        LabError: the guest did not boot; the message carries the console's last lines.
+        LabError: the guest did not boot or died; the message carries the kernel's first
+            oops/panic report with its call trace (else the console's last lines).
     """
 
     def __init__(
@@ -202,8 +222,19 @@ class Lab:
         return cmd + self.extra_qemu_args
 
     def start(self) -> Lab:
-        """Boot the guest and wait until its agent is ready."""
-        inst = installed()
+        """Boot the guest and wait until its agent is ready.
+
+        Raises:
+            LabSetupError: QEMU or the lab kernel is missing.
+            LabError: a device model QEMU does not have, or the guest did not boot.
+        """
+        try:
+            inst = installed()
+            # A misspelt model would otherwise surface as "the guest stopped while booting".
+            check_models([d.spec for d in self.placed], qemu_models(QEMU, lab_dir()))
+        except LabError:
+            self.close()
+            raise
         agent = resources.files("udrv.lab").joinpath("agent.sh").read_bytes()
         (self.ctl / "agent.sh").write_bytes(agent)
         session_env = {
@@ -229,11 +260,11 @@ class Lab:
         try:
             while not ready.exists():
                 if self._proc.poll() is not None:
-                    raise LabError(f"the lab guest stopped while booting\n{self._diagnostics()}")
+                    raise LabError(f"the lab guest stopped while booting\n{self._post_mortem()}")
                 if time.monotonic() > deadline:
                     raise LabError(
                         f"the lab guest did not come up within {self.boot_timeout:.0f} s\n"
-                        f"{self._diagnostics()}"
+                        f"{self._post_mortem()}"
                     )
                 time.sleep(0.02)
             self.kernel_release = ready.read_text().strip()
@@ -243,14 +274,47 @@ class Lab:
             raise
         return self
 
-    def _diagnostics(self) -> str:
+    def _post_mortem(self) -> str:
+        """What the guest left: the kernel's first oops/panic report with its call trace, else
+        the last console lines; QEMU's own messages. The session directory is kept (and named)
+        so the whole console log and the scratch images can be read afterwards."""
+        self.keep = True
         parts = []
-        for path in (self.qemu_log, self.console_log):
-            with contextlib.suppress(OSError):
-                tail = path.read_text(errors="replace").strip().splitlines()[-25:]
-                if tail:
-                    parts.append(f"--- {path.name} (last lines) ---\n" + "\n".join(tail))
-        return "\n".join(parts) or "(no console output)"
+        with contextlib.suppress(OSError):
+            tail = self.qemu_log.read_text(errors="replace").strip().splitlines()[-10:]
+            if tail:
+                parts.append(f"--- {self.qemu_log.name} (last lines) ---\n" + "\n".join(tail))
+        console = ""
+        with contextlib.suppress(OSError):
+            console = self.console_log.read_text(errors="replace")
+        oops = find_oops(console)
+        if oops is not None:
+            parts.append(oops.describe(self.console_log.name))
+        elif console.strip():
+            tail = console.strip().splitlines()[-25:]
+            parts.append(f"--- {self.console_log.name} (last lines) ---\n" + "\n".join(tail))
+        else:
+            parts.append("(no console output)")
+        parts.append(f"udrv lab: session files kept in {self.session} (console.log, qemu.log)")
+        return "\n".join(parts)
+
+    def _console_size(self) -> int:
+        try:
+            return self.console_log.stat().st_size
+        except OSError:
+            return 0
+
+    def _kernel_report_since(self, mark: int) -> str | None:
+        """The first kernel report printed on the console after byte ``mark``."""
+        try:
+            data = self.console_log.read_bytes()
+        except OSError:
+            return None
+        oops = find_oops(data[mark:].decode(errors="replace"))
+        if oops is None:
+            return None
+        line = oops.first_line + data[:mark].count(b"\n")
+        return dataclasses.replace(oops, first_line=line).describe(self.console_log.name)
 
     @property
     def alive(self) -> bool:
@@ -331,6 +395,10 @@ class Lab:
                 ``("stdout"|"stderr", chunk)``.
             check: raise LabError/LabTimeout unless it exits 0.
 
+        Returns:
+            The result; ``kernel_report`` holds the first oops or WARNING the guest kernel
+            printed while the command ran (the guest survived it).
+
         Raises:
             LabError: the guest is not running or died during the command.
         """
@@ -338,6 +406,7 @@ class Lab:
             raise LabError("the lab guest is not running; use `with Lab(...) as lab:`")
         argv = ["sh", "-c", args] if isinstance(args, str) else list(args)
         n, self._n = self._n, self._n + 1
+        console_mark = self._console_size()
         script = self._script(argv, env or {}, Path(cwd or os.getcwd()).resolve(), timeout)
         tmp = self.ctl / f"{n}.sh.tmp"
         tmp.write_text(script)
@@ -375,7 +444,7 @@ class Lab:
                 break
             if not self.alive:
                 raise LabError(
-                    f"the lab guest died while running `{shlex.join(argv)}`\n{self._diagnostics()}"
+                    f"the lab guest died while running `{shlex.join(argv)}`\n{self._post_mortem()}"
                 )
             if backstop and time.monotonic() > backstop:
                 self.kill()
@@ -392,6 +461,7 @@ class Lab:
             stderr=out["stderr"].decode(errors="replace"),
             seconds=seconds,
             timed_out=timeout is not None and rc in (124, 137) and seconds >= timeout,
+            kernel_report=self._kernel_report_since(console_mark),
         )
         for p in (*paths.values(), rc_path, self.ctl / f"{n}.sh"):
             with contextlib.suppress(OSError):

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,49 @@ class GuestReporter:
 
     def pytest_sessionfinish(self) -> None:
         self.path.write_text(json.dumps(self.outcomes, indent=1))
+
+
+SYS_PCI = Path("/sys/bus/pci/devices")
+
+
+def bind(address: str, driver: str | None) -> None:
+    """In the guest: bind ``address`` to ``driver`` (None: to no driver) through
+    ``driver_override`` and ``drivers_probe``, as `udrv bind` does without its safety checks
+    (a lab guest's devices are the test's own)."""
+    dev = SYS_PCI / address
+    if (dev / "driver").exists():
+        if os.path.basename(os.readlink(dev / "driver")) == driver:
+            return
+        (dev / "driver" / "unbind").write_text(address)
+    (dev / "driver_override").write_text(driver or "\n")
+    if driver:
+        Path("/sys/bus/pci/drivers_probe").write_text(address)
+        bound_to = os.path.basename(os.readlink(dev / "driver"))
+        if bound_to != driver:
+            raise LabError(f"{address} is bound to {bound_to}, not {driver}, after drivers_probe")
+
+
+@pytest.fixture
+def bound(lab_devices: dict[str, str]) -> Iterator[Callable[[str, str | None], str]]:
+    """In the guest: ``bound("edu", "vfio-pci")`` binds the lab's edu device to vfio-pci and
+    returns its address; the device is unbound again after the test."""
+    done: list[str] = []
+
+    def _bind(name: str, driver: str | None) -> str:
+        try:
+            address = lab_devices[name]
+        except KeyError:
+            raise LabError(
+                f"no {name!r} device in this lab guest (it has {', '.join(lab_devices) or 'none'});"
+                f" add it to the test's mark: @pytest.mark.lab({name!r}, ...)"
+            ) from None
+        bind(address, driver)
+        done.append(address)
+        return address
+
+    yield _bind
+    for address in done:
+        bind(address, None)
 
 
 @pytest.fixture

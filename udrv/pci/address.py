@@ -58,7 +58,11 @@ class PciAddress:
         m = _ADDR.fullmatch(text.strip())
         if not m:
             raise AddressError(f"{text!r} is not a PCI address; use {FORMS}")
-        return cls(int(m["domain"] or "0", 16), int(m["bus"], 16), int(m["slot"], 16), int(m["fn"]))
+        slot = int(m["slot"], 16)
+        if slot > 0x1F:  # the regex bounds every other field
+            raise AddressError(f"{text.strip()!r} is not a PCI address: device {m['slot']} is out "
+                               f"of range (devices are 00-1f, functions 0-7); use {FORMS}")  # fmt: skip
+        return cls(int(m["domain"] or "0", 16), int(m["bus"], 16), slot, int(m["fn"]))
 
     @property
     def device(self) -> int:
@@ -72,6 +76,19 @@ class PciAddress:
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"
+
+
+def as_typed(text: str) -> str:
+    """An address as the user typed it, followed by the kernel's spelling when that differs.
+
+    For messages: ``0:0:1f.0`` gives ``"0:0:1f.0 (0000:00:1f.0)"``, ``0000:00:04.0`` gives itself,
+    so the user finds what they typed and sees the name sysfs uses.
+
+    Raises:
+        AddressError: ``text`` is not an address.
+    """
+    typed, kernel = text.strip(), str(PciAddress.parse(text))
+    return typed if typed == kernel else f"{typed} ({kernel})"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from udrv.errors import DeviceNotFoundError
-from udrv.pci.address import IdFilter, PciAddress, parse_selector
+from udrv.pci.address import IdFilter, PciAddress, as_typed, parse_selector
 from udrv.pci.config import ConfigSpace, decode
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
@@ -261,7 +261,8 @@ def find_all(selector: str, root: Path = SYSFS_PCI) -> list[PciDeviceInfo]:
     found = devices(root, selector)
     if not found:
         sel = parse_selector(selector)
-        what = f"PCI device {sel}" if isinstance(sel, PciAddress) else f"PCI device with id {sel}"
+        what = (f"PCI device {as_typed(selector)}" if isinstance(sel, PciAddress)
+                else f"PCI device with id {sel}")  # fmt: skip
         raise DeviceNotFoundError(f"no {what} in {root}; `udrv list` shows what there is")
     return found
 

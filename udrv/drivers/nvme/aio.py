@@ -8,15 +8,19 @@ is pushed, the request awaits a future, and the completion queue is reaped when 
 vector fires (``loop.add_reader`` on the eventfd) or, without interrupts, by a task that
 polls while anything is in flight (4.6: new entries are those whose phase tag matches).
 
-Each command slot owns a bounce buffer of ``max_transfer`` bytes plus a page for the PRP
-list (4.3); data is copied between it and the frontend's buffer. A command that does not
-complete within ``timeout`` fails its request with :class:`PollTimeout` (naming CSTS.CFS if
-the controller died); its slot stays reserved, since the controller may still write to it.
+Each command slot owns a bounce buffer of ``max_transfer`` bytes plus a page for its PRP
+list (written once: :class:`~udrv.drivers.nvme.command.PrpTable`); data is copied between it
+and the frontend's buffer. A command that does not complete within ``timeout`` fails its
+request with :class:`PollTimeout` (naming CSTS.CFS if the controller died) and is aborted
+(Abort, Base §5.1); its slot stays reserved until the controller completes it, since until
+then the controller may still write to it. If it is still out one more ``timeout`` later,
+the controller is disabled (:meth:`Nvme.fail`), which ends its claim on every buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -25,11 +29,13 @@ from dataclasses import replace
 import numpy as np
 
 from udrv.block.driver import BlockDriver, BlockGeometry
+from udrv.drivers.nvme import command as C
 from udrv.drivers.nvme import regs as R
 from udrv.drivers.nvme.driver import PAGE, Nvme, NvmeError, QueuePair
 from udrv.drivers.nvme.hwqueue import NvmeHardwareQueue
 from udrv.errors import PollTimeout
 
+log = logging.getLogger(__name__)
 #: Largest transfer per command: 32 pages keeps the slots of a 64-deep queue at ~8 MiB.
 MAX_TRANSFER = 128 * 1024
 
@@ -44,8 +50,14 @@ class _LoopQueue:
         slots = q.depth - 1  # a full queue keeps one entry empty (4.1.2)
         self.mem = nvme.dma.alloc(slots * self.slot_size)
         self.bytes = self.mem.array
+        self.prp = [
+            C.PrpTable(self.mem.iova + s * self.slot_size, max_transfer,
+                       self.bytes[s * self.slot_size + max_transfer : (s + 1) * self.slot_size]
+                       .view("<u8"), self.mem.iova + s * self.slot_size + max_transfer)
+            for s in range(slots)
+        ]  # fmt: skip
         self.free = list(range(slots, 0, -1))  # command ids 1..slots; slot = cid - 1
-        self.lost: set[int] = set()  # timed out: never reused
+        self.lost: dict[int, float] = {}  # timed out, still the controller's: cid -> since
         self.waiting: dict[int, tuple[asyncio.Future[int], float, int]] = {}
         self.space = asyncio.Condition()
         self.polling = False
@@ -78,16 +90,20 @@ class _LoopQueue:
         for cid, status, dw0 in done:
             entry = self.waiting.pop(cid, None)
             if entry is None:
-                if cid in self.lost:  # a late completion of a timed-out command
-                    self.lost.discard(cid)
+                if self.lost.pop(cid, None) is not None:  # a timed-out command ended at last
                     self.free.append(cid)
+                    self._wake()
+                else:
+                    self.q.stray += 1
+                    log.warning("%s: queue %d: completion for command id %d, which nobody "
+                                "waits for; dropped", self.nvme.dev.address, self.q.qid, cid)  # fmt: skip
                 continue
             fut, _, opcode = entry
             if fut.done():
                 continue
-            if status & 0x7FF:
+            if status & C.SF_ERROR_MASK:
                 fut.set_exception(NvmeError(f"command {opcode:#04x} on queue {self.q.qid} failed: "
-                                            f"{R.describe_status(status)}", status))  # fmt: skip
+                                            f"{C.describe_status(status)}", status))  # fmt: skip
             else:
                 fut.set_result(dw0)
 
@@ -103,14 +119,43 @@ class _LoopQueue:
         if late:
             csts = self.nvme.bar.read32(R.CSTS)
             why = " (controller fatal status: CSTS.CFS is set)" if csts & R.CSTS_CFS else ""
+            if csts == 0xFFFF_FFFF:
+                why = " (CSTS reads all-ones: the device is gone)"
             for cid in late:
                 fut, _, opcode = self.waiting.pop(cid)
-                self.lost.add(cid)
+                self.lost[cid] = now
                 if not fut.done():
                     fut.set_exception(PollTimeout(
                         f"{self.nvme.dev.address}: command {opcode:#04x} on queue {self.q.qid} "
                         f"did not complete within {self.timeout:g} s{why}"))  # fmt: skip
+                self.loop.run_in_executor(None, self._abort, cid)
+        if any(now - t > self.timeout for t in self.lost.values()):
+            # Aborted a timeout ago and still out: as Linux's second nvme_timeout, reset.
+            self.nvme.fail(f"queue {self.q.qid}: command(s) still out {self.timeout:g} s after "
+                           "their Abort")  # fmt: skip
+            self.free.extend(self.lost)  # a disabled controller owns no buffer
+            self.lost.clear()
+            self._wake()
         self._watchdog = self.loop.call_later(1.0, self._check_timeouts)
+
+    def _abort(self, cid: int) -> None:
+        """Abort a timed-out command (in an executor thread: it waits for the admin queue)."""
+        try:
+            aborted = self.nvme.abort(self.q.qid, cid)
+        except (NvmeError, PollTimeout) as exc:
+            log.error("%s: Abort of command %d on queue %d failed: %s", self.nvme.dev.address,
+                      cid, self.q.qid, exc)  # fmt: skip
+        else:
+            log.warning("%s: command %d on queue %d timed out; Abort: %s", self.nvme.dev.address,
+                        cid, self.q.qid, "aborted" if aborted else "not aborted")  # fmt: skip
+
+    def _wake(self) -> None:
+        if self.space._waiters:
+            self.loop.create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self.space:
+            self.space.notify_all()
 
     # -- submission ----------------------------------------------------------------------------
 
@@ -134,25 +179,28 @@ class _LoopQueue:
         return self.bytes[start : start + self.slot_size]
 
     def prps(self, cid: int, length: int) -> tuple[int, int]:
-        """PRP1/PRP2 for ``length`` bytes at the start of the slot (4.3)."""
-        base = self.mem.iova + (cid - 1) * self.slot_size
-        pages = (length + PAGE - 1) // PAGE
-        if pages <= 1:
-            return base, 0
-        if pages == 2:
-            return base, base + PAGE
-        list_off = self.slot_size - PAGE  # the PRP list: entries for pages 2..n
-        start = (cid - 1) * self.slot_size + list_off
-        self.bytes[start : start + 8 * (pages - 1)].view("<u8")[:] = base + PAGE * np.arange(
-            1, pages, dtype=np.uint64
-        )
-        return base, base + list_off
+        """PRP1/PRP2 for ``length`` bytes at the start of the slot (Base §4.1.1)."""
+        return self.prp[cid - 1].prps(length)
 
-    async def command(self, cid: int, opcode: int, prp1: int = 0, prp2: int = 0,
-                      cdw10: int = 0, cdw11: int = 0, cdw12: int = 0) -> int:  # fmt: skip
+    async def command(self, cid: int, cmd: C.Command) -> int:
+        """Run ``cmd`` as command id ``cid``; completion DW0. A failure the controller marks
+        retryable (DNR = 0) is resubmitted up to ``nvme.retries`` times."""
+        retries = self.nvme.retries
+        for attempt in range(retries + 1):
+            try:
+                return await self._once(cid, cmd)
+            except NvmeError as exc:
+                if exc.status is None or exc.status & C.SF_DNR or attempt == retries:
+                    raise
+                log.warning("%s: %s; retrying (%d of %d)", self.nvme.dev.address, exc,
+                            attempt + 1, retries)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _once(self, cid: int, cmd: C.Command) -> int:
+        self.nvme.check_usable()
         fut: asyncio.Future[int] = self.loop.create_future()
-        self.waiting[cid] = (fut, time.monotonic(), opcode)
-        self.q.push(opcode, cid, self.nvme.namespace.nsid, prp1, prp2, cdw10, cdw11, cdw12)
+        self.waiting[cid] = (fut, time.monotonic(), cmd.opcode)
+        self.q.push(cmd, cid)
         if self.q.vector is None:
             if not self.polling:
                 self.loop.create_task(self._poll())
@@ -187,9 +235,10 @@ class AsyncNvme(BlockDriver):
         self.nvme = nvme
         self.timeout = timeout
         self.max_transfer = min(nvme.geometry.max_transfer, MAX_TRANSFER)
-        self._bs = bs = nvme.namespace.block_size
-        self.geometry: BlockGeometry = replace(nvme.geometry, max_transfer=self.max_transfer,
-                                               max_write_zeroes=0x10000 * bs)  # NLB: 16 bits  # fmt: skip
+        self._bs = nvme.namespace.block_size
+        # Write Zeroes limits (16-bit NLB, MDTS) come with the controller's geometry.
+        self.geometry: BlockGeometry = replace(nvme.geometry, max_transfer=self.max_transfer)
+        self._nsid = nvme.namespace.nsid
         self._queues: dict[asyncio.AbstractEventLoop, _LoopQueue] = {}
         self._hw: dict[int, NvmeHardwareQueue] = {}  # by queue pair index
         self._assign = threading.Lock()
@@ -244,54 +293,54 @@ class AsyncNvme(BlockDriver):
                 if not reading:
                     buf[:n] = np.frombuffer(view[pos : pos + n], dtype=np.uint8)
                 prp1, prp2 = lq.prps(cid, n)
-                slba = (offset + pos) // self._bs
-                await lq.command(cid, opcode, prp1, prp2, slba & 0xFFFFFFFF, slba >> 32,
-                                 n // self._bs - 1)  # fmt: skip
+                slba, nlb = (offset + pos) // self._bs, n // self._bs
+                await lq.command(cid, C.rw(opcode, self._nsid, slba, nlb, prp1, prp2))
                 if reading:
                     view[pos : pos + n] = buf[:n].data
             finally:
                 await lq.release(cid)
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        await self._rw(R.NVM_READ, offset, buf, True)
+        await self._rw(C.NVM_READ, offset, buf, True)
 
     async def write(self, offset: int, data: memoryview) -> None:
-        await self._rw(R.NVM_WRITE, offset, data, False)
+        await self._rw(C.NVM_WRITE, offset, data, False)
 
     async def flush(self) -> None:
         lq = self._queue()
         cid = await lq.slot()
         try:
-            await lq.command(cid, R.NVM_FLUSH)
+            await lq.command(cid, C.flush(self._nsid))
         finally:
             await lq.release(cid)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
+        """Write Zeroes (NVM §3.2.8) in pieces of ``geometry.max_write_zeroes`` (MDTS and
+        the 16-bit block count)."""
+        self.nvme.require("write zeroes", self.geometry.write_zeroes, "ONCS bit 3 (Write Zeroes)")
         self.geometry.check(offset, length, "NVMe write zeroes")
-        lq, bs = self._queue(), self._bs
-        for pos in range(offset, offset + length, 0x10000 * bs):  # NLB is 16 bits (6.16)
-            n = min(0x10000 * bs, offset + length - pos)
+        lq, bs, step = self._queue(), self._bs, self.geometry.max_write_zeroes
+        for pos in range(offset, offset + length, step):
+            n = min(step, offset + length - pos)
             cid = await lq.slot()
             try:
-                slba = pos // bs
-                await lq.command(cid, R.NVM_WRITE_ZEROES, 0, 0, slba & 0xFFFFFFFF, slba >> 32,
-                                 n // bs - 1)  # fmt: skip
+                await lq.command(cid, C.write_zeroes(self._nsid, pos // bs, n // bs))
             finally:
                 await lq.release(cid)
 
     async def discard(self, offset: int, length: int) -> None:
-        """Dataset Management, Deallocate (6.7), one range (up to 2**32 - 1 blocks)."""
+        """Dataset Management, Deallocate (NVM §3.2.1): up to 256 ranges of up to 2**32 - 1
+        blocks per command."""
+        self.nvme.require("discard", self.geometry.discard, "ONCS bit 2 (Dataset Management)")
         self.geometry.check(offset, length, "NVMe discard")
         lq, bs = self._queue(), self._bs
-        for pos in range(offset, offset + length, 0xFFFF_F000 * bs):
-            n = min(0xFFFF_F000 * bs, offset + length - pos)
+        ranges = C.dsm_ranges(offset // bs, length // bs)
+        for i in range(0, len(ranges), C.DSM_MAX_RANGES):
             cid = await lq.slot()
             try:
-                rng = lq.buffer(cid)[:16]
-                rng.view("<u4")[:2] = (0, n // bs)  # context attributes, length in blocks
-                rng[8:16].view("<u8")[0] = pos // bs  # starting LBA
-                prp1, _ = lq.prps(cid, 16)
-                await lq.command(cid, R.NVM_DSM, prp1, 0, 0, R.DSM_AD)
+                nr = C.write_dsm_ranges(lq.buffer(cid), ranges[i : i + C.DSM_MAX_RANGES])
+                prp1, _ = lq.prps(cid, 16 * nr)
+                await lq.command(cid, C.dsm(self._nsid, nr, prp1))
             finally:
                 await lq.release(cid)
 
