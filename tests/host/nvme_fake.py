@@ -47,9 +47,6 @@ class FakeDma:
         self.buffers: list[FakeBuffer] = []
         self._next = 0x1_0000_0000
 
-    def __call__(self) -> FakeDma:  # Device.dma() as a method, too
-        return self
-
     def alloc(self, size: int) -> FakeBuffer:
         b = FakeBuffer(self, size, self._next)
         self._next += (size + PAGE - 1) // PAGE * PAGE + PAGE  # a guard page between buffers

@@ -86,8 +86,8 @@ def test_edu_over_vfio(bound: Bind) -> None:
             dev.bar(1)
         with pytest.raises(VfioError, match="cannot be reset through VFIO"):
             dev.reset()
-        # The group is open: a second open is refused with the reason.
-        with pytest.raises(VfioError, match=r"already opened by another process.*\[EBUSY\]"):
+        # The device is open: a second open in this process is refused with the reason.
+        with pytest.raises(VfioError, match=r"already open in this process.*\[EBUSY\]"):
             udrv.open(address)
     with pytest.raises(RegionError, match="closed"):
         bar.read32(0)

@@ -43,6 +43,7 @@ from udrv.drivers.e1000 import regs as R
 from udrv.drivers.e1000.phy import Phy
 from udrv.drivers.e1000.regs import E1000Regs, Speed
 from udrv.errors import DriverError
+from udrv.irq import Vector
 from udrv.net.nic import Frame, Link, Nic, NicStats, format_mac
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,6 @@ class E1000(Nic):
     def __init__(self, device: Device, *, rx_ring: int = 256, tx_ring: int = 256,
                  interrupts: str | None = "intx", itr_us: int = 50, promiscuous: bool = False,
                  link_timeout: float = LINK_TIMEOUT) -> None:  # fmt: skip
-        from udrv import dma as udma
-
         self.dev = device
         vendor, dev_id = device.config.read16(0), device.config.read16(2)
         if vendor != R.VENDOR_ID or dev_id not in MODELS:
@@ -176,10 +175,11 @@ class E1000(Nic):
         #: Fault injection: after this many frames, wedge the TX unit (tests the watchdog).
         self.inject_tx_stall_after: int | None = None
         self.phy = Phy(self.bar, self.name)
-        self.irq: Any = None
+        self.irq: Vector | None = None
         self._link_up = False
-        self.dma = udma.for_device(device)
+        self.dma = device.dma
         self.reset()
+        device.set_bus_master()  # the rings are DMA: undone by close()
         self.mac = self.read_mac()
         # Rings: descriptors, then the packet buffers, in one DMA buffer each; none of them
         # crosses 64 KiB (ring_layout).
@@ -191,9 +191,7 @@ class E1000(Nic):
         self._init_tx()
         self._init_flow_control()
         if interrupts:
-            from udrv import irq
-
-            self.irq = irq.enable(device, interrupts)[0]
+            self.irq = device.irq.enable(interrupts)[0]
             self.regs.ITR.write_fields(INTERVAL=max(1, itr_us * 1000 // 256))  # 256 ns units
             self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1, TXDW=1)
         self._start_link(link_timeout)
@@ -587,11 +585,17 @@ class E1000(Nic):
         return f"{self.name}, MAC {format_mac(self.mac)}, link {self.link()}"
 
     def close(self) -> None:
-        """Stop RX/TX, mask interrupts, release the rings."""
-        if self.dev.closed:
+        """Release what the driver enabled, in reverse order: stop RX/TX and mask the NIC's
+        interrupts, disable the vector, clear bus mastering, free the rings. The device
+        stays open (and can take a new ``E1000``); safe to call twice."""
+        if self.dev.closed or self._rx_mem.closed:
             return
         self.bar.write32(R.RCTL, 0)
         self.bar.write32(R.TCTL, 0)
         self.bar.write32(R.IMC, 0xFFFFFFFF)
+        if self.irq is not None:
+            self.irq = None
+            self.dev.irq.disable()
+        self.dev.set_bus_master(False)  # no DMA into the rings once they are freed
         self._rx_mem.close()
         self._tx_mem.close()
