@@ -6,6 +6,7 @@ from pathlib import Path
 
 from udrv.core.device import Device
 from udrv.errors import BackendError, DeviceBusyError
+from udrv.pci.address import vfio_user_path
 from udrv.pci.sysfs import SYSFS_PCI, PciDeviceInfo, find
 
 BACKENDS = ("auto", "vfio", "uio", "sysfs")
@@ -47,7 +48,8 @@ def open(
 
     Args:
         selector: ``0000:00:04.0``, ``00:04.0`` or ``vendor:device`` such as ``1234:11e8``
-            (which must match exactly one device).
+            (which must match exactly one device), or ``vfio-user:PATH``: the device a
+            vfio-user server (``udrv emulate``) serves on the socket PATH.
         backend: ``"vfio"`` (IOMMU-protected; the device bound to vfio-pci), ``"uio"``
             (uio_pci_generic, no IOMMU), ``"sysfs"`` (config and BARs only, for inspection,
             whatever the device is bound to), or ``"auto"``: vfio or uio after the driver
@@ -68,6 +70,13 @@ def open(
         VfioError, UioError, BackendError: the backend cannot open it; the message names
             the fix.
     """
+    socket_path = vfio_user_path(selector)
+    if socket_path is not None:
+        if backend not in ("auto", "vfio-user"):
+            raise BackendError(f"{selector} is reached through vfio-user, not {backend}")
+        from udrv.backends.vfio_user import VfioUserDevice
+
+        return VfioUserDevice(socket_path)
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     info = find(selector, root)

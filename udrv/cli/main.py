@@ -11,7 +11,18 @@ from udrv import __version__
 from udrv.errors import UdrvError
 
 #: Modules under udrv.cli that add commands; each has ``register(subparsers)``.
-COMMAND_MODULES = ("lab", "devices", "bind", "hugepages", "edu", "e1000", "nvme", "ramdisk", "demo")
+COMMAND_MODULES = (
+    "lab",
+    "devices",
+    "bind",
+    "hugepages",
+    "edu",
+    "e1000",
+    "nvme",
+    "ramdisk",
+    "demo",
+    "emulate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

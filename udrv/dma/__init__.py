@@ -22,11 +22,12 @@ from udrv.errors import DmaError
 if TYPE_CHECKING:
     from udrv.dma.hugepage import HugepageDma
     from udrv.dma.vfio import VfioDma
+    from udrv.dma.vfio_user import VfioUserDma
 
 __all__ = ["Direction", "DmaBuffer", "Mapping", "SgList", "for_device"]
 
 
-def for_device(dev: Device, *, mask_bits: int = 64) -> VfioDma | HugepageDma:
+def for_device(dev: Device, *, mask_bits: int = 64) -> VfioDma | HugepageDma | VfioUserDma:
     """The DMA API for ``dev`` (VFIO or UIO, chosen by ``dev.backend``); also sets Bus
     Master Enable (no DMA without it). Mappings left open are undone when ``dev`` closes.
 
@@ -49,13 +50,17 @@ def for_device(dev: Device, *, mask_bits: int = 64) -> VfioDma | HugepageDma:
                 f"use that (asked for {mask_bits} bits)"
             )
         return cached
-    dma: VfioDma | HugepageDma
+    dma: VfioDma | HugepageDma | VfioUserDma
     if dev.backend == "vfio":
         from udrv.backends.vfio import VfioDevice
         from udrv.dma.vfio import VfioDma
 
         assert isinstance(dev, VfioDevice)
         dma = VfioDma(dev, mask_bits=mask_bits)
+    elif dev.backend == "vfio-user":
+        from udrv.dma.vfio_user import VfioUserDma
+
+        dma = VfioUserDma(dev, mask_bits=mask_bits)  # type: ignore[arg-type]
     elif dev.backend == "uio":
         from udrv.dma.hugepage import HugepageDma
 
