@@ -10,7 +10,7 @@ from udrv.errors import ModelError
 from udrv.models.base import PciModel
 
 #: ``udrv emulate NAME``: module and class of each model.
-MODELS = {"edu": ("udrv.models.edu", "EduModel")}
+MODELS = {"edu": ("udrv.models.edu", "EduModel"), "nvme": ("udrv.models.nvme", "NvmeModel")}
 
 
 def create(name: str, **options: object) -> PciModel:

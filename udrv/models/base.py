@@ -401,6 +401,15 @@ class PciModel:
         self._msix_table[rel : rel + width] = value.to_bytes(width, "little")
         self._deliver_pending()
 
+    def msix_set_masked(self, vector: int, masked: bool) -> None:
+        """Set a vector's Mask bit as system software would (vfio-pci does when it enables
+        MSI-X vectors); pending messages go out on unmask."""
+        at = vector * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL
+        if at < len(self._msix_table):
+            ctrl = self._msix_table[at] & ~PCI_MSIX_ENTRY_CTRL_MASKBIT
+            self._msix_table[at] = ctrl | (PCI_MSIX_ENTRY_CTRL_MASKBIT if masked else 0)
+            self._deliver_pending()
+
     def _msix_vector_masked(self, vector: int) -> bool:
         ctrl = self._msix_table[vector * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL]
         return bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)

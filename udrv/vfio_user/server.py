@@ -390,8 +390,12 @@ class Connection:
         if index == V.VfioPciIrq.MSI:
             cfg.set_msi_enabled(active, len(table) if table else 1)
         elif index == V.VfioPciIrq.MSIX:
+            # vfio-pci enables MSI-X and unmasks the vectors it was given eventfds for.
             cfg.set_msix_enabled(active)
-            self.model._deliver_pending()
+            for v in range(self.model.irq_count(index)):
+                self.model.msix_set_masked(
+                    v, not (table and v < len(table) and table[v] is not None)
+                )
         elif index == V.VfioPciIrq.INTX:
             self.intx_masked = False
 
