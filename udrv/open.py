@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 from udrv.core.device import Device
@@ -41,8 +42,37 @@ def choose_backend(info: PciDeviceInfo, backend: str = "auto") -> str:
     )
 
 
+#: CPUs whose memory ordering udrv's barriers are verified for (udrv.core.barrier).
+VERIFIED_CPUS = ("x86_64", "amd64")
+
+
+def check_cpu(address: str, backend: str, machine: str | None = None) -> None:
+    """Refuse to drive a device (VFIO, UIO) on a CPU whose ordering udrv has not verified.
+
+    A driver orders its descriptor writes before the doorbell with :mod:`udrv.core.barrier`;
+    on x86-64 those are correct without fence instructions (the module says why), elsewhere
+    (arm64, riscv64, ppc64le) they would need fences pure Python cannot emit, and a device
+    could read a half-written descriptor. Inspection through sysfs needs no ordering.
+
+    Raises:
+        BackendError: not x86-64, and the backend drives the device.
+    """
+    cpu = (machine if machine is not None else platform.machine()).lower()
+    if backend in ("vfio", "uio") and cpu not in VERIFIED_CPUS:
+        raise BackendError(
+            f"cannot drive {address} on {cpu}: udrv's memory barriers are verified on x86-64 "
+            "only (a device could see descriptors before they are written); inspect it with "
+            "backend='sysfs', or see docs/interrupts-and-dma.md, 'Barriers'"
+        )
+
+
 def open(
-    selector: str, backend: str = "auto", *, writable: bool = False, root: Path = SYSFS_PCI
+    selector: str,
+    backend: str = "auto",
+    *,
+    writable: bool = False,
+    dma_mask_bits: int | None = None,
+    root: Path = SYSFS_PCI,
 ) -> Device:
     """Open a PCI device for a user-space driver.
 
@@ -56,6 +86,9 @@ def open(
             the device is bound to.
         writable: sysfs backend only: allow writes to config space and BARs (off by default
             so that inspecting a device the host uses cannot change it).
+        dma_mask_bits: the device's DMA address width (edu: 28), fixed for as long as it is
+            open; same as ``dev.dma.set_mask(bits)`` before the first mapping. Default: 64,
+            fixed by the first mapping.
         root: the sysfs PCI devices directory (tests use a fake tree).
 
     Returns:
@@ -67,8 +100,9 @@ def open(
             (the message lists them).
         DeviceBusyError: bound to a kernel driver (or, with ``auto``, to none); the message
             says to run `udrv bind`.
-        VfioError, UioError, BackendError: the backend cannot open it; the message names
-            the fix.
+        VfioError, UioError, BackendError: the backend cannot open it, or this CPU is not
+            x86-64 (VFIO, UIO); the message names the fix.
+        DmaError: ``dma_mask_bits`` out of range, or the backend cannot do DMA.
     """
     socket_path = vfio_user_path(selector)
     if socket_path is not None:
@@ -76,19 +110,29 @@ def open(
             raise BackendError(f"{selector} is reached through vfio-user, not {backend}")
         from udrv.backends.vfio_user import VfioUserDevice
 
-        return VfioUserDevice(socket_path)
+        return VfioUserDevice(socket_path, dma_mask_bits=dma_mask_bits)
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     info = find(selector, root)
     chosen = choose_backend(info, backend)
+    check_cpu(info.address, chosen)
+    dev: Device
     if chosen == "vfio":
         from udrv.backends.vfio import VfioDevice
 
-        return VfioDevice(info)
-    if chosen == "uio":
+        dev = VfioDevice(info)
+    elif chosen == "uio":
         from udrv.backends.uio import UioDevice
 
-        return UioDevice(info)
-    from udrv.backends.sysfs import SysfsDevice
+        dev = UioDevice(info)
+    else:
+        from udrv.backends.sysfs import SysfsDevice
 
-    return SysfsDevice(info, writable=writable)
+        dev = SysfsDevice(info, writable=writable)
+    if dma_mask_bits is not None:
+        try:
+            dev.dma._set_mask(dma_mask_bits, f"udrv.open(dma_mask_bits={dma_mask_bits})")
+        except BaseException:
+            dev.close()
+            raise
+    return dev

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import udrv
-import udrv.irq
 from udrv.drivers.edu import regs as R
-from udrv.irq.vector import Vector
+from udrv.irq import Vector
 
 HERE = Path(__file__).parent
 SYS = Path("/sys/bus/pci/devices")
@@ -135,7 +134,7 @@ STYLES: dict[str, Callable[[Any, Vector, int], list[int]]] = {
 def python_styles(address: str, kind: str, styles: list[str], rounds: int) -> dict[str, list[int]]:
     """Open ``address``, enable one ``kind`` vector, and time each wait style."""
     with udrv.open(address) as dev:
-        vec = udrv.irq.enable(dev, kind)[0]
+        vec = dev.irq.enable(kind)[0]
         bar = dev.bar(0)
         return {style: STYLES[style](bar, vec, rounds) for style in styles}
 

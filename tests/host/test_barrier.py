@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 import threading
 
@@ -12,8 +13,29 @@ from udrv.core import barrier
 NAMES = ("mb", "rmb", "wmb", "dma_rmb", "dma_wmb")
 
 
-def test_supported_only_on_x86_64() -> None:
-    assert (platform.machine().lower() in ("x86_64", "amd64")) == barrier.SUPPORTED
+@pytest.mark.parametrize(
+    ("machine", "supported"),
+    [("x86_64", True), ("AMD64", True), ("aarch64", False), ("riscv64", False)],
+)
+def test_supported_only_on_x86_64(
+    monkeypatch: pytest.MonkeyPatch, machine: str, supported: bool
+) -> None:
+    """The module picks its barriers by the CPU at import: real no-ops on x86-64, loud
+    refusals elsewhere (never silent no-ops on a weakly ordered CPU)."""
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    try:
+        mod = importlib.reload(barrier)
+        assert mod.SUPPORTED is supported
+        assert machine.lower() == mod.ARCH
+        for name in NAMES:
+            if supported:
+                assert getattr(mod, name)() is None
+            else:
+                with pytest.raises(NotImplementedError, match=f"{name}.*not implemented on"):
+                    getattr(mod, name)()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(barrier)
 
 
 @pytest.mark.skipif(not barrier.SUPPORTED, reason="barriers are implemented for x86-64 only")

@@ -14,32 +14,33 @@ X86_RANGES = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]  # the MSI window is
 
 
 def test_respects_mask_ranges_and_alignment() -> None:
-    a = IovaAllocator(X86_RANGES, mask_bits=28)
-    iovas = [a.alloc(5000) for _ in range(10)]
+    a = IovaAllocator(X86_RANGES)
+    iovas = [a.alloc(5000, mask_bits=28) for _ in range(10)]
     assert all(i % 4096 == 0 and i + 8192 <= 1 << 28 and i >= 0x100000 for i in iovas)
     assert len(set(iovas)) == 10
 
 
 def test_never_hands_out_the_msi_window() -> None:
-    a = IovaAllocator([(0, 0xFEDFFFFF), (0xFEF00000, 0xFFFFFFFF)], mask_bits=32, base=0xFED00000)
-    first, second = a.alloc(0x100000), a.alloc(0x100000)
+    a = IovaAllocator([(0, 0xFEDFFFFF), (0xFEF00000, 0xFFFFFFFF)], base=0xFED00000)
+    first, second = a.alloc(0x100000, mask_bits=32), a.alloc(0x100000, mask_bits=32)
     assert first == 0xFED00000 and second == 0xFEF00000
 
 
 def test_exhaustion_is_a_clear_error_and_free_reuses() -> None:
-    a = IovaAllocator(mask_bits=21, base=0x100000)  # 1 MiB of space
-    big = a.alloc(1 << 20)
+    a = IovaAllocator(base=0x100000)
+    big = a.alloc(1 << 20, mask_bits=21)  # all the space below 2 MiB
     with pytest.raises(DmaError, match=r"IOVA space exhausted.*21-bit DMA mask"):
-        a.alloc(4096)
+        a.alloc(4096, mask_bits=21)
+    assert a.alloc(4096) == 0x200000  # a 64-bit device of the same container still fits
     a.free_range(big)
-    assert a.alloc(4096) == big
+    assert a.alloc(4096, mask_bits=21) == big
     with pytest.raises(DmaError, match="not allocated"):
         a.free_range(0x1234000)
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 64 * 1024)), max_size=60))
 def test_allocations_never_overlap(ops: list[tuple[bool, int]]) -> None:
-    a = IovaAllocator(mask_bits=24)
+    a = IovaAllocator([(0, (1 << 24) - 1)])
     live: dict[int, int] = {}
     for free, size in ops:
         if free and live:
@@ -71,6 +72,27 @@ def test_segments_cover_everything_within_limits(
     for iova, n in segs:
         assert 0 < n <= max_seg
         assert iova // boundary == (iova + n - 1) // boundary
+
+
+def test_page_size_of_the_iommu_is_respected() -> None:
+    """An IOMMU whose smallest page is 64 KiB (arm64 with 64K pages): every address and
+    size is a multiple of it, and so is the lowest address (base rounded up)."""
+    a = IovaAllocator([(0x1000, (1 << 32) - 1)], page=0x10000, base=0x1000)
+    first = a.alloc(100)
+    second = a.alloc(0x10001)
+    assert first == 0x10000 and second == 0x20000
+    assert a.allocated == {0x10000: 0x10000, 0x20000: 0x20000}
+    with pytest.raises(DmaError, match="not a power of two"):
+        IovaAllocator(page=3000)
+
+
+def test_small_mask_device_finds_room_below_its_mask() -> None:
+    """Two devices of one container: the 64-bit one's buffers must not use up the space a
+    28-bit device needs, as long as room is left below 2**28."""
+    a = IovaAllocator()
+    wide = [a.alloc(1 << 20) for _ in range(4)]
+    narrow = a.alloc(1 << 20, mask_bits=28)
+    assert narrow + (1 << 20) <= 1 << 28 and narrow not in wide
 
 
 def test_bad_sg_limits() -> None:

@@ -5,33 +5,47 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-import udrv.dma
-from udrv.backends.vfio import IommuInfo
+from udrv.core.device import Device, RegionInfo
+from udrv.core.dma import Dma
+from udrv.core.region import RecordingRegion, Region
 from udrv.dma import Direction
+from udrv.dma.iommu import IommuContext, IommuInfo
 from udrv.dma.vfio import VfioDma
 from udrv.errors import DmaError, VfioError
 
 X86 = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1)]
 
 
-class FakeContainer:
-    def __init__(self, avail: int | None = 65535) -> None:
+class FakeContainer(IommuContext):
+    def __init__(self, avail: int | None = 65535, pgsizes: int = 0x40201000) -> None:
+        super().__init__()
         self.fd = 3
+        self.pgsizes = pgsizes
+        self.info = IommuInfo(pgsizes=pgsizes)
         self.maps: dict[int, tuple[int, int, bool, bool]] = {}  # iova -> vaddr, size, r, w
-        self.avail = avail
+        self.limit = avail
         self.fail: int | None = None
 
     def refresh_info(self) -> IommuInfo:
-        return IommuInfo(pgsizes=0x40201000, iova_ranges=X86, dma_avail=self.avail)
+        self.info = IommuInfo(pgsizes=self.pgsizes, iova_ranges=X86, dma_avail=self.limit)
+        return self.info
+
+    @property
+    def is_open(self) -> bool:
+        return self.fd >= 0
+
+    def close(self) -> None:
+        self.fd = -1
 
     def map_dma(self, vaddr: int, iova: int, size: int, *, readable: bool, writable: bool) -> None:
-        assert vaddr % 4096 == 0 and iova % 4096 == 0 and size % 4096 == 0  # type1 rule
+        page = self.info.page_size  # type1: vaddr, iova and size are multiples of it
+        assert vaddr % page == 0 and iova % page == 0 and size % page == 0
         if self.fail:
             raise VfioError("ioctl VFIO_IOMMU_MAP_DMA failed", errno=self.fail)
         for other, (_, n, _, _) in self.maps.items():
@@ -59,23 +73,31 @@ class FakeContainer:
         ctypes.memmove(self.translate(iova, len(data), True), data, len(data))
 
 
-class FakeVfioDevice:
-    backend, address = "vfio", "0000:00:04.0"
+class FakeVfioDevice(Device):
+    """A Device whose DMA is VfioDma over a fake container (config: recorded memory)."""
 
-    def __init__(self, container: FakeContainer) -> None:
+    backend = "vfio"
+
+    def __init__(self, container: FakeContainer, address: str = "0000:00:04.0") -> None:
+        super().__init__(address)
         self.container = container
-        self.hooks: list[Callable[[], None]] = []
-        self.bus_master = False
+        self._config = RecordingRegion(256, name="config")
 
-    def on_close(self, hook: Callable[[], None]) -> None:
-        self.hooks.append(hook)
+    @property
+    def config(self) -> RecordingRegion:
+        return self._config
 
-    def set_bus_master(self, enable: bool = True) -> None:
-        self.bus_master = enable
+    def region_info(self, index: int) -> RegionInfo:
+        raise NotImplementedError
 
-    def close(self) -> None:
-        while self.hooks:
-            self.hooks.pop()()
+    def bar(self, index: int) -> Region:
+        raise NotImplementedError
+
+    def _open_dma(self) -> Dma:
+        return VfioDma(self, self.container)
+
+    def _close(self) -> None:
+        pass
 
 
 @pytest.fixture
@@ -84,24 +106,39 @@ def iommu() -> FakeContainer:
 
 
 @pytest.fixture
-def dma(iommu: FakeContainer) -> VfioDma:
-    return VfioDma(FakeVfioDevice(iommu), mask_bits=28)  # type: ignore[arg-type]
+def dev(iommu: FakeContainer) -> FakeVfioDevice:
+    return FakeVfioDevice(iommu)
 
 
-def test_for_device_sets_bus_master(monkeypatch: pytest.MonkeyPatch, iommu: FakeContainer) -> None:
-    import udrv.backends.vfio as bv
+@pytest.fixture
+def dma(dev: FakeVfioDevice) -> Dma:
+    dev.dma.set_mask(28)
+    return dev.dma
 
+
+def test_dev_dma_is_one_object_and_the_mask_is_set_once(iommu: FakeContainer) -> None:
     dev = FakeVfioDevice(iommu)
-    monkeypatch.setattr(bv, "VfioDevice", FakeVfioDevice)
-    d = udrv.dma.for_device(dev, mask_bits=28)  # type: ignore[arg-type]
-    assert isinstance(d, VfioDma) and dev.bus_master
-    # One allocator per device, or two callers would get the same IOVAs.
-    assert udrv.dma.for_device(dev, mask_bits=28) is d  # type: ignore[arg-type]
-    with pytest.raises(DmaError, match="already set up with a 28-bit mask"):
-        udrv.dma.for_device(dev, mask_bits=64)  # type: ignore[arg-type]
+    assert dev.dma is dev.dma and isinstance(dev.dma, VfioDma)
+    assert dev.dma.mask_bits == 64  # nothing fixed yet
+    dev.dma.set_mask(28)
+    dev.dma.set_mask(28)  # the same again is fine
+    with pytest.raises(
+        DmaError,
+        match=r"already 28 bits \(set by dev.dma.set_mask\(28\)\); cannot change it to 32",
+    ):
+        dev.dma.set_mask(32)
+    with pytest.raises(DmaError, match=r"outside 12\.\.64"):
+        FakeVfioDevice(iommu).dma.set_mask(65)
+    other = FakeVfioDevice(iommu)
+    other.dma.alloc(4096).close()  # the first mapping fixes the default
+    with pytest.raises(DmaError, match=r"already 64 bits \(set by the first mapping"):
+        other.dma.set_mask(28)
+    assert not dev.config.read16(4) & 4  # DMA alone does not touch Bus Master Enable
+    dev.close()
+    other.close()
 
 
-def test_alloc_is_an_array_the_device_sees(dma: VfioDma, iommu: FakeContainer) -> None:
+def test_alloc_is_an_array_the_device_sees(dma: Dma, iommu: FakeContainer) -> None:
     with dma.alloc(10000) as buf:
         assert len(buf) == 10000 and buf.iova % 4096 == 0
         assert buf.iova >= 0x100000 and buf.iova + 12288 <= 1 << 28  # mask and no page 0
@@ -125,7 +162,7 @@ def test_alloc_is_an_array_the_device_sees(dma: VfioDma, iommu: FakeContainer) -
     buf.close()  # twice is fine
 
 
-def test_close_with_live_numpy_views(dma: VfioDma, iommu: FakeContainer) -> None:
+def test_close_with_live_numpy_views(dma: Dma, iommu: FakeContainer) -> None:
     buf = dma.alloc(4096)
     keep = buf.array[10:20]
     buf.close()  # must not raise although a view is exported
@@ -133,7 +170,7 @@ def test_close_with_live_numpy_views(dma: VfioDma, iommu: FakeContainer) -> None
     keep[0] = 1  # the memory is still valid for the view's owner
 
 
-def test_streaming_map_of_unaligned_memory(dma: VfioDma, iommu: FakeContainer) -> None:
+def test_streaming_map_of_unaligned_memory(dma: Dma, iommu: FakeContainer) -> None:
     backing = bytearray(3 * 4096)
     arr = np.frombuffer(backing, dtype=np.uint8)
     view = arr[1000 : 1000 + 5000]  # starts mid-page, spans pages
@@ -150,7 +187,7 @@ def test_streaming_map_of_unaligned_memory(dma: VfioDma, iommu: FakeContainer) -
         dma.map(bytearray())
 
 
-def test_map_sg_segments_reach_the_right_bytes(dma: VfioDma, iommu: FakeContainer) -> None:
+def test_map_sg_segments_reach_the_right_bytes(dma: Dma, iommu: FakeContainer) -> None:
     pieces = [bytearray(os.urandom(n)) for n in (1000, 5000, 300)]
     with dma.map_sg(pieces, Direction.TO_DEVICE, max_segment=2048, boundary=4096) as sg:
         segs = list(sg)
@@ -160,7 +197,7 @@ def test_map_sg_segments_reach_the_right_bytes(dma: VfioDma, iommu: FakeContaine
     assert not iommu.maps
 
 
-def test_unmap_then_reuse(dma: VfioDma) -> None:
+def test_unmap_then_reuse(dma: Dma) -> None:
     a = dma.alloc(4096)
     iova = a.iova
     a.close()
@@ -170,8 +207,8 @@ def test_unmap_then_reuse(dma: VfioDma) -> None:
 
 
 def test_dma_avail_limit(iommu: FakeContainer) -> None:
-    iommu.avail = 2
-    dma = VfioDma(FakeVfioDevice(iommu), mask_bits=28)  # type: ignore[arg-type]
+    iommu.limit = 2
+    dma = FakeVfioDevice(iommu).dma
     a, b = dma.alloc(1), dma.alloc(1)
     with pytest.raises(DmaError, match="allows 2 DMA mappings"):
         dma.alloc(1)
@@ -180,7 +217,7 @@ def test_dma_avail_limit(iommu: FakeContainer) -> None:
     b.close()
 
 
-def test_memlock_failure_names_the_fix(dma: VfioDma, iommu: FakeContainer) -> None:
+def test_memlock_failure_names_the_fix(dma: Dma, iommu: FakeContainer) -> None:
     iommu.fail = errno.ENOMEM
     with pytest.raises(DmaError, match="ulimit -l") as info:
         dma.alloc(4096)
@@ -190,7 +227,8 @@ def test_memlock_failure_names_the_fix(dma: VfioDma, iommu: FakeContainer) -> No
 
 
 def test_iova_exhaustion_below_the_mask(iommu: FakeContainer) -> None:
-    dma = VfioDma(FakeVfioDevice(iommu), mask_bits=21)  # type: ignore[arg-type]  # 1 MiB usable
+    dma = FakeVfioDevice(iommu).dma
+    dma.set_mask(21)  # 1 MiB usable
     big = dma.alloc(1 << 20)
     with pytest.raises(DmaError, match=r"exhausted.*21-bit"):
         dma.alloc(4096)
@@ -199,9 +237,53 @@ def test_iova_exhaustion_below_the_mask(iommu: FakeContainer) -> None:
 
 def test_device_close_unmaps_everything(iommu: FakeContainer) -> None:
     dev = FakeVfioDevice(iommu)
-    dma = VfioDma(dev, mask_bits=28)  # type: ignore[arg-type]
-    dma.alloc(4096)
-    dma.map(bytearray(10))
+    buf = dev.dma.alloc(4096)
+    dev.dma.map(bytearray(10))
     assert len(iommu.maps) == 2
     dev.close()
-    assert not iommu.maps
+    assert not iommu.maps and buf.closed
+
+
+def test_map_sg_undoes_earlier_mappings_when_a_later_one_fails(
+    dma: Dma, iommu: FakeContainer
+) -> None:
+    """Issue 13 item 2: all or nothing."""
+    with pytest.raises(DmaError, match="read-only"):
+        dma.map_sg([bytearray(100), bytearray(5000), b"read-only"], Direction.FROM_DEVICE)
+    assert not iommu.maps and iommu.mappings == 0 and not iommu.iova.allocated
+
+
+def test_two_devices_of_one_container_share_the_iova_space(iommu: FakeContainer) -> None:
+    """One allocator per container: an IOVA from one device's dma is unique among all the
+    devices of the container, and each device's mask holds for what it allocates."""
+    nic, edu = FakeVfioDevice(iommu, "0000:00:05.0"), FakeVfioDevice(iommu, "0000:00:05.1")
+    edu.dma.set_mask(28)
+    a = [nic.dma.alloc(1 << 20) for _ in range(3)]
+    b = [edu.dma.alloc(1 << 20) for _ in range(3)]
+    spans = sorted((m.iova, m.iova + (1 << 20)) for m in a + b)
+    assert all(e <= s for (_, e), (s, _) in itertools.pairwise(spans))
+    assert all(m.iova + (1 << 20) <= 1 << 28 for m in b)
+    # A buffer allocated through the NIC is reachable by every device at the same IOVA.
+    a[0].array[:3] = [7, 8, 9]
+    assert iommu.dma_read(a[0].iova, 3) == bytes([7, 8, 9])
+    nic.close()  # the NIC's mappings go, the other device's stay
+    assert sorted(iommu.maps) == sorted(m.iova for m in b)
+    edu.close()
+    assert not iommu.maps and iommu.mappings == 0
+
+
+def test_mappings_follow_the_iommu_page_size() -> None:
+    """Issue 15 item 6: an IOMMU whose smallest page is 64 KiB gets 64 KiB-aligned IOVAs,
+    sizes and process addresses (the fake's map_dma asserts it)."""
+    iommu = FakeContainer(pgsizes=0x10000 | 0x200000)
+    dev = FakeVfioDevice(iommu)
+    with dev.dma.alloc(100) as buf:
+        assert buf.iova % 0x10000 == 0 and iommu.maps[buf.iova][1] == 0x10000
+        buf.array[:2] = [1, 2]
+        assert iommu.dma_read(buf.iova, 2) == b"\x01\x02"
+    backing = np.zeros(0x30000, dtype=np.uint8)
+    with dev.dma.map(backing[0x12345 : 0x12345 + 10]) as m:
+        assert m.iova % 0x10000 == (backing.ctypes.data + 0x12345) % 0x10000
+        iommu.dma_write(m.iova, b"hello")
+    assert backing[0x12345:0x1234A].tobytes() == b"hello"
+    dev.close()

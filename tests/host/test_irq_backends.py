@@ -7,14 +7,16 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Callable
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import udrv.irq
-from udrv.core.region import RecordingRegion
+from udrv.core.device import Device, RegionInfo
+from udrv.core.interrupts import Interrupts
+from udrv.core.region import RecordingRegion, Region
 from udrv.errors import IrqError
 from udrv.irq import uio as uio_irq
 from udrv.irq import vfio as vfio_irq
@@ -23,25 +25,33 @@ from udrv.kernel import vfio as V
 DATA = Path(__file__).parent / "data" / "pci"
 
 
-class FakeDevice:
-    """Just enough of a Device for the interrupt layers (duck-typed)."""
+class FakeDevice(Device):
+    """A Device whose config space is recorded memory and whose interrupts are the
+    backend implementation under test (VFIO on fd 99, or UIO on a pipe)."""
 
     def __init__(self, backend: str, config: bytes) -> None:
-        self.address, self.backend = "0000:00:04.0", backend
-        self.config = RecordingRegion(len(config), name="config")
-        self.config.mem[:] = config
-        self.device_fd = 99
-        self.hooks: list[Callable[[], None]] = []
+        super().__init__("0000:00:04.0")
+        self.backend = backend
+        self._config = RecordingRegion(len(config), name="config")
+        self._config.mem[:] = config
 
-    def on_close(self, hook: Callable[[], None]) -> None:
-        self.hooks.append(hook)
+    @property
+    def config(self) -> RecordingRegion:
+        return self._config
 
-    def set_bus_master(self, enable: bool = True) -> None:
-        self.config.set_bits(0x04, 0x4, width=2)
+    def region_info(self, index: int) -> RegionInfo:
+        raise NotImplementedError
 
-    def close(self) -> None:
-        while self.hooks:
-            self.hooks.pop()()
+    def bar(self, index: int) -> Region:
+        raise NotImplementedError
+
+    def _open_interrupts(self) -> Interrupts:
+        if self.backend == "vfio":
+            return vfio_irq.VfioInterrupts(self, 99)
+        return super()._open_interrupts()
+
+    def _close(self) -> None:
+        pass
 
 
 class FakeVfio:
@@ -90,15 +100,15 @@ def edu(backend: str) -> FakeDevice:
 
 def test_available_counts(fake: FakeVfio) -> None:
     dev = edu("vfio")
-    assert udrv.irq.available(dev) == {"intx": 1, "msi": 1, "msix": 0}  # type: ignore[arg-type]
-    info = vfio_irq.irq_info(dev, "intx")  # type: ignore[arg-type]
+    assert dev.irq.available() == {"intx": 1, "msi": 1, "msix": 0}
+    info = vfio_irq.irq_info(99, dev.address, "intx")
     assert info.automasked and info.maskable and info.eventfd
 
 
 def test_msi_enable_sets_trigger_eventfds_and_bus_master(fake: FakeVfio) -> None:
     dev = edu("vfio")
     dev.config.clear_bits(0x04, 0x4, width=2)
-    vecs = udrv.irq.enable(dev, "msi")  # type: ignore[arg-type]
+    vecs = dev.irq.enable("msi")
     flags, index, start, count, fds = fake.sets[-1]
     assert (flags, index, start, count) == (
         V.VFIO_IRQ_SET_DATA_EVENTFD | V.VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -112,7 +122,7 @@ def test_msi_enable_sets_trigger_eventfds_and_bus_master(fake: FakeVfio) -> None
     assert vecs[0].wait(1) == 1
     vecs[0].rearm()  # MSI: no UNMASK request
     assert len(fake.sets) == 1
-    dev.close()  # the close hook disables
+    dev.close()  # closing the device disables
     assert fake.sets[-1][:4] == (
         V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_TRIGGER,
         V.VfioPciIrq.MSI,
@@ -126,7 +136,7 @@ def test_msi_enable_sets_trigger_eventfds_and_bus_master(fake: FakeVfio) -> None
 
 def test_intx_rearm_is_an_unmask(fake: FakeVfio) -> None:
     dev = edu("vfio")
-    vec = udrv.irq.enable(dev, "intx")[0]  # type: ignore[arg-type]
+    vec = dev.irq.enable("intx")[0]
     vec.rearm()
     assert fake.sets[-1][:4] == (
         V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_UNMASK,
@@ -141,7 +151,7 @@ def test_msix_with_n_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeVfio({0: 1, 1: 1, 2: 5})  # e1000e: 5 MSI-X vectors
     monkeypatch.setattr(vfio_irq, "ioctl", fake)
     dev = FakeDevice("vfio", (DATA / "e1000e.config").read_bytes())
-    vecs = udrv.irq.enable(dev, "msix", 5)  # type: ignore[arg-type]
+    vecs = dev.irq.enable("msix", 5)
     _, index, _, count, fds = fake.sets[-1]
     assert index == V.VfioPciIrq.MSIX and count == 5
     assert fds == [v.fileno() for v in vecs] and len(set(fds)) == 5
@@ -151,9 +161,11 @@ def test_msix_with_n_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_refusals_name_what_is_offered(fake: FakeVfio) -> None:
     dev = edu("vfio")
-    irqs = udrv.irq.for_device(dev)  # type: ignore[arg-type]
-    assert udrv.irq.for_device(dev) is irqs  # type: ignore[arg-type]
-    with pytest.raises(IrqError, match="offers 0 MSIX vector"):
+    irqs = dev.irq
+    assert dev.irq is irqs
+    with pytest.raises(
+        IrqError, match=r"offers no MSIX through the vfio backend \(it offers 1 INTX, 1 MSI\)"
+    ):
         irqs.enable("msix")
     with pytest.raises(IrqError, match=r"offers 1 MSI vector.*cannot enable 2"):
         irqs.enable("msi", 2)
@@ -175,16 +187,19 @@ def test_set_irqs_failure_closes_the_eventfds(fake: FakeVfio) -> None:
     before = len(os.listdir("/proc/self/fd"))
     fake.fail_set = errno.EINVAL
     with pytest.raises(IrqError, match="refused to enable 1 MSI") as info:
-        udrv.irq.enable(dev, "msi")  # type: ignore[arg-type]
+        dev.irq.enable("msi")
     assert info.value.errno == errno.EINVAL
+    assert dev.irq.enabled is None
     assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_sysfs_backend_has_no_interrupts() -> None:
     dev = edu("sysfs")
-    assert udrv.irq.available(dev) == {"intx": 0, "msi": 0, "msix": 0}  # type: ignore[arg-type]
-    with pytest.raises(IrqError, match="backend='vfio'"):
-        udrv.irq.enable(dev, "msi")  # type: ignore[arg-type]
+    with pytest.raises(
+        IrqError,
+        match=r"0000:00:04.0: the sysfs backend has no interrupts; open it with backend='vfio'",
+    ):
+        dev.irq.enable("msi")
 
 
 # -- UIO ----------------------------------------------------------------------------------
@@ -200,15 +215,17 @@ class FakeUio(FakeDevice):
         (tmp / "uio0" / "event").write_text(f"{event}\n")
         self.uio_fd, self.kernel = os.pipe()
 
+    def _open_interrupts(self) -> Interrupts:
+        return uio_irq.UioInterrupts(self, self.uio_fd, self.uio_name)
+
+    def _close(self) -> None:
+        os.close(self.uio_fd)
+        os.close(self.kernel)
+
     def interrupt(self, total: int) -> None:
         """What uio_pci_generic's handler does: mask INTx, bump the count, wake readers."""
         self.config.set_bits(uio_irq.PCI_COMMAND, uio_irq.PCI_COMMAND_INTX_DISABLE, width=2)
         os.write(self.kernel, total.to_bytes(4, "little"))
-
-    def close(self) -> None:
-        super().close()
-        os.close(self.uio_fd)
-        os.close(self.kernel)
 
 
 def intx_disabled(dev: FakeDevice) -> bool:
@@ -221,9 +238,9 @@ def test_uio_counts_deltas_from_the_event_count(
     monkeypatch.setattr(uio_irq, "UIO_CLASS", tmp_path)
     dev = FakeUio(tmp_path, event=41)  # 41 interrupts happened before we enabled
     dev.config.set_bits(0x04, 1 << 10, width=2)  # masked from a previous user
-    irqs = udrv.irq.for_device(dev)  # type: ignore[arg-type]
+    irqs = dev.irq
     assert irqs.available() == {"intx": 1, "msi": 0, "msix": 0}
-    with pytest.raises(IrqError, match="one INTx vector only"):
+    with pytest.raises(IrqError, match=r"offers no MSI .*it offers 1 INTX.*backend='vfio'"):
         irqs.enable("msi")
     vec = irqs.enable("intx")[0]
     assert not intx_disabled(dev)  # enable unmasks
@@ -246,11 +263,101 @@ def test_uio_no_pin_no_interrupts(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(uio_irq, "UIO_CLASS", tmp_path)
     dev = FakeUio(tmp_path, event=0)
     dev.config.write8(0x3D, 0)
-    with pytest.raises(IrqError, match="no INTx pin"):
-        udrv.irq.enable(dev, "intx")  # type: ignore[arg-type]
+    with pytest.raises(IrqError, match=r"offers no INTX .*it offers no interrupts at all"):
+        dev.irq.enable("intx")
     dev.close()
 
 
 def test_uio_event_count_read_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(IrqError, match=r"uio7/event"):
         uio_irq.event_count("uio7", tmp_path)
+
+
+# -- the contract's checks, in the order a user needs them ---------------------------------
+
+
+def test_a_missing_kind_is_reported_before_a_conflict(fake: FakeVfio) -> None:
+    """Issue 16: MSI-X asked for while INTx is on, on a device without MSI-X, must say the
+    device has no MSI-X, not that INTx is in the way."""
+    dev = edu("vfio")
+    dev.irq.enable("intx")
+    with pytest.raises(IrqError, match="offers no MSIX") as info:
+        dev.irq.enable("msix")
+    assert "INTX is enabled" not in str(info.value)
+    with pytest.raises(IrqError, match="INTX is enabled; disable"):
+        dev.irq.enable("msi")  # offered, so now the conflict is the reason
+    dev.close()
+
+
+def test_disable_reraises_a_handler_failure_and_still_disables(fake: FakeVfio) -> None:
+    """Issue 13 item 4: an exception of the handler thread is not lost when the vector
+    closes; the device is torn down all the same."""
+    dev = edu("vfio")
+    vec = dev.irq.enable("msi")[0]
+    vec.start_handler(lambda n: 1 / 0)
+    os.eventfd_write(vec.fileno(), 1)
+    for _ in range(200):
+        if not vec.handler_running:
+            break
+        time.sleep(0.01)
+    with pytest.raises(IrqError, match="ZeroDivisionError") as info:
+        dev.irq.disable()
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert dev.irq.enabled is None and vec.closed
+    assert fake.sets[-1][3] == 0  # the index was disabled (count 0)
+    dev.close()
+
+
+def test_device_close_reports_a_handler_failure(fake: FakeVfio) -> None:
+    dev = edu("vfio")
+    vec = dev.irq.enable("msi")[0]
+    vec.start_handler(lambda n: 1 / 0)
+    os.eventfd_write(vec.fileno(), 1)
+    for _ in range(200):
+        if not vec.handler_running:
+            break
+        time.sleep(0.01)
+    with pytest.raises(IrqError, match=r"handler of MSI 0 of 0000:00:04\.0 failed"):
+        dev.close()
+    assert dev.closed and fake.sets[-1][3] == 0
+
+
+def test_stuck_handler_leaves_the_vector_alone_after_a_stop_timeout(fake: FakeVfio) -> None:
+    """Issue 13 item 4: after a stop timeout the owner disables the vector and closes its
+    eventfd; the thread, once its handler returns, must neither re-arm the disabled vector
+    (an UNMASK ioctl on a torn-down index) nor select on the closed fd's number (which a new
+    file may have taken)."""
+    dev = edu("vfio")
+    vec = dev.irq.enable("intx")[0]
+    release, entered = threading.Event(), threading.Event()
+
+    def stuck(n: int) -> None:
+        entered.set()
+        release.wait(10)
+
+    vec.start_handler(stuck)
+    os.eventfd_write(vec.fileno(), 1)
+    assert entered.wait(5)
+    with pytest.raises(IrqError, match=r"did not stop within 0\.1 s"):
+        vec.stop_handler(timeout=0.1)
+    number = vec.fileno()
+    threads = [t for t in threading.enumerate() if t.name == "irq INTX 0 of 0000:00:04.0"]
+    dev.irq.disable()  # closes the eventfd
+    sets_after_disable = len(fake.sets)
+    # Put a readable eventfd at the old number, as a reused fd would be.
+    reuse = os.eventfd(1, os.EFD_NONBLOCK)
+    if reuse != number:
+        os.dup2(reuse, number)
+    try:
+        release.set()
+        for t in threads:
+            t.join(5)
+            assert not t.is_alive()
+        assert len(fake.sets) == sets_after_disable  # no UNMASK after the teardown
+        assert os.eventfd_read(number) == 1  # the reused fd was not consumed
+    finally:
+        os.close(reuse)
+        if reuse != number:
+            os.close(number)
+    assert len(threads) == 1
+    dev.close()

@@ -158,5 +158,16 @@ def test_closed_vector_refuses_waits(vec: Vector) -> None:
         asyncio.run(vec.wait_async())
 
 
-def test_rearm_is_a_noop_for_message_interrupts(vec: Vector) -> None:
-    vec.rearm()  # MSI: nothing to unmask, must not fail
+def test_rearm_unmasks_level_interrupts_only(vec: Vector, efd: int) -> None:
+    """INTx: rearm() is the backend's unmask; MSI: nothing to unmask, and a pending
+    interrupt is neither consumed nor lost by it."""
+    unmasks: list[int] = []
+    intx = Vector(
+        efd, name="INTx of test", read_count=eventfd_count, rearm=lambda: unmasks.append(1)
+    )
+    intx.rearm()
+    intx.rearm()
+    assert unmasks == [1, 1]
+    fire(efd)
+    vec.rearm()
+    assert unmasks == [1, 1] and vec.poll() == 1

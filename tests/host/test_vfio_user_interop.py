@@ -59,7 +59,7 @@ def test_udrv_backend_drives_the_gpio_sample(gpio: str) -> None:
         assert dev.irq.available() == {"intx": 1, "msi": 0, "msix": 0}
         dev.irq.enable("intx")[0].rearm()  # SET_IRQS with an eventfd, then UNMASK
         dev.irq.disable()
-        dma = dev.dma()
+        dma = dev.dma
         with dma.alloc(8192), dma.map(bytearray(4096)):  # DMA_MAP with and without an fd
             pass
         dev.bar(2).write8(0, 3)  # output pins

@@ -10,14 +10,21 @@ from pathlib import Path
 import pytest
 
 import udrv
-import udrv.dma
-import udrv.irq
+from udrv.core.device import Device
+from udrv.core.dma import Dma
 from udrv.dma import Direction
 from udrv.drivers.edu import regs as R
 from udrv.errors import DmaError
 
 pytestmark = pytest.mark.lab("edu")
 Bind = Callable[[str, "str | None"], str]
+
+
+def edu_dma(dev: Device) -> Dma:
+    """What a driver does before DMA: bus mastering on, edu's 28-bit mask."""
+    dev.set_bus_master()
+    dev.dma.set_mask(R.DMA_MASK_BITS)
+    return dev.dma
 
 
 def xfer(bar, src: int, dst: int, n: int, to_ram: bool) -> None:  # type: ignore[no-untyped-def]
@@ -34,7 +41,7 @@ def xfer(bar, src: int, dst: int, n: int, to_ram: bool) -> None:  # type: ignore
 )
 def test_consistent_round_trip(bound: Bind, size: int, offset: int) -> None:
     with udrv.open(bound("edu", "vfio-pci")) as dev:
-        dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
+        dma = edu_dma(dev)
         bar = dev.bar(0)
         data = os.urandom(size)
         with dma.alloc(3 * 4096) as buf:
@@ -48,7 +55,7 @@ def test_consistent_round_trip(bound: Bind, size: int, offset: int) -> None:
 
 def test_streaming_and_sg_mappings(bound: Bind) -> None:
     with udrv.open(bound("edu", "vfio-pci")) as dev:
-        dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
+        dma = edu_dma(dev)
         bar = dev.bar(0)
         src = bytes(os.urandom(3000))
         dst = bytearray(3000)
@@ -74,7 +81,7 @@ def test_streaming_and_sg_mappings(bound: Bind) -> None:
 
 def test_unmap_then_reuse_iova(bound: Bind) -> None:
     with udrv.open(bound("edu", "vfio-pci")) as dev:
-        dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
+        dma = edu_dma(dev)
         first = dma.alloc(4096)
         iova = first.iova
         first.close()
@@ -90,7 +97,7 @@ def test_unmap_then_reuse_iova(bound: Bind) -> None:
 def test_iommu_contains_dma_to_unmapped_iova(bound: Bind) -> None:
     """A device DMA to an IOVA that is not mapped is blocked by the IOMMU."""
     with udrv.open(bound("edu", "vfio-pci")) as dev:
-        dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
+        dma = edu_dma(dev)
         bar = dev.bar(0)
         with dma.alloc(4096) as buf:
             buf.array[:] = 0xAA
@@ -126,14 +133,14 @@ def test_open_close_cycles_leak_nothing(bound: Bind) -> None:
         return len(os.listdir("/proc/self/fd")), maps.count("vfio"), maps.count("\n")
 
     with udrv.open(address) as dev:  # warm up: first-use allocations are not leaks
-        udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS).alloc(4096)
-        udrv.irq.enable(dev, "msi")
+        edu_dma(dev).alloc(4096)
+        dev.irq.enable("msi")
     before = resources()
     for i in range(CYCLES):
         with udrv.open(address) as dev:
-            dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
+            dma = edu_dma(dev)
             buf = dma.alloc(4096)  # left for close() to unmap
-            udrv.irq.enable(dev, "msi")
+            dev.irq.enable("msi")
             assert dev.bar(0).read32(R.IDENT) & 0xFF == 0xED
             if i == CYCLES - 1:
                 buf.array[:4] = [9, 8, 7, 6]
@@ -151,7 +158,7 @@ def test_uio_hugepage_dma(bound: Bind) -> None:
     address = bound("edu", "uio_pci_generic")
     reserve_hugepages(0)
     with udrv.open(address) as dev:
-        dma = udrv.dma.for_device(dev, mask_bits=R.DMA_MASK_BITS)
+        dma = edu_dma(dev)
         with pytest.raises(DmaError, match=r"run `udrv hugepages 64`"):
             dma.alloc(4096)
         assert reserve_hugepages(4) == 4

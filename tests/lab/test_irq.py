@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import udrv
-import udrv.irq
 from udrv.drivers.edu import regs as R
 from udrv.errors import IrqError
 
@@ -33,7 +32,7 @@ def _roundtrip(bar, vec, value: int = 1) -> int:  # type: ignore[no-untyped-def]
 )
 def test_raise_and_ack(bound: Bind, driver: str, kind: str) -> None:
     with udrv.open(bound("edu", driver)) as dev:
-        vec = udrv.irq.enable(dev, kind)[0]
+        vec = dev.irq.enable(kind)[0]
         bar = dev.bar(0)
         assert vec.poll() == 0  # nothing pending before we raise
         for i in range(20):
@@ -43,11 +42,11 @@ def test_raise_and_ack(bound: Bind, driver: str, kind: str) -> None:
 
 def test_offered_vectors(bound: Bind) -> None:
     with udrv.open(bound("edu", "vfio-pci")) as dev:
-        assert udrv.irq.available(dev) == {"intx": 1, "msi": 1, "msix": 0}
-        with pytest.raises(IrqError, match="offers 0 MSIX vector"):
-            udrv.irq.enable(dev, "msix")
+        assert dev.irq.available() == {"intx": 1, "msi": 1, "msix": 0}
+        with pytest.raises(IrqError, match=r"offers no MSIX .*it offers 1 INTX, 1 MSI"):
+            dev.irq.enable("msix")
         with pytest.raises(IrqError, match="offers 1 MSI vector"):
-            udrv.irq.enable(dev, "msi", 2)
+            dev.irq.enable("msi", 2)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +54,7 @@ def test_offered_vectors(bound: Bind) -> None:
 )
 def test_select_asyncio_and_handler_thread(bound: Bind, driver: str, kind: str) -> None:
     with udrv.open(bound("edu", driver)) as dev:
-        vec = udrv.irq.enable(dev, kind)[0]
+        vec = dev.irq.enable(kind)[0]
         bar = dev.bar(0)
 
         def ack(value: int) -> None:
@@ -135,7 +134,7 @@ def test_shared_intx_line_delivers_to_the_right_device(
     a, b = bound("edu", drivers[0]), bound("edu.1", drivers[1])
     irq = [Path(f"/sys/bus/pci/devices/{x}/irq") for x in (a, b)]
     with udrv.open(a) as da, udrv.open(b) as db:
-        va, vb = udrv.irq.enable(da, "intx")[0], udrv.irq.enable(db, "intx")[0]
+        va, vb = da.irq.enable("intx")[0], db.irq.enable("intx")[0]
         assert irq[0].read_text() == irq[1].read_text()  # really one line
         bars = (da.bar(0), db.bar(0))
         for _ in range(5):
@@ -159,7 +158,7 @@ def test_disable_on_close_restores_the_device(bound: Bind) -> None:
     address = bound("edu", "vfio-pci")
     for _ in range(2):  # a second open after close works and can enable again
         with udrv.open(address) as dev:
-            vec = udrv.irq.enable(dev, "msi")[0]
+            vec = dev.irq.enable("msi")[0]
             assert _roundtrip(dev.bar(0), vec) == 1
     # MSI is off again in config space (MSI cap Message Control bit 0).
     with udrv.open(address, backend="sysfs") as dev:
@@ -181,7 +180,7 @@ def test_msix_with_n_vectors(bound: Bind) -> None:
     """e1000e offers 5 MSI-X vectors: enable all five, then disable restores the device."""
     address = bound("e1000e", "vfio-pci")
     with udrv.open(address) as dev:
-        irqs = udrv.irq.for_device(dev)
+        irqs = dev.irq
         assert irqs.available()["msix"] == 5
         vecs = irqs.enable("msix", 5)
         assert len({v.fileno() for v in vecs}) == 5

@@ -16,6 +16,7 @@ This module holds the region kinds the backends share on top of :mod:`udrv.core.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Sequence
 
 from udrv.core.region import FileRegion, MmioRegion, Region
@@ -51,16 +52,27 @@ class ConfigRegion(_DwordFileRegion):
     kind = "config space"
 
     def read_width(self, offset: int, width: int) -> int:
+        if width == 8:
+            raise self._refuse64(offset, "read")
+        self._check(offset, width, "read")
         try:
-            return super().read_width(offset, width)
-        except RegionError as exc:
-            if exc.errno is None and "returned 0 bytes" in str(exc):
-                # sysfs gives unprivileged readers only the first 64 bytes (pci-sysfs.c).
-                raise RegionError(
-                    f"{self.name}: {width}-byte read at {offset:#x} is beyond what the kernel "
-                    "lets this user read (64 bytes unless privileged); run as root"
-                ) from None
-            raise
+            data = os.pread(self.fd, width, self.base_offset + offset)
+        except OSError as exc:
+            raise RegionError(
+                f"{self.name}: {width}-byte read at {offset:#x} failed", errno=exc.errno
+            ) from None
+        if not data:
+            # sysfs gives unprivileged readers only the first 64 bytes (pci-sysfs.c
+            # pci_read_config: "size = dev->cfg_size" only with CAP_SYS_ADMIN), then EOF.
+            raise RegionError(
+                f"{self.name}: {width}-byte read at {offset:#x} is beyond what the kernel "
+                "lets this user read (64 bytes unless privileged); run as root"
+            )
+        if len(data) != width:
+            raise RegionError(
+                f"{self.name}: {width}-byte read at {offset:#x} returned {len(data)} bytes"
+            )
+        return int.from_bytes(data, "little")
 
 
 class PortRegion(_DwordFileRegion):

@@ -3,12 +3,13 @@
 uio_pci_generic (drivers/uio/uio_pci_generic.c) offers no memory maps of its own: the BARs
 are reached through sysfs ``resourceN`` exactly as in the sysfs backend (opened writable:
 binding a device to uio_pci_generic is how a user hands it to user space). ``/dev/uioN`` is
-opened and kept for interrupts (:mod:`udrv.irq.uio`): INTx only, ``read()`` returns a 4-byte
+opened and kept for interrupts (``dev.irq``, :mod:`udrv.irq.uio`): INTx only, ``read()`` returns a 4-byte
 event count, and since uio_pci_generic has no irqcontrol a driver re-enables the interrupt by
 clearing Interrupt Disable in the command register (the kernel set it when the line fired).
 
-No IOMMU: DMA needs physical addresses (hugepages, see :mod:`udrv.dma`). Reset only where
-the kernel offers sysfs ``reset``.
+No IOMMU: DMA needs physical addresses (``dev.dma``: hugepages, see :mod:`udrv.dma.hugepage`),
+and is refused when an IOMMU translates the device's addresses. Reset only where the kernel
+offers sysfs ``reset``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import os
 from pathlib import Path
 
 from udrv.backends.sysfs import SysfsDevice
+from udrv.core.dma import Dma
+from udrv.core.interrupts import Interrupts
+from udrv.dma.hugepage import HugepageDma
 from udrv.errors import DeviceBusyError, UioError
+from udrv.irq.uio import UioInterrupts
 from udrv.pci.sysfs import PciDeviceInfo
 
 DEV = Path("/dev")
@@ -76,3 +81,9 @@ class UioDevice(SysfsDevice):
                 f"cannot open {path} for {info.address}; {hint}", errno=exc.errno
             ) from None
         self._fds.append(self.uio_fd)
+
+    def _open_interrupts(self) -> Interrupts:
+        return UioInterrupts(self, self.uio_fd, self.uio_name)
+
+    def _open_dma(self) -> Dma:
+        return HugepageDma(self, self.info.iommu_group)

@@ -10,7 +10,16 @@ Layout (Documentation/driver-api/vfio.rst, include/uapi/linux/vfio.h):
 3. the *device fd* from ``VFIO_GROUP_GET_DEVICE_FD``: regions (BARs 0-5, ROM 6, config 7) at
    ``offset`` from ``VFIO_DEVICE_GET_REGION_INFO``, interrupts, reset.
 
-DMA goes through an :class:`IommuContext`; today that is the type1 :class:`Container`. The
+**One container per process.** Every device opened here shares one :class:`Container`, and
+the devices of one IOMMU group share one :class:`Group` (the group node can be opened only
+once: a second open is EBUSY). Both are reference-counted by the open devices and closed
+with the last of them. So all devices of a group (the ports of a dual-port NIC, the
+functions of a multi-function card) can be open together, and since every mapping of a
+container is visible to every device in it, one IOVA allocator serves them all
+(:mod:`udrv.dma.vfio`).
+
+DMA goes through an :class:`~udrv.dma.iommu.IommuContext`; today that is the type1
+:class:`Container`. The
 newer iommufd path (``/dev/iommu`` + the device's cdev ``/dev/vfio/devices/vfioX``,
 ``VFIO_DEVICE_BIND_IOMMUFD``, ``IOMMU_IOAS_MAP``) would be a second IommuContext plus a second
 way to get the device fd; everything after the device fd (regions, irqs, reset) is shared.
@@ -30,19 +39,24 @@ Host tests replace :data:`VFIO_DIR`, :data:`IOMMU_GROUPS` and the module's ``ioc
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import ctypes
 import errno
 import mmap
 import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from udrv.backends import ConfigRegion, PortRegion, SparseRegion
 from udrv.core.device import Device, RegionInfo, RegionKind
+from udrv.core.dma import Dma
+from udrv.core.interrupts import Interrupts
 from udrv.core.region import FileRegion, MmioRegion, Region
+from udrv.dma.iommu import IommuContext, IommuInfo
+from udrv.dma.vfio import VfioDma
 from udrv.errors import DeviceBusyError, RegionError, VfioError
+from udrv.irq.vfio import VfioInterrupts
 from udrv.kernel import vfio as V
 from udrv.kernel.ioctl import ioctl
 from udrv.pci.sysfs import PciDeviceInfo
@@ -55,39 +69,6 @@ _HARMLESS_DRIVERS = (None, "vfio-pci", "pci-stub")
 
 
 # -- the IOMMU context ---------------------------------------------------------------------
-
-
-@dataclass
-class IommuInfo:
-    """What the IOMMU allows: page sizes (bitmap), valid IOVA ranges (inclusive ends), and
-    how many more mappings may be made (``None``: not reported)."""
-
-    pgsizes: int
-    iova_ranges: list[tuple[int, int]] = field(default_factory=list)
-    dma_avail: int | None = None
-
-
-class IommuContext(abc.ABC):
-    """Where a device's DMA mappings are made: the type1 container today, an iommufd IOAS
-    later. :mod:`udrv.dma` uses only this interface."""
-
-    info: IommuInfo
-
-    @abc.abstractmethod
-    def map_dma(self, vaddr: int, iova: int, size: int, *, readable: bool, writable: bool) -> None:
-        """Map ``size`` bytes of this process at ``vaddr`` to ``iova`` for the device."""
-
-    @abc.abstractmethod
-    def unmap_dma(self, iova: int, size: int) -> None:
-        """Undo a :meth:`map_dma`."""
-
-    @abc.abstractmethod
-    def refresh_info(self) -> IommuInfo:
-        """Read :attr:`info` again (``dma_avail`` changes as mappings are made)."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Release the context; its mappings go with it."""
 
 
 def _ioctl_with_caps(fd: int, request: int, head: ctypes.Structure, what: str) -> bytearray:
@@ -112,6 +93,7 @@ class Container(IommuContext):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         path = VFIO_DIR / "vfio"
         self.path = path
         self.iommu_type = 0
@@ -150,10 +132,17 @@ class Container(IommuContext):
                     self.iommu_type = kind
                     break
             else:
-                raise VfioError(
+                noiommu = ioctl(
+                    self.fd,
+                    V.VFIO_CHECK_EXTENSION,
+                    V.VFIO_NOIOMMU_IOMMU,
+                    what=f"VFIO_CHECK_EXTENSION {V.VFIO_NOIOMMU_IOMMU} on {path}",
+                    error=VfioError,
+                )
+                raise VfioError(_NOIOMMU if noiommu else (
                     f"{path} offers no type1 IOMMU; enable the IOMMU (boot with intel_iommu=on "
                     "or amd_iommu=on) and load vfio_iommu_type1"
-                )
+                ))  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -224,10 +213,22 @@ class Container(IommuContext):
             error=VfioError,
         )
 
+    @property
+    def is_open(self) -> bool:
+        return getattr(self, "fd", -1) >= 0
+
     def close(self) -> None:
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
         self.fd = -1
+
+
+_NOIOMMU = (
+    "VFIO runs in no-IOMMU mode here (vfio.enable_unsafe_noiommu_mode=1, /dev/vfio/noiommu-N): "
+    "the device would DMA to physical addresses with no protection, and udrv does not use "
+    "that mode. Enable the IOMMU (boot with intel_iommu=on or amd_iommu=on) and turn "
+    "no-IOMMU mode off, or use backend='uio' (which is unprotected and says so)"
+)
 
 
 # -- the group -------------------------------------------------------------------------------
@@ -292,6 +293,8 @@ class Group:
 
     def _open_error(self, exc: OSError) -> VfioError:
         path, addr = self.path, self.address
+        if exc.errno == errno.ENOENT and (VFIO_DIR / f"noiommu-{self.id}").exists():
+            return VfioError(f"{addr}: {_NOIOMMU}")
         if exc.errno == errno.ENOENT:
             return VfioError(
                 f"{addr} is not bound to vfio-pci ({path} does not exist); run `udrv bind {addr}`"
@@ -304,8 +307,8 @@ class Group:
             )
         if exc.errno == errno.EBUSY:
             return VfioError(
-                f"{path} (IOMMU group of {addr}) is already opened by another process, or "
-                "by this one: close that device first",
+                f"{path} (IOMMU group of {addr}) is already opened by another process; "
+                "stop it first",
                 errno=exc.errno,
             )
         return VfioError(f"cannot open {path} for {addr}", errno=exc.errno)
@@ -323,25 +326,25 @@ class Group:
             f"run `udrv bind {self.address}` (it binds the whole group)"
         )
 
-    def get_device_fd(self) -> int:
-        """``VFIO_GROUP_GET_DEVICE_FD`` for the device.
+    def get_device_fd(self, address: str) -> int:
+        """``VFIO_GROUP_GET_DEVICE_FD`` for ``address``, a device of this group.
 
         Raises:
             VfioError: EBUSY when the device is already open.
         """
-        name = ctypes.create_string_buffer(self.address.encode())
+        name = ctypes.create_string_buffer(address.encode())
         try:
             return ioctl(
                 self.fd,
                 V.VFIO_GROUP_GET_DEVICE_FD,
                 name,
-                what=f"VFIO_GROUP_GET_DEVICE_FD {self.address}",
+                what=f"VFIO_GROUP_GET_DEVICE_FD {address}",
                 error=VfioError,
             )
         except VfioError as exc:
             if exc.errno == errno.EBUSY:
                 raise VfioError(
-                    f"{self.address} is already opened (by another process, or by this one: "
+                    f"{address} is already opened (by another process, or by this one: "
                     "close that device first)",
                     errno=exc.errno,
                 ) from None
@@ -363,6 +366,59 @@ class Group:
             self.attached = False
         os.close(self.fd)
         self.fd = -1
+
+
+# -- the process's container and groups ----------------------------------------------------
+
+
+class _Shared:
+    """The process's one :class:`Container` and the :class:`Group` objects attached to it,
+    counted by the devices that use them; the last device of a group closes the group, the
+    last group the container."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.container: Container | None = None
+        self.groups: dict[int, Group] = {}
+        self.users: dict[int, int] = {}
+
+    def acquire(self, group_id: int, address: str) -> tuple[Container, Group]:
+        """The container and the group ``group_id`` (opened, attached), counted once more."""
+        with self.lock:
+            container = self.container or Container()
+            group = self.groups.get(group_id)
+            if group is None:
+                try:
+                    group = Group(group_id, address, container)
+                    try:
+                        if not container.iommu_set:
+                            container.set_iommu()
+                    except BaseException:
+                        group.close()
+                        raise
+                except BaseException:
+                    if container is not self.container:
+                        container.close()
+                    raise
+            self.container = container
+            self.groups[group_id] = group
+            self.users[group_id] = self.users.get(group_id, 0) + 1
+            return container, group
+
+    def release(self, group_id: int) -> None:
+        """One device of ``group_id`` closed."""
+        with self.lock:
+            self.users[group_id] -= 1
+            if self.users[group_id]:
+                return
+            del self.users[group_id]
+            self.groups.pop(group_id).close()
+            if not self.groups and self.container is not None:
+                self.container.close()
+                self.container = None
+
+
+_shared = _Shared()
 
 
 # -- the device ------------------------------------------------------------------------------
@@ -406,8 +462,8 @@ class VfioDevice(Device):
     """A device opened through VFIO. Created by :func:`udrv.open`.
 
     Attributes:
-        container: the :class:`Container` (the device's :class:`IommuContext`).
-        group: the :class:`Group`.
+        container: the process's :class:`Container` (shared with every VFIO device open here).
+        group: the :class:`Group` (shared with the other open devices of the IOMMU group).
         device_fd: the VFIO device fd (regions, interrupts).
         flags, num_regions, num_irqs: from ``VFIO_DEVICE_GET_INFO``.
 
@@ -438,19 +494,12 @@ class VfioDevice(Device):
             )
         if info.driver is None:
             raise VfioError(f"{addr} is not bound to vfio-pci (no driver); run `udrv bind {addr}`")
-        self.container = Container()
+        self.container, self.group = _shared.acquire(info.iommu_group, addr)
         try:
-            self.group = Group(info.iommu_group, addr, self.container)
-            try:
-                if not self.container.iommu_set:
-                    self.container.set_iommu()
-                self.device_fd = self.group.get_device_fd()
-                self._read_device_info()
-            except BaseException:
-                self._release()
-                raise
+            self.device_fd = self.group.get_device_fd(addr)
+            self._read_device_info()
         except BaseException:
-            self.container.close()
+            self._release()
             raise
         self._closed = False
 
@@ -496,6 +545,12 @@ class VfioDevice(Device):
     @property
     def group_fd(self) -> int:
         return self.group.fd
+
+    def _open_interrupts(self) -> Interrupts:
+        return VfioInterrupts(self, self.device_fd)
+
+    def _open_dma(self) -> Dma:
+        return VfioDma(self, self.container)
 
     # -- regions -----------------------------------------------------------------------------
 
@@ -674,8 +729,8 @@ class VfioDevice(Device):
             os.close(self.device_fd)
             self.device_fd = -1
         if getattr(self, "group", None) is not None:
-            self.group.close()
+            _shared.release(self.group.id)
+            del self.group
 
     def _close(self) -> None:
         self._release()
-        self.container.close()

@@ -16,8 +16,12 @@ import os
 from typing import Any
 
 from udrv.core.device import Device, RegionInfo, RegionKind
+from udrv.core.dma import Dma
+from udrv.core.interrupts import Interrupts
 from udrv.core.region import MmioRegion, Region
+from udrv.dma.vfio_user import VfioUserDma
 from udrv.errors import RegionError, VfioUserError
+from udrv.irq.vfio_user import VfioUserInterrupts
 from udrv.kernel import vfio as V
 from udrv.vfio_user import protocol as P
 from udrv.vfio_user.client import Client
@@ -76,7 +80,9 @@ class VfioUserDevice(Device):
 
     backend = "vfio-user"
 
-    def __init__(self, path: str, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str, *, timeout: float = 5.0, dma_mask_bits: int | None = None
+    ) -> None:
         super().__init__(f"{SCHEME}{path}")
         self.path = path
         self.client = Client(path, timeout=timeout)
@@ -105,21 +111,22 @@ class VfioUserDevice(Device):
         )  # fmt: skip
         self._bars: dict[int, Region] = {}
         self._infos: dict[int, RegionInfo] = {}
-        from udrv.irq.vfio_user import VfioUserIrqs
-
-        self._irqs = VfioUserIrqs(self)
-        # udrv.irq.for_device() looks here first: the shared Interrupts object knows VFIO
-        # and UIO only.
-        self._udrv_irqs = self._irqs
+        if dma_mask_bits is not None:
+            try:
+                self.dma._set_mask(dma_mask_bits, f"udrv.open(dma_mask_bits={dma_mask_bits})")
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def config(self) -> Region:
         return self._config
 
-    @property
-    def irq(self) -> Any:
-        """The device's interrupts: :class:`udrv.irq.vfio_user.VfioUserIrqs`."""
-        return self._irqs
+    def _open_interrupts(self) -> Interrupts:
+        return VfioUserInterrupts(self, self.client)
+
+    def _open_dma(self) -> Dma:
+        return VfioUserDma(self, self.client)
 
     def region_info(self, index: int) -> RegionInfo:
         if index in self._infos:

@@ -1,8 +1,15 @@
 """The device interface every driver talks to, whatever backend opened the device.
 
 A driver never imports a backend: it gets a :class:`Device` from :func:`udrv.open` and uses
-``config``, ``bar(i)``, ``reset()`` (and, with interrupts and DMA, ``irq`` and ``dma``).
-Backends (``udrv.backends.vfio``, ``.uio``, ``.sysfs``) implement it.
+``config``, ``bar(i)``, ``set_bus_master()``, ``irq`` (:class:`~udrv.core.interrupts.Interrupts`),
+``dma`` (:class:`~udrv.core.dma.Dma`) and ``reset()``. A backend is one module that
+implements this class (``udrv.backends.vfio``, ``.uio``, ``.sysfs``), handing out its own
+interrupts and DMA from :meth:`Device._open_interrupts` and :meth:`Device._open_dma`.
+
+Layers (each imports only those before it): the kernel ABI (``udrv.kernel``), the mechanisms
+(``udrv.irq.vector``, ``udrv.dma.buffer``...), this contract (``udrv.core``), the
+implementations of its parts (``udrv.irq.vfio``, ``udrv.dma.vfio``...), the backends, then
+``udrv.open`` and the drivers and frontends.
 """
 
 from __future__ import annotations
@@ -10,13 +17,19 @@ from __future__ import annotations
 import abc
 import enum
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from udrv.errors import BackendError, DmaError, IrqError, RegionError, UdrvError
 
 if TYPE_CHECKING:
+    from udrv.core.dma import Dma
+    from udrv.core.interrupts import Interrupts
     from udrv.core.region import Region
+
+PCI_COMMAND = 0x04  # PCI Local Bus 3.0 §6.2.2
+PCI_COMMAND_MASTER = 1 << 2  # Bus Master Enable
 
 
 class RegionKind(enum.Enum):
@@ -57,13 +70,9 @@ class Device(abc.ABC):
     def __init__(self, address: str) -> None:
         self.address = address
         self._closed = False
-        self._close_hooks: list[Callable[[], None]] = []
-
-    def on_close(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` when the device closes, before the backend lets go (the interrupt and
-        DMA layers use it: vectors are disabled and mappings undone while the fds still exist).
-        Hooks run last-registered first."""
-        self._close_hooks.append(hook)
+        self._irq: Interrupts | None = None
+        self._dma: Dma | None = None
+        self._set_master = False  # we set Bus Master Enable (close clears it again)
 
     @property
     @abc.abstractmethod
@@ -95,33 +104,68 @@ class Device(abc.ABC):
         for i in range(6):
             try:
                 out.append(self.region_info(i))
-            except Exception:
-                continue
+            except RegionError:
+                continue  # not implemented; any other failure is the caller's to see
         return out
 
+    # -- interrupts and DMA: the backend's implementations -------------------------------
+
     @property
-    def irq(self) -> Any:
-        """The device's interrupts (:class:`udrv.irq.Interrupts`): ``dev.irq.enable("msi")``."""
-        from udrv import irq
+    def irq(self) -> Interrupts:
+        """The device's interrupts: ``dev.irq.enable("msi")``, ``dev.irq.available()``.
 
-        return irq.for_device(self)
+        Raises:
+            IrqError: this backend has no interrupts (the message names the one that has).
+            BackendError: the device is closed.
+        """
+        if self._irq is None:
+            self._check_usable()
+            self._irq = self._open_interrupts()
+        return self._irq
 
-    def dma(self, *, mask_bits: int = 64) -> Any:
-        """The device's DMA API (IOVAs under VFIO, physical addresses under UIO)."""
-        from udrv import dma
+    @property
+    def dma(self) -> Dma:
+        """The device's DMA: ``dev.dma.alloc(4096)``, ``dev.dma.map(buf)``.
 
-        return dma.for_device(self, mask_bits=mask_bits)
+        Raises:
+            DmaError: this backend cannot do DMA (the message names the one that can).
+            BackendError: the device is closed.
+        """
+        if self._dma is None:
+            self._check_usable()
+            self._dma = self._open_dma()
+        return self._dma
+
+    def _open_interrupts(self) -> Interrupts:
+        """The backend's :class:`Interrupts` (called once, on first use of :attr:`irq`)."""
+        raise IrqError(
+            f"{self.address}: the {self.backend} backend has no interrupts; open it with "
+            "backend='vfio' (or 'uio' for INTx only)"
+        )
+
+    def _open_dma(self) -> Dma:
+        """The backend's :class:`Dma` (called once, on first use of :attr:`dma`)."""
+        raise DmaError(
+            f"{self.address}: the {self.backend} backend cannot do DMA; open it with backend='vfio'"
+        )
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise BackendError(f"{self.address} is closed; open it again with udrv.open()")
 
     def set_bus_master(self, enable: bool = True) -> None:
-        """Set or clear Bus Master Enable (PCI command register bit 2; PCI 3.0 6.2.2).
+        """Set or clear Bus Master Enable (PCI command register bit 2; PCI 3.0 §6.2.2).
 
         A device can DMA, and so send MSI/MSI-X messages (which are memory writes), only
-        with it set; like the kernel's pci_set_master(), drivers call it when they start.
+        with it set; like the kernel's pci_set_master(), a driver calls it when it starts
+        and ``set_bus_master(False)`` when it stops. If it was set here, ``close()`` clears
+        it.
         """
-        cmd = self.config.read16(0x04)
-        new = cmd | 0x4 if enable else cmd & ~0x4
+        cmd = self.config.read16(PCI_COMMAND)
+        new = cmd | PCI_COMMAND_MASTER if enable else cmd & ~PCI_COMMAND_MASTER
         if new != cmd:
-            self.config.write16(0x04, new)
+            self.config.write16(PCI_COMMAND, new)
+            self._set_master = enable
 
     def reset(self) -> None:
         """Reset the device (function-level reset where the backend offers one).
@@ -129,8 +173,6 @@ class Device(abc.ABC):
         Raises:
             BackendError: this backend or device cannot reset.
         """
-        from udrv.errors import BackendError
-
         raise BackendError(f"{self.address}: the {self.backend} backend cannot reset devices")
 
     @abc.abstractmethod
@@ -138,16 +180,34 @@ class Device(abc.ABC):
         """Release everything the backend holds (mappings, fds)."""
 
     def close(self) -> None:
-        """Release the device; safe to call twice."""
-        if not self._closed:
-            self._closed = True
-            while self._close_hooks:
-                hook = self._close_hooks.pop()
-                try:
-                    hook()
-                except Exception as exc:
-                    warnings.warn(f"{self.address}: close hook failed: {exc}", stacklevel=2)
-            self._close()
+        """Release the device, undoing what was enabled through it, in this order:
+        interrupts (vectors disabled, handler threads stopped), Bus Master Enable (if set
+        through :meth:`set_bus_master`: the device must stop DMA before its memory goes),
+        DMA buffers and mappings, then the backend's regions and fds. Safe to call twice.
+
+        Raises:
+            UdrvError: a step failed (e.g. an interrupt handler thread had raised); the
+                first failure, after every step has run.
+        """
+        if self._closed:
+            return
+        errors: list[UdrvError] = []
+        steps = [
+            self._irq.disable if self._irq is not None else None,
+            (lambda: self.set_bus_master(False)) if self._set_master else None,
+            self._dma.close if self._dma is not None else None,
+        ]
+        for step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except UdrvError as exc:
+                errors.append(exc)
+        self._closed = True
+        self._close()
+        if errors:
+            raise errors[0]
 
     @property
     def closed(self) -> bool:

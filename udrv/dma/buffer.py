@@ -6,6 +6,7 @@ import enum
 import mmap
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,10 +26,23 @@ class Mapping:
     Attributes:
         iova: the device's address of the first byte.
         length: bytes mapped.
+        segments: the (address, length) pieces the device sees, in order: one under an
+            IOMMU; under UIO one per physically contiguous run of the buffer.
+        owner: the mapped object, kept alive while mapped.
     """
 
-    def __init__(self, iova: int, length: int, release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        iova: int,
+        length: int,
+        release: Callable[[], None],
+        *,
+        segments: list[tuple[int, int]] | None = None,
+        owner: Any = None,
+    ) -> None:
         self.iova, self.length = iova, length
+        self.segments = segments if segments is not None else [(iova, length)]
+        self.owner = owner
         self._release: Callable[[], None] | None = release
 
     @property
@@ -39,7 +53,12 @@ class Mapping:
         """The device may no longer touch the memory (the IOMMU blocks it from now on)."""
         if self._release is not None:
             release, self._release = self._release, None
+            self.owner = None
             release()
+
+    def close(self) -> None:
+        """Same as :meth:`unmap` (a buffer also frees its memory)."""
+        self.unmap()
 
     def __enter__(self) -> Mapping:
         return self
@@ -59,13 +78,30 @@ class DmaBuffer(Mapping):
     Coherent on x86 (DMA snoops the caches): no sync calls are needed, only ordering
     (see udrv.core.barrier). ``array`` is a zero-copy numpy uint8 view; ``view(dtype)``
     reinterprets it (descriptor rings as structured arrays); the buffer protocol works too.
+
+    Args:
+        mem: the memory (owned: closed with the buffer).
+        size: bytes of the buffer.
+        iova: the device's address of its first byte.
+        release: undoes the mapping.
+        offset: where the buffer starts in ``mem`` (alignment to the IOMMU page size).
     """
 
-    def __init__(self, mem: mmap.mmap, size: int, iova: int, release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        mem: mmap.mmap,
+        size: int,
+        iova: int,
+        release: Callable[[], None],
+        *,
+        offset: int = 0,
+    ) -> None:
         super().__init__(iova, size, release)
         self._mem = mem
         self.size = size
-        self.array: npt.NDArray[np.uint8] = np.frombuffer(mem, dtype=np.uint8, count=size)
+        self.array: npt.NDArray[np.uint8] = np.frombuffer(
+            mem, dtype=np.uint8, count=size, offset=offset
+        )
 
     def view(self, dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
         """The buffer reinterpreted as ``dtype`` (zero-copy; e.g. a ring of descriptors)."""

@@ -11,9 +11,11 @@ the default.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from udrv.core.device import Device
+from udrv.core.dma import Dma
 from udrv.dma.buffer import Direction, DmaBuffer, Mapping
-from udrv.dma.sg import SgList, segment
 from udrv.errors import DmaError
 
 HUGEPAGE = 2 << 20
@@ -34,6 +36,7 @@ NR_HUGEPAGES = HUGEPAGES_2M / "nr_hugepages"
 PAGEMAP = "/proc/self/pagemap"
 PFN_MASK = (1 << 55) - 1  # pagemap.rst: bits 0-54 page frame number
 PAGE_PRESENT = 1 << 63  # pagemap.rst: bit 63 page present
+IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,13 @@ def reserve_hugepages(n: int, pool: Path | None = None) -> int:
         ) from None
 
 
-def virt_to_phys(vaddr: int, pagemap: str = PAGEMAP) -> int:
+def virt_to_phys(vaddr: int, pagemap: str | None = None) -> int:
     """The physical address of a (resident) virtual address of this process.
 
     Raises:
         DmaError: the page is not resident, or pagemap hides frame numbers (not root).
     """
+    pagemap = pagemap or PAGEMAP
     page = os.sysconf("SC_PAGE_SIZE")
     try:
         with open(pagemap, "rb") as f:
@@ -105,28 +109,108 @@ def virt_to_phys(vaddr: int, pagemap: str = PAGEMAP) -> int:
     return pfn * page + vaddr % page
 
 
-class HugepageDma:
-    """The DMA API under UIO: physical addresses of hugepage memory."""
+def _libc_mlock(vaddr: int, length: int) -> None:
+    if _libc.mlock(ctypes.c_void_p(vaddr), ctypes.c_size_t(length)) != 0:
+        err = ctypes.get_errno()
+        raise DmaError(
+            f"mlock of {length:#x} bytes at {vaddr:#x} failed (pinned memory counts against "
+            "RLIMIT_MEMLOCK: raise `ulimit -l` or run as root)",
+            errno=err,
+        )
 
-    def __init__(self, dev: Device, *, mask_bits: int = 64) -> None:
-        self.dev, self.limit, self.mask_bits = dev, 1 << mask_bits, mask_bits
+
+def _libc_munlock(vaddr: int, length: int) -> None:
+    _libc.munlock(ctypes.c_void_p(vaddr), ctypes.c_size_t(length))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+#: Pin and unpin process memory (mlock(2)); tests replace them.
+mlock = _libc_mlock
+munlock = _libc_munlock
+
+
+def iommu_group_type(group: int | None, root: Path | None = None) -> str | None:
+    """The kernel's IOMMU domain type of ``group`` (``/sys/kernel/iommu_groups/N/type``:
+    ``identity``, ``DMA``, ``DMA-FQ``, ``blocked``, ``unmanaged``), None without a group or
+    without the file (no IOMMU, or a kernel before 5.11)."""
+    if group is None:
+        return None
+    path = (root or IOMMU_GROUPS) / str(group) / "type"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DmaError(f"cannot read the IOMMU group type from {path}", errno=exc.errno) from None
+
+
+def check_physical_dma(address: str, group: int | None, root: Path | None = None) -> None:
+    """Refuse DMA with physical addresses when an IOMMU translates the device's accesses.
+
+    With the group's domain ``identity`` (``iommu=pt``, or no IOMMU at all) a device address
+    is a physical address; with a translating domain (``DMA``, AMD IOMMU or ``intel_iommu=on``
+    without ``iommu=pt``) every physical address the device is given faults in the IOMMU
+    (Documentation/ABI/testing/sysfs-kernel-iommu_groups, "type").
+
+    Raises:
+        DmaError: the domain translates; the message says to use VFIO or boot with iommu=pt.
+    """
+    kind = iommu_group_type(group, root)
+    if kind is not None and kind != "identity":
+        path = (root or IOMMU_GROUPS) / str(group) / "type"
+        raise DmaError(
+            f"{address}: UIO DMA hands the device physical addresses, but its IOMMU group "
+            f"{group} translates them ({path} is {kind!r}, not 'identity'), so every DMA "
+            f"would fault. Use VFIO (`udrv bind {address}`, then backend='vfio'), or boot with "
+            "iommu=pt to let devices use physical addresses"
+        )
+
+
+class HugepageDma(Dma):
+    """``dev.dma`` of a UIO device: physical addresses of pinned memory.
+
+    Args:
+        device: the device.
+        iommu_group: its IOMMU group (None: no IOMMU); DMA is refused unless the group's
+            domain is ``identity`` (see :func:`check_physical_dma`).
+        groups_root: ``/sys/kernel/iommu_groups`` (tests use a fake tree).
+
+    Raises:
+        DmaError: the IOMMU translates the device's addresses.
+    """
+
+    def __init__(
+        self, device: Device, iommu_group: int | None = None, groups_root: Path | None = None
+    ) -> None:
+        check_physical_dma(device.address, iommu_group, groups_root)
+        super().__init__(device)
         self._live: list[Mapping] = []
-        dev.on_close(self.close)
+        self._lock = threading.Lock()
 
     def _check(self, phys: int, length: int) -> None:
         if phys + length > self.limit:
             raise DmaError(
-                f"{self.dev.address}: physical address {phys:#x} is beyond the device's "
-                f"{self.limit.bit_length() - 1}-bit DMA mask; use VFIO, which maps an IOVA "
-                "below the mask"
+                f"{self.device.address}: physical address {phys:#x} is beyond the device's "
+                f"{self.mask_bits}-bit DMA mask; use VFIO, which maps an IOVA below the mask"
             )
+
+    def _track(self, m: Mapping) -> None:
+        with self._lock:
+            self._live.append(m)
+
+    def _forget(self, m: Mapping) -> None:
+        with self._lock:
+            if m in self._live:
+                self._live.remove(m)
 
     def alloc(self, size: int, direction: Direction = Direction.BIDIRECTIONAL) -> DmaBuffer:
         """Consistent memory from one hugepage (at most 2 MiB: physically contiguous)."""
         if not 0 < size <= HUGEPAGE:
             raise DmaError(
-                f"under UIO a DMA buffer is one 2 MiB hugepage at most, not {size} bytes"
+                f"{self.device.address}: under UIO a DMA buffer is one 2 MiB hugepage at "
+                f"most, not {size} bytes"
             )
+        self._fix_mask()
         try:
             mem = mmap.mmap(
                 -1, HUGEPAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB | MAP_POPULATE
@@ -145,35 +229,42 @@ class HugepageDma:
         except BaseException:
             mem.close()
             raise
-        buf = DmaBuffer(mem, size, phys, lambda: None)
-        self._live.append(buf)
+        holder: list[Mapping] = []
+        buf = DmaBuffer(mem, size, phys, lambda: self._forget(holder[0]))
+        holder.append(buf)
+        self._track(buf)
         return buf
 
-    def map(self, buffer: Any, direction: Direction = Direction.BIDIRECTIONAL) -> Mapping:
-        """Streaming mapping of memory that is physically contiguous (e.g. in a hugepage)."""
-        sg = self.map_sg([buffer], direction, max_segment=1 << 62, boundary=1 << 62)
-        if len(sg) != 1:
+    def _pin(self, buffer: Any, direction: Direction) -> Mapping:
+        """Pin every page of ``buffer`` and find its physically contiguous runs."""
+        arr = np.frombuffer(buffer, dtype=np.uint8)
+        addr = self.device.address
+        if len(arr) == 0:
+            raise DmaError(f"{addr}: cannot map an empty buffer for DMA")
+        if Direction.FROM_DEVICE in direction and not arr.flags.writeable:
             raise DmaError(
-                "the buffer is not physically contiguous; use map_sg() or a hugepage buffer"
+                f"{addr}: the device would write into a read-only buffer; pass a writable one "
+                "or Direction.TO_DEVICE"
             )
-        iova, length = sg.segments[0]
-        return Mapping(iova, length, lambda: None)
-
-    def map_sg(
-        self,
-        buffers: Any,
-        direction: Direction = Direction.BIDIRECTIONAL,
-        *,
-        max_segment: int = 1 << 32,
-        boundary: int = 1 << 32,
-    ) -> SgList:
-        page = os.sysconf("SC_PAGE_SIZE")
-        spans: list[tuple[int, int]] = []
-        maps: list[Mapping] = []
-        for b in buffers:
-            arr = np.frombuffer(b, dtype=np.uint8)
-            va, end = arr.ctypes.data, arr.ctypes.data + len(arr)
-            arr[::page].copy()  # touch every page so it is resident
+        self._fix_mask()
+        page = mmap.PAGESIZE
+        va, end = arr.ctypes.data, arr.ctypes.data + len(arr)
+        first_page = va & ~(page - 1)
+        span = ((end + page - 1) & ~(page - 1)) - first_page
+        # Give every page its own frame before taking its address: a page never written may
+        # be the shared zero page (a device write would land in memory every process reads)
+        # and a copy-on-write page moves on the next store. Writing each page's first byte
+        # back to itself breaks both (the buffer's own first and last pages included); mlock
+        # then keeps the frames resident (never swapped out) while the device owns them.
+        # mlock does not forbid migration by compaction (sysctl vm.compact_unevictable_allowed
+        # decides): memory from alloc() (a hugepage) is the safe choice for long-lived DMA.
+        if arr.flags.writeable:
+            for p in range(first_page, end, page):
+                i = max(p, va) - va
+                arr[i] = arr[i]
+        mlock(first_page, span)
+        try:
+            spans: list[tuple[int, int]] = []
             while va < end:
                 n = min(end, (va // page + 1) * page) - va
                 phys = virt_to_phys(va)
@@ -183,10 +274,44 @@ class HugepageDma:
                 else:
                     spans.append((phys, n))
                 va += n
-            maps.append(Mapping(spans[-1][0], len(arr), lambda: None))
-        return SgList(maps, segment(spans, max_segment, boundary))
+        except BaseException:
+            munlock(first_page, span)
+            raise
+        holder: list[Mapping] = []
 
-    def close(self) -> None:
-        for m in self._live:
+        def release() -> None:
+            munlock(first_page, span)
+            self._forget(holder[0])
+
+        m = Mapping(spans[0][0], len(arr), release, segments=spans, owner=buffer)
+        holder.append(m)
+        self._track(m)
+        return m
+
+    def map(self, buffer: Any, direction: Direction = Direction.BIDIRECTIONAL) -> Mapping:
+        """Streaming mapping of memory that is physically contiguous (e.g. in a hugepage);
+        its pages are pinned (mlock) until :meth:`Mapping.unmap`.
+
+        Raises:
+            DmaError: the buffer spans physically discontiguous pages (use :meth:`map_sg`,
+                which returns one segment per contiguous run), or beyond the mask.
+        """
+        m = self._pin(buffer, direction)
+        if len(m.segments) != 1:
+            m.unmap()
+            raise DmaError(
+                f"{self.device.address}: the buffer is not physically contiguous (it spans "
+                f"{len(m.segments)} separate runs of pages); use map_sg(), or a buffer from "
+                "dev.dma.alloc() (one hugepage)"
+            )
+        return m
+
+    def _map_for_sg(self, buffer: Any, direction: Direction) -> Mapping:
+        return self._pin(buffer, direction)
+
+    def _release_all(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for m in reversed(live):
             with contextlib.suppress(Exception):
-                m.unmap()
+                m.close()

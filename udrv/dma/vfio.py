@@ -1,48 +1,67 @@
-"""DMA through the IOMMU (VFIO type1): IOVAs from our allocator, pinned by VFIO_IOMMU_MAP_DMA."""
+"""``dev.dma`` of a VFIO device: IOVAs from the container's allocator, memory pinned and
+mapped by VFIO_IOMMU_MAP_DMA.
+
+All devices opened in one process share one container (see :mod:`udrv.backends.vfio`), so
+an IOVA handed out here is valid for every one of them: a buffer allocated through one
+device's ``dma`` can be given to another device of the process (a NIC forwarding into a
+second NIC's ring, two functions of one card sharing a buffer). Each device's own mask
+still holds for what is allocated through it. A mapping lives until it is unmapped or the
+device it was made through closes.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import mmap
-import threading
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from udrv.backends.vfio import VfioDevice
+from udrv.core.device import Device
+from udrv.core.dma import Dma
 from udrv.dma.buffer import Direction, DmaBuffer, Mapping
-from udrv.dma.iova import PAGE, IovaAllocator
-from udrv.dma.sg import SgList, segment
+from udrv.dma.iommu import IommuContext
 from udrv.errors import DmaError, VfioError
 
 
-class VfioDma:
-    """The DMA API of one VFIO device (one container)."""
+class VfioDma(Dma):
+    """The DMA API of one VFIO device, allocating from its container.
 
-    def __init__(self, dev: VfioDevice, *, mask_bits: int = 64) -> None:
-        self.dev, self.mask_bits = dev, mask_bits
-        info = dev.container.refresh_info()
-        self.iova = IovaAllocator(info.iova_ranges or None, mask_bits=mask_bits)
-        # DMA_AVAIL is what is left when we start; each of our mappings uses one entry.
-        self.avail = info.dma_avail  # None: the kernel does not say
-        self._live: dict[int, Mapping] = {}
-        self._lock = threading.Lock()
-        dev.on_close(self.close)
+    Args:
+        device: the device (for messages and its mask).
+        iommu: the container the device's group is attached to.
+    """
 
-    def _map(self, vaddr: int, length: int, direction: Direction) -> tuple[int, int]:
-        """Map the pages spanning [vaddr, vaddr+length); returns (iova of vaddr, page iova)."""
-        page_va = vaddr & ~(PAGE - 1)
-        span = ((vaddr + length + PAGE - 1) & ~(PAGE - 1)) - page_va
-        with self._lock:
-            if self.avail is not None and len(self._live) >= self.avail:
+    def __init__(self, device: Device, iommu: IommuContext) -> None:
+        super().__init__(device)
+        self.iommu = iommu
+        self._live: dict[int, Mapping] = {}  # keyed by base IOVA; under iommu.lock
+
+    @property
+    def page_size(self) -> int:
+        """The IOMMU's smallest page: mappings are whole multiples of it."""
+        return self.iommu.iova.page
+
+    def _map(self, vaddr: int, length: int, direction: Direction) -> tuple[int, int, int]:
+        """Map the IOMMU pages spanning [vaddr, vaddr+length).
+
+        Returns:
+            (iova of ``vaddr``, base iova, span mapped).
+        """
+        ctx = self.iommu
+        page = self.page_size
+        page_va = vaddr & ~(page - 1)
+        span = ((vaddr + length + page - 1) & ~(page - 1)) - page_va
+        with ctx.lock:
+            mask = self._fix_mask()
+            if ctx.avail is not None and ctx.mappings >= ctx.avail:
                 raise DmaError(
-                    f"{self.dev.address}: the IOMMU allows {self.avail} DMA mappings "
+                    f"{self.device.address}: the IOMMU allows {ctx.avail} DMA mappings "
                     "(vfio_iommu_type1 dma_entry_limit) and all are in use; unmap some"
                 )
-            base = self.iova.alloc(span)
+            base = ctx.iova.alloc(span, mask_bits=mask)
             try:
-                self.dev.container.map_dma(
+                ctx.map_dma(
                     page_va,
                     base,
                     span,
@@ -50,90 +69,86 @@ class VfioDma:
                     writable=Direction.FROM_DEVICE in direction,
                 )
             except VfioError as exc:
-                self.iova.free_range(base)
+                ctx.iova.free_range(base)
                 hint = (
                     " (raise `ulimit -l`: pinned memory counts against RLIMIT_MEMLOCK)"
-                    if exc.errno == 12
+                    if exc.errno == errno.ENOMEM
                     else ""
                 )
                 raise DmaError(
-                    f"{self.dev.address}: mapping {span:#x} bytes for DMA failed{hint}",
+                    f"{self.device.address}: mapping {span:#x} bytes for DMA failed{hint}",
                     errno=exc.errno,
                 ) from None
-        return base + (vaddr - page_va), base
+            ctx.mappings += 1
+        return base + (vaddr - page_va), base, span
 
-    def _unmapper(self, base: int, span: int, key: int) -> Callable[[], None]:
+    def _register(self, base: int, m: Mapping) -> None:
+        with self.iommu.lock:
+            self._live[base] = m
+
+    def _unmapper(self, base: int, span: int) -> Any:
         def release() -> None:
-            with self._lock:
-                self._live.pop(key, None)
-                if self.dev.container.fd >= 0:
-                    self.dev.container.unmap_dma(base, span)
-                self.iova.free_range(base)
+            ctx = self.iommu
+            with ctx.lock:
+                self._live.pop(base, None)
+                if ctx.is_open:
+                    ctx.unmap_dma(base, span)
+                ctx.iova.free_range(base)
+                ctx.mappings -= 1
 
         return release
 
     def alloc(self, size: int, direction: Direction = Direction.BIDIRECTIONAL) -> DmaBuffer:
-        """A consistent buffer of ``size`` bytes (zeroed), mapped for the device.
-
-        Raises:
-            DmaError: out of IOVA space, over the mapping limit, or over RLIMIT_MEMLOCK.
-        """
         if size <= 0:
-            raise DmaError(f"DMA buffer size must be positive, not {size}")
-        span = (size + PAGE - 1) & ~(PAGE - 1)
-        mem = mmap.mmap(-1, span, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            raise DmaError(f"{self.device.address}: DMA buffer size must be positive, not {size}")
+        page = self.page_size
+        span = (size + page - 1) & ~(page - 1)
+        # mmap aligns to the CPU's page; when the IOMMU's is larger, over-allocate and start
+        # the buffer at the first IOMMU page boundary.
+        extra = page - mmap.PAGESIZE if page > mmap.PAGESIZE else 0
+        mem = mmap.mmap(-1, span + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         vaddr = np.frombuffer(mem, dtype=np.uint8).ctypes.data
+        offset = -vaddr % page
         try:
-            iova, base = self._map(vaddr, span, direction)
+            iova, base, mapped = self._map(vaddr + offset, span, direction)
         except BaseException:
             mem.close()
             raise
-        buf = DmaBuffer(mem, size, iova, self._unmapper(base, span, iova))
-        self._live[iova] = buf
+        buf = DmaBuffer(mem, size, iova, self._unmapper(base, mapped), offset=offset)
+        self._register(base, buf)
         return buf
 
     def map(self, buffer: Any, direction: Direction = Direction.BIDIRECTIONAL) -> Mapping:
         """Map existing memory (bytearray, numpy array, mmap...) for streaming DMA.
 
-        The whole pages around the buffer become visible to the device: keep secrets out of
-        them. Keep ``buffer`` alive until :meth:`Mapping.unmap`.
+        The whole IOMMU pages around the buffer become visible to the device: keep secrets
+        out of them. Keep ``buffer`` alive until :meth:`Mapping.unmap` (the mapping holds a
+        reference meanwhile).
         """
         arr = np.frombuffer(buffer, dtype=np.uint8)
         if len(arr) == 0:
-            raise DmaError("cannot map an empty buffer for DMA")
+            raise DmaError(f"{self.device.address}: cannot map an empty buffer for DMA")
         if Direction.FROM_DEVICE in direction and not arr.flags.writeable:
             raise DmaError(
-                "the device would write into a read-only buffer; pass a writable one "
-                "or Direction.TO_DEVICE"
+                f"{self.device.address}: the device would write into a read-only buffer; "
+                "pass a writable one or Direction.TO_DEVICE"
             )
-        vaddr = arr.ctypes.data
-        page_va = vaddr & ~(PAGE - 1)
-        span = ((vaddr + len(arr) + PAGE - 1) & ~(PAGE - 1)) - page_va
-        iova, base = self._map(vaddr, len(arr), direction)
-        m = Mapping(iova, len(arr), self._unmapper(base, span, iova))
-        m.owner = buffer  # type: ignore[attr-defined] # keep the memory alive while mapped
-        self._live[iova] = m
+        iova, base, span = self._map(arr.ctypes.data, len(arr), direction)
+        m = Mapping(iova, len(arr), self._unmapper(base, span), owner=buffer)
+        self._register(base, m)
         return m
 
-    def map_sg(
-        self,
-        buffers: Iterable[Any],
-        direction: Direction = Direction.BIDIRECTIONAL,
-        *,
-        max_segment: int = 1 << 32,
-        boundary: int = 1 << 32,
-    ) -> SgList:
-        """Map several buffers; returns their (iova, length) segments, each at most
-        ``max_segment`` long and none crossing a ``boundary``-aligned address."""
-        maps = [self.map(b, direction) for b in buffers]
-        return SgList(maps, segment([(m.iova, m.length) for m in maps], max_segment, boundary))
-
-    def close(self) -> None:
-        """Unmap everything still mapped (the device closes: nothing may DMA any more)."""
-        for m in list(self._live.values()):
-            with contextlib.suppress(Exception):
-                m.unmap()
-
-
-def mapped_segments(maps: Sequence[Mapping]) -> list[tuple[int, int]]:
-    return [(m.iova, m.length) for m in maps]
+    def _release_all(self) -> None:
+        with self.iommu.lock:
+            live = list(self._live.values())
+        errors = []
+        for m in reversed(live):
+            try:
+                m.close()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise DmaError(
+                f"{self.device.address}: {len(errors)} DMA mapping(s) could not be undone: "
+                f"{errors[0]}"
+            )

@@ -1,4 +1,4 @@
-"""DMA for a vfio-user device: memory the server reaches through DMA_MAP.
+"""``dev.dma`` of a vfio-user device: memory the server reaches through DMA_MAP.
 
 :meth:`VfioUserDma.alloc` backs a buffer with a memfd and hands the fd over, so the server
 mmaps the very same pages (zero copy, like an IOMMU mapping). :meth:`VfioUserDma.map` maps
@@ -13,44 +13,50 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from udrv.core.dma import Dma
 from udrv.dma.buffer import Direction, DmaBuffer, Mapping
 from udrv.dma.iova import PAGE, IovaAllocator
-from udrv.dma.sg import SgList, segment
 from udrv.errors import DmaError, VfioUserError
 
 if TYPE_CHECKING:
-    from udrv.backends.vfio_user import VfioUserDevice
+    from udrv.core.device import Device
+    from udrv.vfio_user.client import Client
 
 
-class VfioUserDma:
-    """The DMA API of one vfio-user device: ``alloc``, ``map``, ``map_sg``."""
+class VfioUserDma(Dma):
+    """The DMA API of one vfio-user device.
 
-    def __init__(self, dev: VfioUserDevice, *, mask_bits: int = 64) -> None:
-        self.dev, self.mask_bits = dev, mask_bits
-        self.iova = IovaAllocator(None, mask_bits=mask_bits)
+    Args:
+        device: the device (for messages and its mask).
+        client: its connection to the server.
+    """
+
+    def __init__(self, device: Device, client: Client) -> None:
+        super().__init__(device)
+        self.client = client
+        self.iova = IovaAllocator()
         self._live: dict[int, Mapping] = {}
         self._lock = threading.Lock()
-        dev.on_close(self.close)
+
+    def _new_iova(self, span: int) -> int:
+        with self._lock:
+            return self.iova.alloc(span, mask_bits=self._fix_mask())
 
     def _release(self, iova: int, size: int) -> Callable[[], None]:
         def release() -> None:
             with self._lock:
                 self._live.pop(iova, None)
                 self.iova.free_range(iova)
-            if self.dev.client.connected:
+            if self.client.connected:
                 with contextlib.suppress(VfioUserError):
-                    self.dev.client.dma_unmap(iova, size)
+                    self.client.dma_unmap(iova, size)
 
         return release
-
-    def _new_iova(self, span: int) -> int:
-        with self._lock:
-            return self.iova.alloc(span)
 
     def alloc(self, size: int, direction: Direction = Direction.BIDIRECTIONAL) -> DmaBuffer:
         """A zeroed buffer of ``size`` bytes in a memfd the server maps.
@@ -61,28 +67,31 @@ class VfioUserDma:
         if size <= 0:
             raise DmaError(f"DMA buffer size must be positive, not {size}")
         span = (size + PAGE - 1) & ~(PAGE - 1)
+        iova = self._new_iova(span)
         fd = os.memfd_create("udrv-dma", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, span)
             mem = mmap.mmap(fd, span, mmap.MAP_SHARED)
-            iova = self._new_iova(span)
             try:
-                self.dev.client.dma_map(
+                self.client.dma_map(
                     iova, span, fd=fd,
                     readable=Direction.TO_DEVICE in direction,
                     writable=Direction.FROM_DEVICE in direction,
                 )  # fmt: skip
             except VfioUserError as exc:
                 mem.close()
-                with self._lock:
-                    self.iova.free_range(iova)
                 raise DmaError(
-                    f"{self.dev.address}: DMA_MAP of {span:#x} bytes refused: {exc}"
+                    f"{self.device.address}: DMA_MAP of {span:#x} bytes refused: {exc}"
                 ) from None
+        except BaseException:
+            with self._lock:
+                self.iova.free_range(iova)
+            raise
         finally:
             os.close(fd)  # the server holds its own copy; the mmap keeps ours alive
         buf = DmaBuffer(mem, size, iova, self._release(iova, span))
-        self._live[iova] = buf
+        with self._lock:
+            self._live[iova] = buf
         return buf
 
     def map(self, buffer: Any, direction: Direction = Direction.BIDIRECTIONAL) -> Mapping:
@@ -91,7 +100,7 @@ class VfioUserDma:
         :meth:`Mapping.unmap`.
 
         Raises:
-            DmaError: empty or read-only where the device must write, or refused.
+            DmaError: empty, read-only where the device must write, or refused.
         """
         arr = np.frombuffer(buffer, dtype=np.uint8)
         if len(arr) == 0:
@@ -104,7 +113,7 @@ class VfioUserDma:
             )
         iova = self._new_iova(len(arr))
         try:
-            self.dev.client.dma_map(
+            self.client.dma_map(
                 iova, len(arr), memory=memoryview(arr.data),
                 readable=Direction.TO_DEVICE in direction, writable=writable,
             )  # fmt: skip
@@ -112,27 +121,18 @@ class VfioUserDma:
             with self._lock:
                 self.iova.free_range(iova)
             raise DmaError(
-                f"{self.dev.address}: DMA_MAP of {len(arr)} bytes refused: {exc}"
+                f"{self.device.address}: DMA_MAP of {len(arr)} bytes refused: {exc}"
             ) from None
-        m = Mapping(iova, len(arr), self._release(iova, len(arr)))
-        m.owner = buffer  # type: ignore[attr-defined]
-        self._live[iova] = m
+        m = Mapping(iova, len(arr), self._release(iova, len(arr)), owner=buffer)
+        with self._lock:
+            self._live[iova] = m
         return m
 
-    def map_sg(
-        self,
-        buffers: Iterable[Any],
-        direction: Direction = Direction.BIDIRECTIONAL,
-        *,
-        max_segment: int = 1 << 32,
-        boundary: int = 1 << 32,
-    ) -> SgList:
-        """Map several buffers; their (iova, length) segments within the limits."""
-        maps = [self.map(b, direction) for b in buffers]
-        return SgList(maps, segment([(m.iova, m.length) for m in maps], max_segment, boundary))
-
-    def close(self) -> None:
-        """Unmap everything still mapped."""
-        for m in list(self._live.values()):
-            with contextlib.suppress(Exception):
+    def _release_all(self) -> None:
+        with self._lock:
+            live = list(self._live.values())
+        for m in live:
+            if isinstance(m, DmaBuffer):
+                m.close()
+            else:
                 m.unmap()

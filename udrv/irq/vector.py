@@ -8,7 +8,6 @@ offers ``wait(timeout)`` (blocking), ``fileno()`` (select/epoll), ``await wait_a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import select
@@ -44,6 +43,8 @@ class Vector:
         self._read_count, self._rearm = read_count, rearm
         self._handler: threading.Thread | None = None
         self._stop_fd = -1
+        self._stopping = threading.Event()
+        self._handoff = _Handoff()
         self._async_waiting = False
         self._poller: select.poll | None = None
         self.handler_error: BaseException | None = None
@@ -150,7 +151,7 @@ class Vector:
 
         The handler must acknowledge the device; with ``rearm`` the vector is re-armed after
         it returns. An exception in the handler stops the thread and is re-raised by
-        :meth:`stop_handler`.
+        :meth:`stop_handler` (and so by :meth:`close` and ``dev.irq.disable()``).
 
         Raises:
             IrqError: the vector is disabled or already has a handler.
@@ -158,25 +159,33 @@ class Vector:
         self._check_open()
         if self._handler is not None:
             raise IrqError(f"{self.name} already has a handler thread; stop_handler() first")
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self.handler_error = None
-        stop_fd = self._stop_fd
+        # The thread owns a duplicate of the vector's fd: if a stuck handler outlives
+        # stop_handler()'s timeout and the owner closes the vector's fd, the thread never
+        # selects on a number the process may have reused for another file meanwhile. The
+        # stop fd belongs to this object until a timeout hands it over to the thread.
+        own_fd = os.dup(self.fd)
+        stop_fd = self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        stopping = self._stopping = threading.Event()
+        handoff = self._handoff = _Handoff()
 
         def loop() -> None:
-            while True:
-                r, _, _ = select.select([self.fd, stop_fd], [], [])
-                if stop_fd in r:
-                    return
-                try:
-                    n = self._read_count(self.fd)
+            try:
+                while not stopping.is_set():
+                    r, _, _ = select.select([own_fd, stop_fd], [], [])
+                    if stop_fd in r or stopping.is_set():
+                        return
+                    n = self._read_count(own_fd)
                     if not n:
                         continue
                     handler(n)
-                    if rearm:
+                    if rearm and not stopping.is_set():
                         self.rearm()
-                except BaseException as exc:
-                    self.handler_error = exc
-                    return
+            except BaseException as exc:
+                self.handler_error = exc
+            finally:
+                os.close(own_fd)
+                handoff.thread_done(stop_fd)
 
         self._handler = threading.Thread(target=loop, name=f"irq {self.name}", daemon=True)
         self._handler.start()
@@ -190,29 +199,37 @@ class Vector:
 
         Raises:
             IrqError: the handler raised (the original exception is chained), or the thread
-                did not end within ``timeout`` (the handler is stuck).
+                did not end within ``timeout`` (the handler is stuck; it ends, without
+                touching the vector again, when the handler returns).
         """
         if self._handler is None:
             return
+        thread, self._handler = self._handler, None
+        self._stopping.set()
         os.eventfd_write(self._stop_fd, 1)
-        self._handler.join(timeout)
-        alive = self._handler.is_alive()
-        self._handler = None
-        if alive:
-            # The handler is stuck; leave the stop fd open for it (closing it could let a
-            # new fd reuse the number under the thread's select).
-            raise IrqError(f"the handler thread of {self.name} did not stop within {timeout} s")
-        os.close(self._stop_fd)
+        thread.join(timeout)
+        if not self._handoff.owner_done(self._stop_fd):
+            self._stop_fd = -1
+            raise IrqError(
+                f"the handler thread of {self.name} did not stop within {timeout} s "
+                "(the handler is stuck; the thread ends without touching the vector again "
+                "when it returns)"
+            )
         self._stop_fd = -1
         if self.handler_error is not None:
             err, self.handler_error = self.handler_error, None
             raise IrqError(f"interrupt handler of {self.name} failed: {err!r}") from err
 
     def close(self) -> None:
-        """Stop the handler thread; the owner (VFIO/UIO layer) closes the fd afterwards."""
-        with contextlib.suppress(IrqError):
-            self.stop_handler()
+        """Stop the handler thread and mark the vector disabled; the owner (the backend's
+        interrupts) closes the fd afterwards.
+
+        Raises:
+            IrqError: the handler thread had failed or did not stop (see
+                :meth:`stop_handler`); the vector is disabled all the same.
+        """
         self.closed = True
+        self.stop_handler()
 
     def __repr__(self) -> str:
         state = " disabled" if self.closed else ""
@@ -225,3 +242,26 @@ def eventfd_count(fd: int) -> int:
         return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
+
+
+class _Handoff:
+    """Who closes a handler thread's stop fd: the owner once the thread ended, or the
+    thread itself when the owner gave up waiting for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread_ended = self._owner_left = False
+
+    def thread_done(self, stop_fd: int) -> None:
+        with self._lock:
+            self._thread_ended = True
+            if self._owner_left:
+                os.close(stop_fd)
+
+    def owner_done(self, stop_fd: int) -> bool:
+        """Close ``stop_fd`` if the thread ended (True), else leave it to the thread."""
+        with self._lock:
+            self._owner_left = True
+            if self._thread_ended:
+                os.close(stop_fd)
+            return self._thread_ended

@@ -15,13 +15,17 @@ import errno
 import os
 from dataclasses import dataclass
 
-from udrv.backends.vfio import VfioDevice
+from udrv.core.device import Device
+from udrv.core.interrupts import KINDS as KIND_NAMES
+from udrv.core.interrupts import Interrupts
 from udrv.errors import IrqError
 from udrv.irq.vector import Vector, eventfd_count
 from udrv.kernel import vfio as V
 from udrv.kernel.ioctl import ioctl
 
+#: VFIO's irq index of each kind (include/uapi/linux/vfio.h, VFIO_PCI_*_IRQ_INDEX).
 KINDS = {"intx": V.VfioPciIrq.INTX, "msi": V.VfioPciIrq.MSI, "msix": V.VfioPciIrq.MSIX}
+assert tuple(KINDS) == KIND_NAMES
 
 
 @dataclass(frozen=True)
@@ -36,16 +40,17 @@ class IrqInfo:
     noresize: bool
 
 
-def irq_info(dev: VfioDevice, kind: str) -> IrqInfo:
-    """VFIO_DEVICE_GET_IRQ_INFO for ``kind`` ("intx", "msi", "msix")."""
+def irq_info(device_fd: int, address: str, kind: str) -> IrqInfo:
+    """VFIO_DEVICE_GET_IRQ_INFO for ``kind`` ("intx", "msi", "msix") of the device open as
+    ``device_fd``."""
     if kind not in KINDS:
         raise IrqError(f"unknown interrupt kind {kind!r}; use intx, msi or msix")
     info = V.vfio_irq_info(argsz=ctypes.sizeof(V.vfio_irq_info), index=KINDS[kind])
     ioctl(
-        dev.device_fd,
+        device_fd,
         V.VFIO_DEVICE_GET_IRQ_INFO,
         info,
-        what=f"VFIO_DEVICE_GET_IRQ_INFO {kind} of {dev.address}",
+        what=f"VFIO_DEVICE_GET_IRQ_INFO {kind} of {address}",
         error=IrqError,
     )
     f = int(info.flags)
@@ -59,72 +64,78 @@ def irq_info(dev: VfioDevice, kind: str) -> IrqInfo:
     )
 
 
-def counts(dev: VfioDevice) -> dict[str, int]:
-    """Vectors the device offers per kind (0: not offered)."""
-    return {k: irq_info(dev, k).count for k in KINDS}
+class VfioInterrupts(Interrupts):
+    """``dev.irq`` of a VFIO device: one eventfd per vector; ``disable()`` restores the
+    device (vfio-pci clears MSI/MSI-X Enable, INTx is masked again).
 
+    Args:
+        device: the VFIO device.
+        device_fd: its VFIO device fd (valid until the device closes, which disables first).
+    """
 
-class VfioIrqs:
-    """The enabled vectors of one kind on one device; ``disable()`` restores the device."""
+    def __init__(self, device: Device, device_fd: int) -> None:
+        super().__init__(device)
+        self.device_fd = device_fd
+        self.index = -1
+        self.fds: list[int] = []
 
-    def __init__(self, dev: VfioDevice, kind: str, count: int) -> None:
-        offered = irq_info(dev, kind).count
-        if count < 1 or count > offered:
-            raise IrqError(
-                f"{dev.address} offers {offered} {kind.upper()} vector(s); cannot enable {count}"
-            )
-        self.dev, self.kind, self.index = dev, kind, KINDS[kind]
+    def info(self, kind: str) -> IrqInfo:
+        """What VFIO says about ``kind`` (count, maskable, automasked...)."""
+        return irq_info(self.device_fd, self.device.address, kind)
+
+    def available(self) -> dict[str, int]:
+        return {k: self.info(k).count for k in KINDS}
+
+    def _enable(self, kind: str, count: int) -> list[Vector]:
+        addr = self.device.address
+        self.index = KINDS[kind]
         self.fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         try:
-            self._set(V.VFIO_IRQ_SET_DATA_EVENTFD | V.VFIO_IRQ_SET_ACTION_TRIGGER, self.fds)
+            self._set(kind, V.VFIO_IRQ_SET_DATA_EVENTFD | V.VFIO_IRQ_SET_ACTION_TRIGGER, self.fds)
         except IrqError as exc:
             for fd in self.fds:
                 os.close(fd)
+            self.fds = []
             if exc.errno == errno.EINVAL:
                 raise IrqError(
-                    f"{dev.address}: VFIO refused to enable {count} {kind.upper()} vector(s) "
-                    "(another interrupt kind is still enabled? disable it first)",
+                    f"{addr}: VFIO refused to enable {count} {kind.upper()} vector(s) "
+                    "(is it enabled by another user of the device?)",
+                    errno=exc.errno,
+                ) from None
+            if exc.errno == errno.EBUSY and kind == "intx":
+                raise IrqError(
+                    f"{addr}: its INTx line is shared with another device and it has no PCI "
+                    "2.3 INTx masking, so vfio-pci cannot give it to user space; use MSI or "
+                    "poll the device",
                     errno=exc.errno,
                 ) from None
             raise
-        rearm = self._unmask if kind == "intx" else None
-        self.vectors = [
-            Vector(
-                fd,
-                name=f"{kind.upper()} {i} of {dev.address}",
-                read_count=eventfd_count,
-                rearm=rearm,
-            )
+        rearm = self._unmask_intx if kind == "intx" else None
+        return [
+            Vector(fd, name=f"{kind.upper()} {i} of {addr}", read_count=eventfd_count, rearm=rearm)
             for i, fd in enumerate(self.fds)
         ]
-        self.enabled = True
-        dev.on_close(self.disable)
 
-    def _set(self, flags: int, fds: list[int] | None = None, count: int | None = None) -> None:
-        arg = V.irq_set(self.index, flags, 0, fds, count)
+    def _set(
+        self, kind: str, flags: int, fds: list[int] | None = None, count: int | None = None
+    ) -> None:
+        arg = V.irq_set(KINDS[kind], flags, 0, fds, count)
         ioctl(
-            self.dev.device_fd,
+            self.device_fd,
             V.VFIO_DEVICE_SET_IRQS,
             arg,
-            what=f"VFIO_DEVICE_SET_IRQS {self.kind} of {self.dev.address}",
+            what=f"VFIO_DEVICE_SET_IRQS {kind} of {self.device.address}",
             error=IrqError,
         )
 
-    def _unmask(self) -> None:
-        self._set(V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_UNMASK, count=1)
+    def _unmask_intx(self) -> None:
+        self._set("intx", V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_UNMASK, count=1)
 
-    def disable(self) -> None:
-        """Tear the vectors down: the device goes back to no interrupts (MSI/MSI-X Enable
-        cleared by vfio-pci, INTx masked again)."""
-        if not self.enabled:
-            return
-        self.enabled = False
-        for v in self.vectors:
-            v.close()
+    def _disable(self) -> None:
+        kind = next(k for k, i in KINDS.items() if i == self.index)
         try:
-            if self.dev.device_fd >= 0:
-                # DATA_NONE + TRIGGER with count 0 disables the whole index (vfio.h).
-                self._set(V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_TRIGGER, count=0)
+            # DATA_NONE + TRIGGER with count 0 disables the whole index (vfio.h).
+            self._set(kind, V.VFIO_IRQ_SET_DATA_NONE | V.VFIO_IRQ_SET_ACTION_TRIGGER, count=0)
         finally:
             for fd in self.fds:
                 os.close(fd)

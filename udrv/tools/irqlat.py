@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 
 import udrv
-import udrv.irq
 from udrv.drivers.edu import regs as R
 
 Sample = Callable[[int], list[float]]
@@ -35,7 +34,7 @@ def measure(address: str, style: str, kind: str = "msi", rounds: int = 200) -> l
     style: "blocking" (read), "epoll", "asyncio" or "thread" (handler thread).
     """
     with udrv.open(address) as dev:
-        vec = udrv.irq.enable(dev, kind)[0]
+        vec = dev.irq.enable(kind)[0]
         bar = dev.bar(0)
         out: list[float] = []
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 
 from udrv.core.device import Device
 from udrv.drivers.e1000 import regs as R
 from udrv.errors import DriverError
+from udrv.irq import Vector
 
 BUF_SIZE = 2048  # RCTL.BSIZE = 2048
 MAX_FRAME = 1518  # without LPE: 1514 + FCS
@@ -37,8 +37,6 @@ class E1000:
 
     def __init__(self, device: Device, *, rx_ring: int = 256, tx_ring: int = 256,
                  interrupts: str | None = "intx", itr_us: int = 50, promiscuous: bool = False) -> None:  # fmt: skip
-        from udrv import dma as udma
-
         self.dev = device
         vendor, dev_id = device.config.read16(0), device.config.read16(2)
         if vendor != R.VENDOR_ID or dev_id not in R.DEVICE_IDS:
@@ -53,8 +51,9 @@ class E1000:
         self.dropped_tx = 0
         self.dropped_sizes: list[int] = []  # the last few, for the log
         self.tx_resets = 0
-        self.dma = udma.for_device(device)
+        self.dma = device.dma
         self.reset()
+        device.set_bus_master()  # the rings are DMA: undone by close()
         self.mac = self.read_mac()
         # Rings: descriptors first, then the packet buffers, in one DMA buffer each.
         self.nrx, self.ntx = rx_ring, tx_ring
@@ -68,11 +67,9 @@ class E1000:
         self._tx_bufs_mv = memoryview(self.tx_bufs.reshape(-1).data)
         self._init_rx(promiscuous)
         self._init_tx()
-        self.irq: Any = None
+        self.irq: Vector | None = None
         if interrupts:
-            from udrv import irq
-
-            self.irq = irq.enable(device, interrupts)[0]
+            self.irq = device.irq.enable(interrupts)[0]
             self.bar.write32(R.ITR, max(1, itr_us * 1000 // 256))
             self.bar.write32(R.IMS, R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0 | R.ICR_LSC | R.ICR_TXDW)
         self.bar.write32(R.CTRL, self.bar.read32(R.CTRL) | R.CTRL_SLU | R.CTRL_ASDE)
@@ -254,12 +251,18 @@ class E1000:
         return dict(self.stats)
 
     def close(self) -> None:
-        """Stop RX/TX, mask interrupts, release the rings."""
-        if self.dev.closed:
+        """Release what the driver enabled, in reverse order: stop RX/TX and mask the NIC's
+        interrupts, disable the vector, clear bus mastering, free the rings. The device
+        stays open (and can take a new ``E1000``); safe to call twice."""
+        if self.dev.closed or self._rx_mem.closed:
             return
         self.bar.write32(R.RCTL, 0)
         self.bar.write32(R.TCTL, 0)
         self.bar.write32(R.IMC, 0xFFFFFFFF)
+        if self.irq is not None:
+            self.irq = None
+            self.dev.irq.disable()
+        self.dev.set_bus_master(False)  # no DMA into the rings once they are freed
         self._rx_mem.close()
         self._tx_mem.close()
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Any
 
 from udrv.core.device import Device
+from udrv.dma import DmaBuffer
 from udrv.drivers.edu import regs
 from udrv.errors import DriverError, PollTimeout
+from udrv.irq import Vector
 
 
 class EduError(DriverError):
@@ -54,14 +55,22 @@ class Edu:
                 "expected 0xRRrr00ed; is BAR0 mapped?"
             )
         self.version = (ident >> 24, (ident >> 16) & 0xFF)
-        self.irq: Any = None
-        if interrupts:
-            self._setup_interrupts(interrupts)
-        from udrv import dma
-
+        self.irq: Vector | None = None
+        self._staging: DmaBuffer | None = None
+        self._master = False
+        # Bring-up, undone in reverse by close(): bus mastering (DMA and MSI are memory
+        # writes by the device), the DMA staging buffer, the interrupt.
         self.dma_mask_bits = dma_mask_bits
-        self.dma_api = dma.for_device(device, mask_bits=dma_mask_bits)
-        self._staging = self.dma_api.alloc(regs.DMA_BUFFER_SIZE)
+        device.dma.set_mask(dma_mask_bits)
+        device.set_bus_master()
+        self._master = True
+        try:
+            self._staging = device.dma.alloc(regs.DMA_BUFFER_SIZE)
+            if interrupts:
+                self.irq = device.irq.enable(interrupts)[0]
+        except BaseException:
+            self.close()
+            raise
 
     # -- basics ----------------------------------------------------------------------------
 
@@ -100,11 +109,6 @@ class Edu:
 
     # -- interrupts -------------------------------------------------------------------------
 
-    def _setup_interrupts(self, kind: str) -> None:
-        from udrv import irq as udrv_irq
-
-        self.irq = udrv_irq.enable(self.dev, kind, count=1)[0]
-
     def _wait_irq(self, cause: int, what: str) -> None:
         """Wait for the interrupt with ``cause`` and acknowledge it (edu.rst "IRQ controller")."""
         assert self.irq is not None
@@ -127,7 +131,7 @@ class Edu:
         """Copy ``data`` into the device's 4 KiB buffer at ``offset`` by DMA (RAM -> edu)."""
         self._check_span(offset, len(data))
         with self._lock:
-            buf = self._staging
+            buf = self._buffer()
             buf.array[: len(data)] = memoryview(data)
             self._transfer(buf.iova, regs.DMA_BUFFER + offset, len(data), 0)
 
@@ -135,7 +139,7 @@ class Edu:
         """Copy ``length`` bytes out of the device's buffer at ``offset`` by DMA (edu -> RAM)."""
         self._check_span(offset, length)
         with self._lock:
-            buf = self._staging
+            buf = self._buffer()
             self._transfer(regs.DMA_BUFFER + offset, buf.iova, length, regs.DMA_CMD_TO_RAM)
             return bytes(buf.array[:length])
 
@@ -151,6 +155,11 @@ class Edu:
             )
         with self._lock:
             self._transfer(src, dst, length, regs.DMA_CMD_TO_RAM if to_ram else 0)
+
+    def _buffer(self) -> DmaBuffer:
+        if self._staging is None:
+            raise EduError(f"{self.dev.address}: the driver is closed; create a new Edu")
+        return self._staging
 
     def _check_span(self, offset: int, length: int) -> None:
         if length <= 0 or offset < 0 or offset + length > regs.DMA_BUFFER_USABLE:
@@ -178,12 +187,20 @@ class Edu:
         )
 
     def close(self) -> None:
-        staging = self.__dict__.pop("_staging", None)
-        if staging is not None:
-            staging.close()
+        """Release what the driver enabled, in reverse order: the interrupt, bus mastering,
+        the staging buffer. The device stays open (and can take a new ``Edu``); safe to
+        call twice."""
+        if self.dev.closed:
+            return  # closing the device released all of it
         if self.irq is not None:
-            self.irq.close()
             self.irq = None
+            self.dev.irq.disable()
+        if self._master:
+            self._master = False
+            self.dev.set_bus_master(False)  # the device stops before its memory goes
+        if self._staging is not None:
+            staging, self._staging = self._staging, None
+            staging.close()
 
     def __enter__(self) -> Edu:
         return self

@@ -202,7 +202,8 @@ class Nvme(BlockDriver):
             )
         self.bar = device.bar(0)
         self.timeout = timeout
-        self.dma = device.dma()
+        device.set_bus_master()  # queues and data are DMA: undone by close()
+        self.dma = device.dma
         cap = self.bar.read64(R.CAP)
         self.mqes = (cap & R.CAP_MQES_MASK) + 1
         if not 2 <= depth <= self.mqes:
@@ -395,14 +396,22 @@ class Nvme(BlockDriver):
                      timeout=self.timeout)  # fmt: skip
 
     def close(self) -> None:
-        """Shut the controller down cleanly and free the queues."""
-        if self.dev.closed:
+        """Release what the driver enabled, in reverse order: shut the controller down
+        (I/O queues deleted, CC.SHN), disable the MSI-X vectors, clear bus mastering, free
+        the buffers and queue memory. The device stays open (and can take a new ``Nvme``);
+        safe to call twice."""
+        if self.dev.closed or self.admin.mem.closed:
             return
         try:
             self.shutdown()
         finally:
-            for b in self._bounce:
+            if self.dev.irq.enabled:
+                self.dev.irq.disable()
+            self.dev.set_bus_master(False)  # the controller stops before its memory goes
+            for b in [*self._bounce, self._scratch]:
                 b.close()
+            for q in [*reversed(self.io), self.admin]:
+                q.mem.close()
 
     def __enter__(self) -> Nvme:
         return self
