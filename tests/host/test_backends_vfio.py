@@ -533,6 +533,8 @@ def test_listing_bars_skips_absent_ones_but_reports_failures(
     with udrv.open(ADDR, root=tree) as dev:
         assert [b.index for b in dev.bars] == [0, 1, 2, 3]
     del kernel.regions[2]
-    with udrv.open(ADDR, root=tree) as dev:
-        with pytest.raises(VfioError, match=r"VFIO_DEVICE_GET_REGION_INFO 2 .*EINVAL"):
-            dev.bars  # noqa: B018
+    with (
+        udrv.open(ADDR, root=tree) as dev,
+        pytest.raises(VfioError, match=r"VFIO_DEVICE_GET_REGION_INFO 2 .*EINVAL"),
+    ):
+        dev.bars  # noqa: B018
