@@ -12,6 +12,7 @@ from udrv.backends.vfio_user import VfioUserDevice
 from udrv.dma import Direction
 from udrv.drivers.edu import Edu
 from udrv.drivers.edu import regs as R
+from udrv.drivers.edu.driver import EduError
 from udrv.errors import PollTimeout, RegionError, VfioUserError
 from udrv.models.edu import EduModel
 
@@ -224,3 +225,29 @@ def test_server_gone_is_a_clear_error() -> None:
             for _ in range(100):
                 dev.bar(0).read32(0)
         dev.close()
+
+
+def test_surprise_removal_reads_all_ones(edu: tuple[EduModel, VfioUserDevice]) -> None:
+    model, dev = edu
+    with Edu(dev, interrupts="msi", timeout=0.3) as e:
+        model.surprise_remove()
+        assert dev.bar(0).read32(R.IDENT) == 0xFFFF_FFFF
+        with pytest.raises(PollTimeout, match="no factorial interrupt"):
+            e.factorial(5)
+        # DMA_CMD reads all-ones, START included: the driver refuses to start a transfer
+        # (it takes the device for busy; it does not yet say "removed").
+        with pytest.raises(EduError, match="already running"):
+            e.dma_to_device(b"x")
+    with pytest.raises(EduError, match="is ffff:ffff, not an edu"):
+        Edu(dev)
+
+
+def test_interrupt_storm_does_not_confuse_the_driver(edu: tuple[EduModel, VfioUserDevice]) -> None:
+    model, dev = edu
+    with Edu(dev, interrupts="msi", timeout=2.0) as e:
+        model.interrupt_storm(500)  # MSIs with nothing in INTR_STATUS
+        assert e.factorial(6) == 720
+        model.interrupt_storm(500)
+        data = os.urandom(64)
+        e.dma_to_device(data)
+        assert e.dma_from_device(64) == data

@@ -152,3 +152,13 @@ def test_file_backed_namespace(tmp_path: os.PathLike[str]) -> None:
     with open(path, "rb") as f:
         f.seek(4096)
         assert f.read(512) == b"persist!" * 64
+
+
+def test_surprise_removal_times_out_naming_cfs(nvme_dev: tuple[NvmeModel, Device]) -> None:
+    """All-ones CSTS has CFS set: the driver's timeout says the controller is dead."""
+    model, dev = nvme_dev
+    n = Nvme(dev, timeout=0.3)
+    model.surprise_remove()
+    with pytest.raises(PollTimeout, match=r"CSTS\.CFS"):
+        n.flush()
+    dev.close()

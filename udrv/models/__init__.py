@@ -10,7 +10,11 @@ from udrv.errors import ModelError
 from udrv.models.base import PciModel
 
 #: ``udrv emulate NAME``: module and class of each model.
-MODELS = {"edu": ("udrv.models.edu", "EduModel"), "nvme": ("udrv.models.nvme", "NvmeModel")}
+MODELS = {
+    "edu": ("udrv.models.edu", "EduModel"),
+    "nvme": ("udrv.models.nvme", "NvmeModel"),
+    "e1000": ("udrv.models.e1000", "E1000Model"),
+}
 
 
 def create(name: str, **options: object) -> PciModel:

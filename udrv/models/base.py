@@ -129,6 +129,7 @@ class PciModel:
         self._worker: threading.Thread | None = None
         self._stopping = False
         self._generation = 0  # bumped by reset: jobs queued before it are dropped
+        self.removed = False  # surprise removal: see surprise_remove()
 
     # -- building ------------------------------------------------------------------------
 
@@ -193,6 +194,8 @@ class PciModel:
             ModelError: no such region, or the span runs outside it.
         """
         with self.lock:
+            if self.removed:
+                return b"\xff" * count  # nothing answers: the read completes as all-ones
             if index == VfioPciRegion.CONFIG:
                 return self.config.read(offset, count)
             bar = self._bar(index, offset, count)
@@ -209,6 +212,8 @@ class PciModel:
             ModelError: no such region, or the span runs outside it.
         """
         with self.lock:
+            if self.removed:
+                return  # writes to a removed device go nowhere
             if index == VfioPciRegion.CONFIG:
                 before = bytes(self.config.data)
                 self.config.write(offset, data)
@@ -239,6 +244,25 @@ class PciModel:
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(5)
 
+    # -- faults on purpose ---------------------------------------------------------------
+
+    def surprise_remove(self) -> None:
+        """The device is gone (hot-unplugged, link down): from now on every read returns
+        all-ones, writes are dropped, queued device work is abandoned and no interrupt or
+        DMA happens; what a driver sees when a card disappears under it."""
+        with self.lock:
+            self.removed = True
+            self._generation += 1
+            with self._job_cv:
+                self._jobs.clear()
+
+    def interrupt_storm(self, count: int, vector: int = 0) -> None:
+        """Signal ``count`` interrupts on ``vector`` with no cause behind them (a stuck or
+        misbehaving device): the driver must not lose its way or its real interrupts."""
+        with self.lock:
+            for _ in range(count):
+                self.raise_irq(vector)
+
     # -- what subclasses override -----------------------------------------------------------
 
     def reset(self) -> None:
@@ -253,6 +277,8 @@ class PciModel:
         """Signal an interrupt the way the function is set up: an MSI-X or MSI message for
         ``vector`` when enabled, else assert INTx (level: :meth:`set_intx` lowers it)."""
         cfg = self.config
+        if self.removed:
+            return
         if cfg.msix_enabled:
             if vector >= (cfg.msix.vectors if cfg.msix else 0):
                 self.fault(f"MSI-X vector {vector} does not exist")
@@ -280,11 +306,15 @@ class PciModel:
             ModelError: bus mastering is off, or the range is not mapped for DMA.
         """
         self._check_master("read", addr, size)
+        if self.removed:
+            raise ModelError(f"{self.name}: removed, no DMA")
         return self.host.dma_read(addr, size)
 
     def dma_write(self, addr: int, data: bytes) -> None:
         """Write the driver's memory; see :meth:`dma_read`."""
         self._check_master("write", addr, len(data))
+        if self.removed:
+            raise ModelError(f"{self.name}: removed, no DMA")
         self.host.dma_write(addr, data)
 
     def defer(self, job: Callable[[], None], delay: float = 0.0) -> None:
