@@ -74,3 +74,9 @@ def test_socket_in_use_is_refused(edu_socket: str) -> None:
     r = run("emulate", "edu", "--socket", edu_socket)
     assert r.returncode == 1 and "another server is listening" in r.stderr
     assert run("peek", f"vfio-user:{edu_socket}", "0", "0x0").stdout.strip() == "0x010000ed"
+
+
+def test_config_reads_the_servers_config_space(edu_socket: str) -> None:
+    r = run("config", f"vfio-user:{edu_socket}", "0x0", "--width", "32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0x11e81234"

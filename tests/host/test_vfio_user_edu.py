@@ -251,3 +251,27 @@ def test_interrupt_storm_does_not_confuse_the_driver(edu: tuple[EduModel, VfioUs
         data = os.urandom(64)
         e.dma_to_device(data)
         assert e.dma_from_device(64) == data
+
+
+class FramebufferModel(EduModel):
+    """edu plus a RAM BAR2: the server hands its memfd over, the client mmaps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_bar(2, 64 * 1024, is_64bit=True, prefetchable=True)
+        self.seal()
+
+
+def test_ram_bar_is_mmapped_by_the_client() -> None:
+    model = FramebufferModel()
+    with served(model) as (_, path), udrv.open(f"vfio-user:{path}") as dev:
+        info = dev.region_info(2)
+        assert info.mappable and info.is_64bit and info.prefetchable
+        fb = dev.bar(2)
+        assert fb.mappable  # loads and stores, no messages
+        fb.write64(0x100, 0x1122_3344_5566_7788)
+        assert model.bar_memory(2)[0x100:0x108] == (0x1122_3344_5566_7788).to_bytes(8, "little")
+        model.bar_memory(2)[0x200:0x204] = b"\xde\xad\xbe\xef"
+        assert fb.read32(0x200) == 0xEFBEADDE
+        # The same memory through REGION_READ, as a client without mmap would see it.
+        assert dev.client.region_read(2, 0x100, 8) == (0x1122_3344_5566_7788).to_bytes(8, "little")

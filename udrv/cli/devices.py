@@ -171,9 +171,12 @@ def cmd_poke(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     import udrv
+    from udrv.pci.address import vfio_user_path
 
     writing = args.value is not None
-    with udrv.open(args.address, "sysfs", writable=writing) as dev:
+    # Config space of a vfio-user device comes from its server, not from sysfs.
+    backend = "auto" if vfio_user_path(args.address) is not None else "sysfs"
+    with udrv.open(args.address, backend, writable=writing) as dev:
         cfg = dev.config
         if args.offset is None:
             raw = cfg.read(0, cfg.size)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import mmap
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -79,11 +81,14 @@ class DetachedHost:
 
 @dataclass
 class Bar:
-    """A BAR of the model: its layout and the handlers of its registers."""
+    """A BAR of the model: its layout and the handlers of its registers, or (a RAM BAR)
+    the shared memory behind it, which the server offers the client to mmap."""
 
     layout: BarLayout
     read: ReadHandler
     write: WriteHandler
+    memory: mmap.mmap | None = None
+    fd: int = -1
 
 
 def split_access(offset: int, count: int) -> list[tuple[int, int]]:
@@ -138,8 +143,8 @@ class PciModel:
         index: int,
         size: int,
         *,
-        read: ReadHandler,
-        write: WriteHandler,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
         io: bool = False,
         is_64bit: bool = False,
         prefetchable: bool = False,
@@ -147,11 +152,42 @@ class PciModel:
         """Declare BAR ``index`` with its register handlers.
 
         ``read(offset, width)`` returns the value of a ``width``-byte (1, 2, 4, 8) read at
-        ``offset``; ``write(offset, width, value)`` performs a write.
+        ``offset``; ``write(offset, width, value)`` performs a write. Without handlers the
+        BAR is RAM (a memfd): the model reads it as :meth:`bar_memory`, and the client may
+        mmap it (VFIO_REGION_INFO_FLAG_MMAP), so its accesses never reach the model.
         """
         layout = BarLayout(index, size, io=io, is_64bit=is_64bit, prefetchable=prefetchable)
+        if (read is None) != (write is None):
+            raise ModelError(f"BAR{index}: give both read and write handlers, or neither (RAM)")
+        if read is None and io:
+            raise ModelError(f"BAR{index}: an I/O BAR cannot be RAM (it cannot be mmapped)")
         self.config.add_bar(layout)
-        self.bars[index] = Bar(layout, read, write)
+        if read is None or write is None:
+            fd = os.memfd_create(f"udrv-{self.name}-bar{index}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            mem = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            bar = Bar(layout, self._ram_read(mem), self._ram_write(mem), mem, fd)
+        else:
+            bar = Bar(layout, read, write)
+        self.bars[index] = bar
+
+    def bar_memory(self, index: int) -> mmap.mmap:
+        """The memory of RAM BAR ``index`` (shared with a client that mmapped it)."""
+        bar = self.bars.get(index)
+        if bar is None or bar.memory is None:
+            raise ModelError(f"{self.name}: BAR{index} is not a RAM BAR")
+        return bar.memory
+
+    @staticmethod
+    def _ram_read(mem: mmap.mmap) -> ReadHandler:
+        return lambda offset, width: int.from_bytes(mem[offset : offset + width], "little")
+
+    @staticmethod
+    def _ram_write(mem: mmap.mmap) -> WriteHandler:
+        def write(offset: int, width: int, value: int) -> None:
+            mem[offset : offset + width] = value.to_bytes(width, "little")
+
+        return write
 
     def add_msix(self, vectors: int, bar: int, table_offset: int, pba_offset: int) -> None:
         """An MSI-X capability with its table and PBA in ``bar`` (the framework serves them:
@@ -237,12 +273,18 @@ class PciModel:
             self.reset()
 
     def close(self) -> None:
-        """Stop the worker thread."""
+        """Stop the worker thread; free RAM BARs."""
         with self._job_cv:
             self._stopping = True
             self._job_cv.notify_all()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(5)
+        for bar in self.bars.values():
+            if bar.fd >= 0:
+                os.close(bar.fd)
+                bar.fd = -1
+                with contextlib.suppress(BufferError):
+                    bar.memory.close()  # type: ignore[union-attr]
 
     # -- faults on purpose ---------------------------------------------------------------
 

@@ -287,10 +287,17 @@ class Connection:
             raise VfioUserError(f"region {req.index} does not exist", errno=E.EINVAL)
         size = self.model.region_size(req.index)
         flags = V.VFIO_REGION_INFO_FLAG_READ | V.VFIO_REGION_INFO_FLAG_WRITE if size else 0
+        bar = self.model.bars.get(req.index) if req.index < V.VfioPciRegion.ROM else None
+        fds: tuple[int, ...] = ()
+        if bar is not None and bar.fd >= 0:
+            # A RAM BAR: "the reply will include a file descriptor in its meta-data".
+            flags |= V.VFIO_REGION_INFO_FLAG_MMAP
+            fds = (bar.fd,)
         info = P.vfio_region_info(
             argsz=ctypes.sizeof(P.vfio_region_info), flags=flags, index=req.index, size=size
         )
-        self._reply(msg, bytes(info))
+        with contextlib.suppress(VfioUserError):
+            self.ch.reply(msg, bytes(info), fds=fds)
 
     def _irq_info(self, msg: Message) -> None:
         self._no_fds(msg)
