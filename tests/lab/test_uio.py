@@ -45,3 +45,32 @@ def test_edu_over_uio(bound: Bind) -> None:
         DeviceBusyError, match=rf"{address} is bound to uio_pci_generic, not vfio-pci"
     ):
         udrv.open(address, backend="vfio")
+
+
+def test_dma_refused_when_the_iommu_translates(bound: Bind) -> None:
+    """Issue 15 item 3: with the edu's IOMMU group switched to a translating domain (as
+    with intel_iommu=on without iommu=pt), UIO DMA with physical addresses would fault; the
+    DMA layer says so and what to do. The group type can change only while no driver is
+    bound (Documentation/ABI/testing/sysfs-kernel-iommu_groups)."""
+    from pathlib import Path
+
+    from udrv.errors import DmaError
+
+    from .conftest import bind
+
+    address = bound("edu", None)
+    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{address}/iommu_group"))
+    kind = Path(f"/sys/kernel/iommu_groups/{group}/type")
+    assert kind.read_text().strip() == "identity"  # the lab boots with iommu=pt
+    kind.write_text("DMA")
+    try:
+        bind(address, "uio_pci_generic")
+        with udrv.open(address) as dev:
+            with pytest.raises(
+                DmaError, match=rf"IOMMU group {group} translates them .*'DMA'.*iommu=pt"
+            ):
+                dev.dma.alloc(4096)
+            assert dev.bar(0).read32(0) == 0x010000ED  # the device itself still works
+    finally:
+        bind(address, None)
+        kind.write_text("identity")

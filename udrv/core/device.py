@@ -118,8 +118,8 @@ class Device(abc.ABC):
             IrqError: this backend has no interrupts (the message names the one that has).
             BackendError: the device is closed.
         """
+        self._check_usable()
         if self._irq is None:
-            self._check_usable()
             self._irq = self._open_interrupts()
         return self._irq
 
@@ -131,8 +131,8 @@ class Device(abc.ABC):
             DmaError: this backend cannot do DMA (the message names the one that can).
             BackendError: the device is closed.
         """
+        self._check_usable()
         if self._dma is None:
-            self._check_usable()
             self._dma = self._open_dma()
         return self._dma
 

@@ -116,10 +116,10 @@ class DmaBuffer(Mapping):
         return int(self.array[key])
 
     def __setitem__(self, key: int | slice, value: int | bytes) -> None:
-        if isinstance(key, slice):
-            self.array[key] = np.frombuffer(bytes(value), dtype=np.uint8)  # type: ignore[arg-type,unused-ignore]
+        if isinstance(value, int):
+            self.array[key] = value  # a slice is filled with it
         else:
-            self.array[key] = value
+            self.array[key] = np.frombuffer(value, dtype=np.uint8)
 
     def __buffer__(self, flags: int) -> memoryview:  # Python 3.12+; 3.11 uses .memoryview()
         return self.memoryview()

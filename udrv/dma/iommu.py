@@ -65,10 +65,7 @@ class IommuContext(abc.ABC):
     def close(self) -> None:
         """Release the context; its mappings go with it."""
 
-    @property
-    def iova(self) -> IovaAllocator:
-        """The context's one IOVA allocator (made on first use from the IOMMU's ranges and
-        page size)."""
+    def _space(self) -> IovaAllocator:
         if self._iova is None:
             info = self.refresh_info()
             self._iova = IovaAllocator(info.iova_ranges or None, page=info.page_size)
@@ -77,7 +74,13 @@ class IommuContext(abc.ABC):
         return self._iova
 
     @property
+    def iova(self) -> IovaAllocator:
+        """The context's one IOVA allocator (made on first use from the IOMMU's ranges and
+        page size)."""
+        return self._space()
+
+    @property
     def avail(self) -> int | None:
         """How many mappings this context may hold (None: the kernel does not say)."""
-        self.iova  # noqa: B018 - reads the info on first use
+        self._space()
         return self._avail

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 from udrv.dma.buffer import Mapping
@@ -34,7 +34,7 @@ class SgList:
     def __init__(self, maps: list[Mapping], segments: list[tuple[int, int]]) -> None:
         self.maps, self.segments = maps, segments
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.segments)
 
     def __len__(self) -> int:
