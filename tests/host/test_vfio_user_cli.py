@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +83,47 @@ def test_config_reads_the_servers_config_space(edu_socket: str) -> None:
     r = run("config", f"vfio-user:{edu_socket}", "0x0", "--width", "32")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0x11e81234"
+
+
+@pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy (libnbd-bin)")
+def test_nvme_model_served_as_a_disk_over_nbd(tmp_path: Path) -> None:
+    """The issue's done-when: `udrv emulate nvme`, `udrv nvme serve vfio-user:... --frontend
+    nbd --listen`, then nbdcopy fills 16 MiB of random data and reads it back intact."""
+    d = tempfile.mkdtemp(prefix="vu", dir="/tmp")
+    nvme_sock, nbd_sock = f"{d}/nvme.sock", f"{d}/n.sock"
+    procs = []
+    try:
+        emu = subprocess.Popen([*UDRV, "emulate", "nvme", "--socket", nvme_sock, "--size", "32M"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(emu)
+        assert emu.stdout is not None and "serving on" in emu.stdout.readline()
+        srv = subprocess.Popen([*UDRV, "nvme", "serve", f"vfio-user:{nvme_sock}", "--frontend", "nbd",
+                                "--listen", nbd_sock], stdout=subprocess.DEVNULL)  # fmt: skip
+        procs.append(srv)
+        deadline = time.monotonic() + 30
+        while True:  # until it accepts connections
+            assert srv.poll() is None, "udrv nvme serve ended early"
+            assert time.monotonic() < deadline, "udrv nvme serve did not listen within 30 s"
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(nbd_sock)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        uri = f"nbd+unix:///?socket={nbd_sock}"
+        data = os.urandom(16 << 20)
+        src, back = tmp_path / "src", tmp_path / "back"
+        src.write_bytes(data)
+        subprocess.run(["nbdcopy", str(src), uri], check=True, timeout=120)
+        out = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=120)
+        back.write_bytes(out.stdout[: len(data)])
+        assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert len(out.stdout) == 32 << 20  # the whole namespace
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(d, ignore_errors=True)
