@@ -36,12 +36,14 @@ from udrv.errors import ModelError
 from udrv.kernel.vfio import VfioPciIrq, VfioPciRegion
 from udrv.models.pci import (
     PCI_COMMAND_INTX_DISABLE,
+    PCI_COMMAND_MASTER,
     PCI_MSIX_ENTRY_CTRL_MASKBIT,
     PCI_MSIX_ENTRY_SIZE,
     PCI_MSIX_ENTRY_VECTOR_CTRL,
     BarLayout,
     ConfigSpace,
 )
+from udrv.pci.config import PCI_INTERRUPT_PIN
 
 ReadHandler = Callable[[int, int], int]
 WriteHandler = Callable[[int, int, int], None]
@@ -216,7 +218,7 @@ class PciModel:
     def irq_count(self, index: int) -> int:
         """Vectors offered for VFIO IRQ ``index`` (0 INTx, 1 MSI, 2 MSI-X)."""
         if index == VfioPciIrq.INTX:
-            return 1 if self.config.get(0x3D, 1) else 0
+            return 1 if self.config.get(PCI_INTERRUPT_PIN, 1) else 0
         if index == VfioPciIrq.MSI:
             return self.config.msi_vectors
         if index == VfioPciIrq.MSIX:
@@ -335,6 +337,11 @@ class PciModel:
         else:
             self.set_intx(True)
 
+    @property
+    def intx_asserted(self) -> bool:
+        """The INTx line's level (the device's, before Interrupt Disable)."""
+        return self._intx_level
+
     def set_intx(self, level: bool) -> None:
         """Drive INTx; the Interrupt Status bit follows, Interrupt Disable gates delivery."""
         self._intx_level = level
@@ -424,7 +431,7 @@ class PciModel:
                 self._busy = False
 
     def _check_master(self, op: str, addr: int, size: int) -> None:
-        if not self.config.command & 0x4:
+        if not self.config.command & PCI_COMMAND_MASTER:
             raise ModelError(
                 f"{self.name}: DMA {op} of {size} bytes at {addr:#x} with Bus Master Enable "
                 "off (PCI command bit 2); the driver must set it"

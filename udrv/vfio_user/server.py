@@ -378,7 +378,7 @@ class Connection:
                     self._kick(req.index, v)
             elif req.index == V.VfioPciIrq.INTX:
                 self.intx_masked = action == V.VFIO_IRQ_SET_ACTION_MASK
-                if not self.intx_masked and self.model.config.get(0x06, 2) & 0x08:
+                if not self.intx_masked and self.model.intx_asserted:
                     self.set_intx(True)  # still asserted: fires again (automasked)
             else:
                 raise VfioUserError("SET_IRQS: MASK/UNMASK only for INTx", errno=E.ENOTSUP)
