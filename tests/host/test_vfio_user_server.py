@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from udrv.errors import VfioUserError
 from udrv.kernel import vfio as V
 from udrv.models.edu import EduModel
 from udrv.vfio_user import protocol as P
@@ -207,8 +208,6 @@ def test_stalled_message_times_out(server: tuple[Server, str]) -> None:
 
 
 def test_stale_socket_is_replaced_live_one_refused() -> None:
-    from udrv.errors import VfioUserError
-
     with (
         served(EduModel()) as (_, path),
         pytest.raises(VfioUserError, match="another server is listening"),
@@ -267,3 +266,19 @@ def test_fuzz_garbage_stream(blob: bytes) -> None:
         r.close()
         with Client(path) as c:
             assert c.region_read(0, 0, 4) == struct.pack("<I", 0x010000ED)
+
+
+def test_a_model_bug_is_an_eio_reply_not_a_dead_server() -> None:
+    class Buggy(EduModel):
+        def mmio_read(self, offset: int, width: int) -> int:
+            if offset == 0x10:
+                raise ZeroDivisionError("model bug")
+            return super().mmio_read(offset, width)
+
+    model = Buggy()
+    with served(model) as (_, path), Client(path) as c:
+        with pytest.raises(VfioUserError) as exc:
+            c.region_read(0, 0x10, 4)
+        assert exc.value.errno == errno.EIO
+        assert "ZeroDivisionError" in model.faults[-1]
+        assert c.region_read(0, 0, 4) == struct.pack("<I", 0x010000ED)  # still serving

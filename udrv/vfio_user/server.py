@@ -164,6 +164,10 @@ class Connection:
         except ModelError as exc:
             log.debug("model refused message %d: %s", msg.msg_id, exc)
             self._error(msg, E.EINVAL)
+        except Exception as exc:  # a bug in a model must not take the server down
+            log.exception("%s failed on message %d", self.model.name, msg.msg_id)
+            self.model.fault(f"internal error in {self.model.name}: {exc!r}")
+            self._error(msg, E.EIO)
         finally:
             msg.close_fds()
 
