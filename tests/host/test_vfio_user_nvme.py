@@ -171,3 +171,11 @@ def test_surprise_removal_is_reported(nvme_dev: tuple[NvmeModel, Device]) -> Non
     with pytest.raises((PollTimeout, NvmeError), match=r"CSTS\.CFS|all-ones"):
         n.flush()
     dev.close()
+
+
+def test_abort_answers_not_aborted() -> None:
+    """Abort (5.1) is accepted; nothing is ever pending in the model, so DW0 bit 0 says
+    "not aborted", which the spec allows (udrv's driver aborts commands that time out)."""
+    model = NvmeModel(size=1 << 20)
+    dw = [0x08] + [0] * 9 + [(7 << 16) | 1] + [0] * 5  # Abort CID 7 on SQ 1
+    assert model._admin(0x08, dw) == 1

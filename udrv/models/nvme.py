@@ -40,7 +40,7 @@ VERSION_1_4 = 0x00010400
 # 5 Admin command set opcodes
 ADMIN_DELETE_SQ, ADMIN_CREATE_SQ, ADMIN_GET_LOG_PAGE = 0x00, 0x01, 0x02
 ADMIN_DELETE_CQ, ADMIN_CREATE_CQ, ADMIN_IDENTIFY = 0x04, 0x05, 0x06
-ADMIN_SET_FEATURES, ADMIN_GET_FEATURES = 0x09, 0x0A
+ADMIN_ABORT, ADMIN_SET_FEATURES, ADMIN_GET_FEATURES = 0x08, 0x09, 0x0A
 FEAT_VOLATILE_WRITE_CACHE, FEAT_NUMBER_OF_QUEUES = 0x06, 0x07
 CNS_NAMESPACE, CNS_CONTROLLER, CNS_ACTIVE_NS_LIST = 0x00, 0x01, 0x02
 # 6 NVM command set opcodes
@@ -371,6 +371,10 @@ class NvmeModel(PciModel):
             return 0
         if opcode in (ADMIN_SET_FEATURES, ADMIN_GET_FEATURES):
             return self._features(opcode == ADMIN_SET_FEATURES, dw[10] & 0xFF, dw[11])
+        if opcode == ADMIN_ABORT:
+            # 5.1: commands run to completion as they are fetched here, so there is never
+            # one to abort; DW0 bit 0 set = "command not aborted" (a valid answer).
+            return 1
         raise CommandError(SC_INVALID_OPCODE | DNR)
 
     def _check_new_queue(
