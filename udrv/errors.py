@@ -52,6 +52,10 @@ class UioError(BackendError):
     """A UIO (uio_pci_generic) operation failed."""
 
 
+class VfioUserError(BackendError):
+    """A vfio-user peer sent a malformed message, refused a request, or went away."""
+
+
 class BindError(UdrvError):
     """Binding a device to, or restoring it from, a kernel driver failed or was refused."""
 
@@ -74,6 +78,10 @@ class PollTimeout(UdrvError, TimeoutError):
 
 class DriverError(UdrvError):
     """A device driver found the device in a state it cannot handle."""
+
+
+class ModelError(UdrvError):
+    """A device model (udrv.models) is described wrongly or cannot serve a request."""
 
 
 class FrontendError(UdrvError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from udrv.core.device import Device
 from udrv.errors import BackendError, DeviceBusyError
+from udrv.pci.address import vfio_user_path
 from udrv.pci.sysfs import SYSFS_PCI, PciDeviceInfo, find
 
 BACKENDS = ("auto", "vfio", "uio", "sysfs")
@@ -77,7 +78,8 @@ def open(
 
     Args:
         selector: ``0000:00:04.0``, ``00:04.0`` or ``vendor:device`` such as ``1234:11e8``
-            (which must match exactly one device).
+            (which must match exactly one device), or ``vfio-user:PATH``: the device a
+            vfio-user server (``udrv emulate``) serves on the socket PATH.
         backend: ``"vfio"`` (IOMMU-protected; the device bound to vfio-pci), ``"uio"``
             (uio_pci_generic, no IOMMU), ``"sysfs"`` (config and BARs only, for inspection,
             whatever the device is bound to), or ``"auto"``: vfio or uio after the driver
@@ -102,6 +104,13 @@ def open(
             x86-64 (VFIO, UIO); the message names the fix.
         DmaError: ``dma_mask_bits`` out of range, or the backend cannot do DMA.
     """
+    socket_path = vfio_user_path(selector)
+    if socket_path is not None:
+        if backend not in ("auto", "vfio-user"):
+            raise BackendError(f"{selector} is reached through vfio-user, not {backend}")
+        from udrv.backends.vfio_user import VfioUserDevice
+
+        return VfioUserDevice(socket_path, dma_mask_bits=dma_mask_bits)
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     info = find(selector, root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
@@ -41,7 +42,9 @@ def register(sub: Any) -> None:
         if name == "poke":
             p.add_argument("value", type=_int)
         p.add_argument("--width", type=int, choices=WIDTHS, default=32)
-        p.add_argument("--backend", choices=["auto", "vfio", "uio", "sysfs"], default="auto")
+        p.add_argument(
+            "--backend", choices=["auto", "vfio", "uio", "sysfs", "vfio-user"], default="auto"
+        )
         p.set_defaults(func=cmd_peek if name == "peek" else cmd_poke)
     cfg = sub.add_parser("config", help="read or write config space")
     cfg.add_argument("address")
@@ -78,10 +81,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from udrv.pci.address import vfio_user_path
     from udrv.pci.config import decode, describe
     from udrv.pci.ids import names
     from udrv.pci.sysfs import find
 
+    if vfio_user_path(args.address) is not None:
+        return _info_vfio_user(args)
     d = find(args.address)
     cs = decode(d.read_config())
     if args.json:
@@ -98,6 +104,40 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"\t{line}")
     if args.verbose:
         raw = d.read_config()
+        for off in range(0, len(raw), 16):
+            print(f"{off:03x}: " + " ".join(f"{b:02x}" for b in raw[off : off + 16]))
+    return 0
+
+
+def _info_vfio_user(args: argparse.Namespace) -> int:
+    """`udrv info vfio-user:PATH`: the same lines, from the server's config space region."""
+    import udrv
+    from udrv.pci.config import decode, describe
+    from udrv.pci.ids import names
+
+    with udrv.open(args.address) as dev:
+        raw = dev.config.read(0, dev.config.size)
+        bars = dev.bars
+        irqs = dev.irq.available()
+    cs = decode(raw)
+    ident = SimpleNamespace(
+        vendor=int.from_bytes(raw[0:2], "little"),
+        device=int.from_bytes(raw[2:4], "little"),
+        class_code=int.from_bytes(raw[9:12], "little"),
+    )
+    if args.json:
+        print(json.dumps(dict(address=args.address, **names(ident), interrupts=irqs, capabilities=[
+            {"id": c.id, "offset": c.offset, "name": c.name, "extended": c.extended, "fields": c.fields}
+            for c in cs.capabilities]), indent=1, default=str))  # fmt: skip
+        return 0
+    print(args.address)
+    print(
+        "\tBackend: vfio-user; interrupts: "
+        + ", ".join(f"{k.upper()} {n}" for k, n in irqs.items())
+    )
+    for line in describe(cs, resources=bars, names=True):
+        print(f"\t{line}")
+    if args.verbose:
         for off in range(0, len(raw), 16):
             print(f"{off:03x}: " + " ".join(f"{b:02x}" for b in raw[off : off + 16]))
     return 0
@@ -131,9 +171,12 @@ def cmd_poke(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     import udrv
+    from udrv.pci.address import vfio_user_path
 
     writing = args.value is not None
-    with udrv.open(args.address, "sysfs", writable=writing) as dev:
+    # Config space of a vfio-user device comes from its server, not from sysfs.
+    backend = "auto" if vfio_user_path(args.address) is not None else "sysfs"
+    with udrv.open(args.address, backend, writable=writing) as dev:
         cfg = dev.config
         if args.offset is None:
             raw = cfg.read(0, cfg.size)

@@ -125,3 +125,24 @@ def parse_selector(text: str) -> Selector:
     if not m:
         raise AddressError(f"{text!r} is neither a PCI address nor a vendor:device id; use {FORMS}")
     return IdFilter(int(m["vendor"], 16), int(m["device"], 16))
+
+
+#: A selector with this prefix names a device behind a vfio-user server's socket
+#: (``vfio-user:/tmp/edu.sock``) rather than a PCI function of this machine.
+VFIO_USER_PREFIX = "vfio-user:"
+
+
+def vfio_user_path(selector: str) -> str | None:
+    """The socket path of a ``vfio-user:PATH`` selector, or None for any other selector.
+
+    Raises:
+        AddressError: the prefix is there but the path is empty.
+    """
+    if not selector.startswith(VFIO_USER_PREFIX):
+        return None
+    path = selector[len(VFIO_USER_PREFIX) :]
+    if not path:
+        raise AddressError(
+            f"{selector!r} names no socket; write vfio-user:PATH, e.g. vfio-user:/tmp/edu.sock"
+        )
+    return path
