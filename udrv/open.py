@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from udrv.core.barrier import VERIFIED_CPUS
 from udrv.core.device import Device
 from udrv.errors import BackendError, DeviceBusyError
 from udrv.pci.address import vfio_user_path
@@ -40,10 +41,6 @@ def choose_backend(info: PciDeviceInfo, backend: str = "auto") -> str:
     raise DeviceBusyError(
         f"{addr} is not bound to vfio-pci or uio_pci_generic; run `udrv bind {addr}`"
     )
-
-
-#: CPUs whose memory ordering udrv's barriers are verified for (udrv.core.barrier).
-VERIFIED_CPUS = ("x86_64", "amd64")
 
 
 def check_cpu(address: str, backend: str, machine: str | None = None) -> None:

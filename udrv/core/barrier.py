@@ -64,12 +64,14 @@ from __future__ import annotations
 import platform
 import threading
 
-__all__ = ["ARCH", "SUPPORTED", "dma_rmb", "dma_wmb", "mb", "rmb", "wmb"]
+__all__ = ["ARCH", "SUPPORTED", "VERIFIED_CPUS", "dma_rmb", "dma_wmb", "mb", "rmb", "wmb"]
 
+#: CPUs whose memory ordering these barriers are verified for.
+VERIFIED_CPUS = ("x86_64", "amd64")
 #: The machine the barriers were chosen for.
 ARCH = platform.machine().lower()
 #: Whether the barriers here are correct on this machine (x86-64 only, for now).
-SUPPORTED = ARCH in ("x86_64", "amd64")
+SUPPORTED = ARCH in VERIFIED_CPUS
 
 _fence_lock = threading.Lock()
 
