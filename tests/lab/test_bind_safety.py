@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import bind
+from udrv.lab.pytest_plugin import bind
 
 pytestmark = pytest.mark.lab("nvme:size=16M", "e1000")
 SYS = Path("/sys/bus/pci/devices")
