@@ -211,3 +211,22 @@ def test_watch_marks_what_changed_since_the_last_refresh(
     assert "  FACTORIAL 0x0008  0x00000000" in first
     assert "< FACTORIAL 0x0008  0x00000078" in second
     assert "  STATUS    0x0020  0x00000000" in second  # unchanged, as at reset
+
+
+def test_a_bar_the_kernel_driver_claimed_gets_the_fix_in_the_error(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Strict-devmem kernels refuse to mmap a BAR a driver claimed (EINVAL, seen in the lab
+    with Linux's nvme driver): the error must say to unbind the device."""
+    import mmap
+
+    def refuse(*args: object, **kw: object) -> mmap.mmap:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr("udrv.backends.sysfs.mmap.mmap", refuse)
+    with pytest.raises(
+        RegionError,
+        match=r"resource0 .*\[EINVAL\].*; e1000e has claimed this BAR: unbind 0000:00:05.0 "
+        r"from e1000e \(or `udrv bind 0000:00:05.0`\)",
+    ):
+        run(tree, "00:05.0", "STATUS")

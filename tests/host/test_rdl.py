@@ -128,6 +128,26 @@ SPLIT_ACCESS = """addrmap bad {
 };
 """
 
+RESERVED_NAME = """addrmap bad {
+    reg { field {} x[0:0] = 0; } dump @ 0x0;
+};
+"""
+
+
+def test_read_only_and_write_only_registers_share_an_address(tmp_path: Path) -> None:
+    rdl = tmp_path / "fifo.rdl"
+    rdl.write_text(
+        "addrmap fifo {\n"
+        "  reg { field { sw = r; } d[31:0]; } rx @ 0x0;\n"
+        "  reg { field { sw = w; } d[31:0]; } tx @ 0x0;\n"
+        "};\n"
+    )
+    regs = load_rdl(rdl).map_for()[1]
+    assert [(r.name, r.offset, r.access) for r in regs.REGISTERS.values()] == [
+        ("rx", 0, "ro"),
+        ("tx", 0, "wo"),
+    ]
+
 
 def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     rdl = tmp_path / "bad.rdl"
@@ -143,6 +163,7 @@ def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     [
         (UNSUPPORTED, 3, "onwrite=wzc is not supported"),
         (SPLIT_ACCESS, 2, "accesswidth=32 below regwidth=64"),
+        (RESERVED_NAME, 2, "the name dump clashes with the RegisterMap API"),
     ],
 )
 def test_unsupported_construct_names_file_line_and_cause(

@@ -372,3 +372,36 @@ def test_put_changes_only_its_field(value: int, name: str, data: st.DataObject) 
         f.put(value, f.max + 1)
     with pytest.raises(RegionError, match="does not fit"):
         f.put(value, -1)
+
+
+def test_a_map_defined_from_data_behaves_like_a_class() -> None:
+    """What a SystemRDL/IP-XACT importer builds: registers with access, reset, enums, arrays."""
+    Regs = RegisterMap.define(
+        "edu_rdl",
+        {
+            "ident": Register(0x0, 4, access="ro", reset=0x010000ED,
+                              fields={"major": Field(24, 8), "minor": Field(16, 8)}),
+            "status": Register(0x20, 4, reset=0, fields={"speed": Field(8, 2, enum=Speed)}),
+            "irq_ack": Register(0x64, 4, access="wo"),
+            "buf": RegisterArray(0x100, 4, 4, access="rw"),
+        },
+        size=0x200,
+        doc="edu, from a description",
+    )  # fmt: skip
+    assert Regs.__name__ == "edu_rdl" and Regs.__doc__ == "edu, from a description"
+    assert list(Regs.REGISTERS) == ["ident", "status", "irq_ack"]
+    assert Regs.lookup("STATUS").fields["speed"].name == "status.speed"
+    rec = RecordingRegion(0x200)
+    regs = Regs(rec)
+    regs.status.set(speed=Speed.S100)
+    regs.buf(3).write(9)
+    assert rec.writes() == [(0x20, 4, 0x100), (0x10C, 4, 9)]
+    with pytest.raises(RegionError, match=r"irq_ack .* write-only"):
+        regs.irq_ack.read()
+    with pytest.raises(TypeError, match=r"a .* overlaps b"):
+        RegisterMap.define("bad", {"a": Register(0, 8), "b": Register(4, 4)})
+    with pytest.raises(TypeError, match="past SIZE"):
+        RegisterMap.define("big", {"a": Register(0x10, 4)}, size=0x10)
+    for key in ("2x", "dump", "region"):
+        with pytest.raises(ValueError, match=f"{key!r} cannot be a register name"):
+            RegisterMap.define("bad", {key: Register(0, 4)})

@@ -8,7 +8,10 @@ through the register map's access rules.
 The device is recognised by its ids (edu 1234:11e8, the 8254x NICs, NVMe by class 010802)
 and opened with the backend its binding allows: VFIO or UIO when bound to vfio-pci or
 uio_pci_generic, otherwise sysfs, read-only unless ``set --force`` (a kernel driver owns the
-device then, and writing behind its back can wedge it).
+device then, and writing behind its back can wedge it). Kernels with
+CONFIG_IO_STRICT_DEVMEM (or ``iomem=strict``) do not map a BAR that a driver has claimed at
+all; the error then says to unbind the device first.
+
 
 With ``--rdl``/``--ipxact`` the map comes from a register description instead (any device,
 see :mod:`udrv.regmaps`): ``--top`` picks the addrmap, ``--bar`` the BAR.
@@ -329,7 +332,18 @@ def cmd_regs(args: argparse.Namespace, root: Path = SYSFS_PCI) -> int:
         writable = True
         print(f"note: {info.address} is {owner}; writing through sysfs", file=sys.stderr)
     with udrv.open(info.address, backend, writable=writable, root=root) as dev:
-        regs = bind_map(known, dev.bar(known.bar))
+        try:
+            region = dev.bar(known.bar)
+        except RegionError as exc:
+            if backend != "sysfs" or not info.driver:
+                raise
+            # Kernels built with CONFIG_IO_STRICT_DEVMEM refuse to map a BAR a driver has
+            # claimed (pci_request_regions), so a device in use cannot be inspected this way.
+            raise RegionError(
+                f"{exc}; {info.driver} has claimed this BAR: unbind {info.address} from "
+                f"{info.driver} (or `udrv bind {info.address}`) to read its registers"
+            ) from None
+        regs = bind_map(known, region)
         if setting:
             return _set(known, regs, args.words[1:], args.json)
         chosen = select(known.regmap, args.words)

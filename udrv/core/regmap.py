@@ -62,6 +62,7 @@ from __future__ import annotations
 import enum
 import itertools
 import re
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, overload
@@ -485,13 +486,16 @@ class BoundRegister:
     The access rules of the map are checked before anything reaches the device.
     """
 
-    __slots__ = ("_read", "_write", "offset", "reg", "region")
+    __slots__ = ("_read", "_read_ok", "_write", "_write_ok", "offset", "reg", "region")
 
     def __init__(self, reg: Register, region: Region, offset: int) -> None:
         self.reg, self.region, self.offset = reg, region, offset
-        # The region's exact-width accessors, looked up once (MmioRegion's are the fast ones).
+        # The region's exact-width accessors and the access rules, looked up once:
+        # read()/write() then cost one check and one call more than the region's own.
         self._read: Callable[[int], int] = getattr(region, f"read{reg.bits}")
         self._write: Callable[[int, int], None] = getattr(region, f"write{reg.bits}")
+        self._read_ok = reg.access != "wo"
+        self._write_ok = reg.access not in ("ro", "rc")
 
     @property
     def name(self) -> str:
@@ -509,7 +513,7 @@ class BoundRegister:
         Raises:
             RegionError: the register is write-only, or the access fails.
         """
-        if self.reg.access == "wo":
+        if not self._read_ok:
             raise self._refuse("reading", "write-only (reads return undefined data)")
         return self._read(self.offset)
 
@@ -520,7 +524,7 @@ class BoundRegister:
             RegionError: the register is read-only or read-to-clear, or the value does not
                 fit.
         """
-        if self.reg.access in ("ro", "rc"):
+        if not self._write_ok:
             raise self._refuse("writing", "read-only")
         self._write(self.offset, value)
 
@@ -690,6 +694,8 @@ class BoundRegisterArray:
         return f"<BoundRegisterArray {self.array.name} of {self.regs.region.name}>"
 
 
+#: What a bound map sets on itself; a register cannot have these names.
+_INSTANCE_ATTRS = frozenset({"region", "base", "arrays"})
 _ELEMENT = re.compile(r"^(\w+)[(\[](\d+)[)\]]$")
 
 
@@ -762,6 +768,36 @@ class RegisterMap:
             layout[name] = (layout[name][0], stride)
         layout.update(arrays or {})
         self.arrays: dict[str, tuple[int, int]] = layout
+
+    @classmethod
+    def define(
+        cls,
+        name: str,
+        registers: Mapping[str, Register | RegisterArray],
+        *,
+        size: int | None = None,
+        doc: str = "",
+    ) -> type[RegisterMap]:
+        """A map described by data rather than by a ``class`` statement: what an importer
+        of register descriptions (SystemRDL, IP-XACT) returns. The same checks run as for a
+        class (overlaps, ``SIZE``), and names are given to the registers as attributes.
+
+        Args:
+            name: the map's (class) name, e.g. the description's top block.
+            registers: attribute name -> :class:`Register` or :class:`RegisterArray`; the
+                names must be Python identifiers (``regs.STATUS``).
+            size: bytes the map spans (checked), or ``None``.
+            doc: the description's text.
+
+        Raises:
+            TypeError: overlapping registers or one past ``size`` (from the class checks).
+            ValueError: a name that is not an identifier or clashes with the map's API.
+        """
+        for key in registers:
+            if not key.isidentifier() or hasattr(RegisterMap, key) or key in _INSTANCE_ATTRS:
+                raise ValueError(f"register map {name}: {key!r} cannot be a register name")
+        namespace: dict[str, Any] = {"SIZE": size, "__doc__": doc, **registers}
+        return types.new_class(name, (cls,), exec_body=lambda ns: ns.update(namespace))
 
     @classmethod
     def at(cls, offset: int) -> Register | None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import enum
 import itertools
 import re
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +80,7 @@ class Description:
 
 
 def _refuse(node: Any, path: Path, why: str) -> DescriptionError:
-    p, line, col = where(node.inst.inst_src_ref, str(path))
+    p, line, col = where(node.inst.inst_src_ref or node.inst.def_src_ref, str(path))
     at = f":{line}" if line is not None else ""
     at += f":{col}" if line is not None and col is not None else ""
     return DescriptionError(
@@ -184,6 +183,8 @@ def _registers(node: Any, block: Any, path: Path, prefix: str = "") -> Iterator[
             continue
         offset = child.raw_absolute_address - block.raw_absolute_address
         if isinstance(child, RegNode):
+            if hasattr(RegisterMap, name) or name in ("region", "base", "arrays"):
+                raise _refuse(child, path, f"the name {name} clashes with the RegisterMap API")
             parts = _register_parts(child, path)
             dims = child.array_dimensions or []
             if len(dims) > 1:
@@ -238,15 +239,19 @@ def _class_name(text: str) -> str:
     return "".join(w[:1].upper() + w[1:] for w in words if w) or "Imported"
 
 
-def _map_class(name: str, attrs: dict[str, Any]) -> type[RegisterMap]:
-    """A RegisterMap subclass with ``attrs``, made as a class statement would make it (so
-    that ``RegisterMap.__init_subclass__`` collects and checks the registers)."""
+def _map_class(
+    name: str, registers: dict[str, Any], aliases: tuple[tuple[str, str], ...], doc: str
+) -> type[RegisterMap]:
+    """:meth:`RegisterMap.define`, on a base that lists the overlapping pairs when there are
+    any: SystemRDL allows a read-only and a write-only register at one address, and aliases."""
+    base: type[RegisterMap] = RegisterMap
+    if aliases:
 
-    def body(ns: dict[str, Any]) -> None:
-        ns.update(attrs)
+        class Aliased(RegisterMap):
+            ALIASES = aliases
 
-    made: type[RegisterMap] = types.new_class(name, (RegisterMap,), {}, body)
-    return made
+        base = Aliased
+    return base.define(name, registers, doc=doc)
 
 
 def to_maps(root: Any, path: str | Path, bar: int | None = None) -> Description:
@@ -266,30 +271,20 @@ def to_maps(root: Any, path: str | Path, bar: int | None = None) -> Description:
     path = Path(path)
     top = root.top
     maps: dict[int, type[RegisterMap]] = {}
-    reserved = set(dir(RegisterMap)) | {"region", "base", "arrays"}  # instance attributes
     for n, block in _blocks(top, path, bar):
-        attrs: dict[str, Any] = {}
-        for name, reg in _registers(block, block, path):
-            if name in reserved or name.startswith("_"):
-                raise DescriptionError(
-                    f"{path}: register {name} of {block.get_path()} clashes with a "
-                    "RegisterMap attribute; rename it",
-                    path=str(path),
-                )
-            attrs[name] = reg
+        attrs = dict(_registers(block, block, path))
         regs = sorted(
             ((k, r) for k, r in attrs.items() if isinstance(r, Register)),
             key=lambda kv: kv[1].offset,
         )
-        # SystemRDL allows a read-only and a write-only register at one address, and
-        # aliases: RegisterMap wants such pairs listed.
         aliases = tuple(
             (a, b)
             for (a, ra), (b, rb) in itertools.pairwise(regs)
             if ra.offset + ra.width > rb.offset
         )
         doc = _doc(block) or f"{block.get_path()} from {path.name}"
-        attrs.update({"__doc__": doc, "__module__": __name__, "ALIASES": aliases})
-        cls_name = _class_name(f"{block.inst_name}_regs")
-        maps[n] = _map_class(cls_name, attrs)
+        try:
+            maps[n] = _map_class(_class_name(f"{block.inst_name}_regs"), attrs, aliases, doc)
+        except (TypeError, ValueError) as exc:
+            raise _refuse(block, path, str(exc)) from None
     return Description(path, top.inst_name, maps)
