@@ -65,3 +65,49 @@ def test_bad_options_are_named(tree: Path) -> None:
         run(tree, "00:04.0", "--bar", "0")
     with pytest.raises(SystemExit):
         run(tree, "00:04.0", "--rdl", str(EDU_RDL), "--ipxact", str(TIMER_XML))
+
+
+def shell(tree: Path, monkeypatch: pytest.MonkeyPatch, script: str, *argv: str) -> int:
+    import io
+
+    from udrv.cli.main import build_parser
+    from udrv.cli.shell import cmd_shell
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    return cmd_shell(build_parser().parse_args(["shell", *argv]), root=tree)
+
+
+def test_shell_from_stdin_reads_and_writes_registers(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = (
+        "regs.ident.major, regs.ident.minor, hex(regs.ident.magic)\n"
+        "regs.status.irq_enable = 1\n"
+        "hex(bar0.read32(0x20))\n"
+        "regs.status\n"
+        "for name in ('liveness', 'factorial'):\n"
+        "    print(name, getattr(regs, name).offset)\n"
+        "\n"
+        "sorted(n for n in dir(regs.status) if n in ('computing', 'irq_enable', 'read'))\n"
+    )
+    assert shell(tree, monkeypatch, script, "--rdl", str(EDU_RDL), "00:04.0") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "(1, 0, '0xed')",
+        "'0x80'",
+        "status = 0x00000080 (computing=0 irq_enable=1)",
+        "liveness 4",
+        "factorial 8",
+        "['computing', 'irq_enable', 'read']",
+    ]
+    assert (tree / "0000:00:04.0" / "resource0").read_bytes()[0x20:0x24] == le(0x80)
+
+
+def test_shell_script_stops_at_the_first_exception(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = "regs.IDENT.MAJOR = 2\nprint('not reached')\n"
+    assert shell(tree, monkeypatch, script, "00:04.0") == 1  # the built-in map
+    captured = capsys.readouterr()
+    assert "not reached" not in captured.out
+    assert "setting field MAJOR of register IDENT (0x0) refused: it is read-only" in captured.err
+    assert (tree / "0000:00:04.0" / "resource0").read_bytes()[:4] == le(0x010000ED)
