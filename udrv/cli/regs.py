@@ -272,24 +272,34 @@ def add_description_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def device_map(args: argparse.Namespace, info: Any) -> KnownDevice:
-    """The map for ``info``: from ``--rdl``/``--ipxact`` when given, else the built-in one.
+def description_map(args: argparse.Namespace) -> KnownDevice | None:
+    """The map of ``--rdl``/``--ipxact`` (loaded before any device is opened, so that a bad
+    description is reported as such), or ``None`` when neither is given.
 
     Raises:
         DescriptionError: the description cannot be loaded or has no such BAR.
-        UdrvError: no description given and no built-in map for the device.
+        UdrvError: ``--top``/``--bar`` without a description.
     """
-    if args.rdl is not None or args.ipxact is not None:
-        from udrv import regmaps
+    if args.rdl is None and args.ipxact is None:
+        if args.top is not None or args.bar is not None:
+            raise UdrvError("--top and --bar go with --rdl FILE or --ipxact FILE")
+        return None
+    from udrv import regmaps
 
-        if args.rdl is not None:
-            desc = regmaps.load_rdl(args.rdl, top=args.top, bar=args.bar)
-        else:
-            desc = regmaps.load_ipxact(args.ipxact, top=args.top, bar=args.bar)
-        bar, regmap = desc.map_for(args.bar)
-        return KnownDevice(f"{desc.name} ({desc.path.name})", regmap, bar)
-    if args.top is not None or args.bar is not None:
-        raise UdrvError("--top and --bar go with --rdl FILE or --ipxact FILE")
+    if args.rdl is not None:
+        desc = regmaps.load_rdl(args.rdl, top=args.top, bar=args.bar)
+    else:
+        desc = regmaps.load_ipxact(args.ipxact, top=args.top, bar=args.bar)
+    bar, regmap = desc.map_for(args.bar)
+    return KnownDevice(f"{desc.name} ({desc.path.name})", regmap, bar)
+
+
+def builtin_map(info: Any) -> KnownDevice:
+    """udrv's own map for the device ``info``.
+
+    Raises:
+        UdrvError: udrv has none; the message says what to use instead.
+    """
     known = known_device(info.vendor, info.device, info.class_code)
     if known is None:
         raise UdrvError(
@@ -316,8 +326,9 @@ def cmd_regs(args: argparse.Namespace, root: Path = SYSFS_PCI) -> int:
     """Run `udrv regs` (``root``: the sysfs PCI devices directory; tests use a fake tree)."""
     import udrv
 
+    described = description_map(args)
     info = find(args.address, root)
-    known = device_map(args, info)
+    known = described or builtin_map(info)
     setting = bool(args.words) and args.words[0] == "set"
     backend = _backend(info, args.backend)
     writable = False

@@ -227,16 +227,12 @@ def interact(ns: dict[str, Any], banner: str) -> None:
 def cmd_shell(args: argparse.Namespace, root: Path = SYSFS_PCI) -> int:
     """Run `udrv shell` (``root``: the sysfs PCI devices directory; tests use a fake tree)."""
     import udrv
-    from udrv.cli.regs import _backend, bind_map, device_map
-    from udrv.errors import UdrvError
+    from udrv.cli.regs import _backend, bind_map, description_map, known_device
 
+    known = description_map(args)
     info = find(args.address, root)
-    try:
-        known = device_map(args, info)
-    except UdrvError:
-        if args.rdl is not None or args.ipxact is not None:
-            raise
-        known = None  # no map: the shell still gives dev and the BARs
+    if known is None:  # None still: the shell gives dev and the BARs without a map
+        known = known_device(info.vendor, info.device, info.class_code)
     backend = _backend(info, args.backend)
     writable = backend != "sysfs" or not info.driver or args.force
     if backend == "sysfs" and not writable:
