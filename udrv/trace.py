@@ -90,22 +90,25 @@ class Tracer:
         width = None if op.endswith("_width") else int(op[4 + write :]) // 8
         raw, local = self.raw, self._local
 
+        names = ("offset", "width", "value") if width is None else ("offset", "value")
+
         @functools.wraps(fn)
-        def traced(region: Region, offset: int, *rest: int) -> Any:
+        def traced(region: Region, *args: int, **kwargs: int) -> Any:
             if getattr(local, "busy", False):
-                return fn(region, offset, *rest)
+                return fn(region, *args, **kwargs)
             local.busy = True
             t0 = time.perf_counter_ns()
             try:
-                result = fn(region, offset, *rest)
+                result = fn(region, *args, **kwargs)
             finally:
                 local.busy = False
             t1 = time.perf_counter_ns()
-            w = width if width is not None else rest[0]
-            value = rest[-1] if write else result
+            given = dict(zip(names, args, strict=False)) | kwargs
+            w = width if width is not None else given["width"]
+            value = given["value"] if write else result
             raw.append(
                 ("mmio", "write" if write else "read", t0, t1, threading.get_native_id(),
-                 (region, offset, w, value))
+                 (region, given["offset"], w, value))
             )  # fmt: skip
             return result
 

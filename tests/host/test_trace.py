@@ -145,7 +145,7 @@ def test_udrv_trace_env_writes_at_exit(tmp_path: Path) -> None:
         "import udrv\n"
         "from udrv.core.region import MmioRegion\n"
         "r = MmioRegion(bytearray(64), name='BAR2 of nowhere', index=2)\n"
-        "r.write64(8, 0x1122)\n"
+        "r.write64(8, value=0x1122)\n"
         "r.read16(8)\n"
         "import os; print(os.environ.get('UDRV_TRACE'))\n"
     )
