@@ -45,8 +45,15 @@ _REGION_METHODS = (
     "write_width",
 )
 #: (module, class, method, category) of the DMA and interrupt entry points. Missing ones
-#: (another layout of udrv.dma/udrv.irq) are skipped.
+#: are skipped: the device-contract layout (udrv.core.dma.Dma, udrv.core.interrupts) and
+#: the older one (per-backend classes in udrv.dma, udrv.irq.Interrupts) are both listed, and
+#: a call that goes through both is one event.
 _API_METHODS = (
+    ("udrv.core.dma", "Dma", "alloc", "dma"),
+    ("udrv.core.dma", "Dma", "map", "dma"),
+    ("udrv.core.dma", "Dma", "map_sg", "dma"),
+    ("udrv.core.interrupts", "Interrupts", "enable", "irq"),
+    ("udrv.core.interrupts", "Interrupts", "disable", "irq"),
     ("udrv.dma.vfio", "VfioDma", "alloc", "dma"),
     ("udrv.dma.vfio", "VfioDma", "map", "dma"),
     ("udrv.dma.vfio", "VfioDma", "map_sg", "dma"),
