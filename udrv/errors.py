@@ -40,6 +40,19 @@ class RegionError(UdrvError):
     """A BAR/region access out of range, unaligned, of a bad width, or not permitted."""
 
 
+class DescriptionError(UdrvError):
+    """A register description (SystemRDL, IP-XACT) that cannot be compiled or mapped.
+
+    Attributes:
+        path: the description file.
+        line: the line the cause is on, when known.
+    """
+
+    def __init__(self, message: str, *, path: str = "", line: int | None = None) -> None:
+        super().__init__(message)
+        self.path, self.line = path, line
+
+
 class BackendError(UdrvError):
     """A device cannot be opened through the requested backend (VFIO, UIO, sysfs)."""
 

@@ -21,7 +21,11 @@ from tests.docs.mdrun import Block, blocks, missing_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The documents whose every block runs (the README's quick start is checked separately).
-TUTORIALS = [ROOT / "docs" / "tutorial-first-driver.md", ROOT / "docs" / "your-own-device.md"]
+TUTORIALS = [
+    ROOT / "docs" / "tutorial-first-driver.md",
+    ROOT / "docs" / "your-own-device.md",
+    ROOT / "docs" / "bringup-tutorial.md",
+]
 BLOCK_TIMEOUT = 600
 
 

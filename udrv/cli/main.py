@@ -13,7 +13,7 @@ from udrv.errors import UdrvError
 #: Modules under udrv.cli that add commands; each has ``register(subparsers)``.
 COMMAND_MODULES = (
     "lab", "devices", "bind", "hugepages", "regs", "edu", "e1000", "nvme", "ramdisk", "plugin",
-    "emulate", "demo",
+    "emulate", "shell", "trace", "demo",
 )  # fmt: skip
 
 

@@ -3,6 +3,7 @@ through the register map's access rules.
 
     udrv regs ADDRESS [REG ...] [--json] [--watch SECONDS]
     udrv regs ADDRESS set REG.FIELD=VALUE [REG=VALUE ...]
+    udrv regs ADDRESS --rdl FILE | --ipxact FILE [--top NAME] [--bar N] ...
 
 The device is recognised by its ids (edu 1234:11e8, the 8254x NICs, NVMe by class 010802)
 and opened with the backend its binding allows: VFIO or UIO when bound to vfio-pci or
@@ -10,6 +11,10 @@ uio_pci_generic, otherwise sysfs, read-only unless ``set --force`` (a kernel dri
 device then, and writing behind its back can wedge it). Kernels with
 CONFIG_IO_STRICT_DEVMEM (or ``iomem=strict``) do not map a BAR that a driver has claimed at
 all; the error then says to unbind the device first.
+
+
+With ``--rdl``/``--ipxact`` the map comes from a register description instead (any device,
+see :mod:`udrv.regmaps`): ``--top`` picks the addrmap, ``--bar`` the BAR.
 """
 
 from __future__ import annotations
@@ -236,6 +241,7 @@ def register(sub: Any) -> None:
         help="registers to show (default: every readable one without read side effects), "
         "or `set` and assignments",
     )
+    add_description_options(p)
     p.add_argument("--json", action="store_true", help="records instead of text")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     p.add_argument(
@@ -250,6 +256,59 @@ def register(sub: Any) -> None:
         help="set: write through sysfs although a kernel driver owns the device",
     )
     p.set_defaults(func=cmd_regs)
+
+
+def add_description_options(p: argparse.ArgumentParser) -> None:
+    """``--rdl FILE | --ipxact FILE [--top NAME] [--bar N]`` (shared with `udrv shell`)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rdl", type=Path, metavar="FILE", help="the register map from SystemRDL")
+    g.add_argument("--ipxact", type=Path, metavar="FILE", help="the register map from IP-XACT")
+    p.add_argument("--top", metavar="NAME", help="with --rdl/--ipxact: the addrmap to use")
+    p.add_argument(
+        "--bar",
+        type=int,
+        metavar="N",
+        help="with --rdl/--ipxact: the BAR (default: the description's udrv_bar, else 0)",
+    )
+
+
+def description_map(args: argparse.Namespace) -> KnownDevice | None:
+    """The map of ``--rdl``/``--ipxact`` (loaded before any device is opened, so that a bad
+    description is reported as such), or ``None`` when neither is given.
+
+    Raises:
+        DescriptionError: the description cannot be loaded or has no such BAR.
+        UdrvError: ``--top``/``--bar`` without a description.
+    """
+    if args.rdl is None and args.ipxact is None:
+        if args.top is not None or args.bar is not None:
+            raise UdrvError("--top and --bar go with --rdl FILE or --ipxact FILE")
+        return None
+    from udrv import regmaps
+
+    if args.rdl is not None:
+        desc = regmaps.load_rdl(args.rdl, top=args.top, bar=args.bar)
+    else:
+        desc = regmaps.load_ipxact(args.ipxact, top=args.top, bar=args.bar)
+    bar, regmap = desc.map_for(args.bar)
+    return KnownDevice(f"{desc.name} ({desc.path.name})", regmap, bar)
+
+
+def builtin_map(info: Any) -> KnownDevice:
+    """udrv's own map for the device ``info``.
+
+    Raises:
+        UdrvError: udrv has none; the message says what to use instead.
+    """
+    known = known_device(info.vendor, info.device, info.class_code)
+    if known is None:
+        raise UdrvError(
+            f"{info.address} ({info.ids}, class {info.class_code:06x}) has no built-in register "
+            "map; udrv knows edu (1234:11e8), the 8254x NICs (8086:100e...) and NVMe (class "
+            "010802). Give its description with --rdl FILE or --ipxact FILE, or use "
+            "`udrv peek` for raw access."
+        )
+    return known
 
 
 def _backend(info: Any, wanted: str) -> str:
@@ -267,14 +326,9 @@ def cmd_regs(args: argparse.Namespace, root: Path = SYSFS_PCI) -> int:
     """Run `udrv regs` (``root``: the sysfs PCI devices directory; tests use a fake tree)."""
     import udrv
 
+    described = description_map(args)
     info = find(args.address, root)
-    known = known_device(info.vendor, info.device, info.class_code)
-    if known is None:
-        raise UdrvError(
-            f"{info.address} ({info.ids}, class {info.class_code:06x}) has no built-in register "
-            "map; udrv knows edu (1234:11e8), the 8254x NICs (8086:100e...) and NVMe (class "
-            "010802). Use `udrv peek` for raw access."
-        )
+    known = described or builtin_map(info)
     setting = bool(args.words) and args.words[0] == "set"
     backend = _backend(info, args.backend)
     writable = False
