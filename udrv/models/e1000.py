@@ -1,7 +1,8 @@
 """An Intel 82540EM (e1000) model, after the PCI/PCI-X Family of Gigabit Ethernet
 Controllers Software Developer's Manual (8254x SDM rev 4.0; sections cited).
 
-Reset, the EEPROM (MAC in words 0-2, checksum word 0x3F) read through EERD, link status,
+Reset, the EEPROM (MAC in words 0-2, checksum word 0x3F) read through EERD, the internal
+PHY's registers through MDIC (SDM 13.4.7; :class:`Phy`), link status,
 the receive and transmit units with legacy descriptors, receive filtering (station address,
 broadcast, multicast table, promiscuous), interrupt causes ICR/ICS/IMS/IMC on INTx, the
 statistics the driver reads, and the IOADDR/IODATA window in the I/O BAR (SDM 13.2.1).
@@ -29,7 +30,7 @@ BAR0_SIZE = 128 * 1024  # SDM 4.1: 128 KB memory space
 BAR1_SIZE = 64  # I/O: IOADDR at 0, IODATA at 4 (SDM 13.2.1)
 
 # 13.4 registers
-CTRL, STATUS, EECD, EERD, CTRL_EXT = 0x0000, 0x0008, 0x0010, 0x0014, 0x0018
+CTRL, STATUS, EECD, EERD, CTRL_EXT, MDIC = 0x0000, 0x0008, 0x0010, 0x0014, 0x0018, 0x0020
 ICR, ITR, ICS, IMS, IMC = 0x00C0, 0x00C4, 0x00C8, 0x00D0, 0x00D8
 RCTL, TCTL, TIPG = 0x0100, 0x0400, 0x0410
 RDBAL, RDBAH, RDLEN, RDH, RDT, RDTR = 0x2800, 0x2804, 0x2808, 0x2810, 0x2818, 0x2820
@@ -39,6 +40,11 @@ CTRL_SLU, CTRL_RST = 1 << 6, 1 << 26
 STATUS_FD, STATUS_LU, STATUS_SPEED_1000 = 1 << 0, 1 << 1, 2 << 6
 EERD_START, EERD_DONE = 1 << 0, 1 << 4
 ICR_TXDW, ICR_TXQE, ICR_LSC, ICR_RXDMT0, ICR_RXO, ICR_RXT0 = 1, 2, 4, 16, 64, 128
+ICR_MDAC = 1 << 9  # MDI/O access complete (13.4.17)
+# 13.4.7 MDIC: DATA 15:0, REGADD 20:16, PHYADD 25:21, OP 27:26, R 28, I 29, E 30
+MDIC_OP_WRITE, MDIC_OP_READ = 0b01, 0b10
+MDIC_R, MDIC_I, MDIC_E = 1 << 28, 1 << 29, 1 << 30
+PHY_ADDR = 1  # 13.4.7: the internal PHY answers at address 1, no other
 RCTL_EN, RCTL_UPE, RCTL_MPE, RCTL_BAM, RCTL_BSEX, RCTL_SECRC = 2, 8, 16, 1 << 15, 1 << 25, 1 << 26
 TCTL_EN, TCTL_PSP = 2, 8
 RAH_AV = 1 << 31
@@ -56,6 +62,80 @@ EEPROM_WORDS = 64
 EEPROM_CHECKSUM = 0xBABA  # SDM 5.6.1: words 0x00-0x3F sum to this
 DEFAULT_MAC = bytes.fromhex("525400123456")
 
+# The PHY's registers: IEEE 802.3 clause 22.2.4 (0, 1, 2, 3), 28.2.4.1 (4, 5), 40.5.1.1 (9,
+# 10), and the M88E1011's specific status (17); the SDM's PHY register section (13.5) lists
+# the same ones with the 82540EM's reset values, which are used here.
+BMCR, BMSR, PHYID1, PHYID2, ANAR, ANLPAR, GBCR, GBSR, PSSR = 0, 1, 2, 3, 4, 5, 9, 10, 17
+BMCR_RESET, BMCR_AN_ENABLE, BMCR_POWER_DOWN, BMCR_RESTART_AN = 1 << 15, 1 << 12, 1 << 11, 1 << 9
+BMCR_DEFAULT = 0x1140  # AN enable, full duplex, speed 1000 (bit 6 set, bit 13 clear)
+BMSR_LINK, BMSR_AN_COMPLETE = 1 << 2, 1 << 5
+BMSR_ABILITIES = 0x7949  # 100BASE-TX/10BASE-T FD+HD, extended status, MF suppression, AN, ext
+# Linux e1000_hw.h M88E1011_I_PHY_ID 0x01410C20: OUI-derived ID 1, model 0x02, revision 0.
+PHY_ID = 0x01410C20
+ANAR_DEFAULT = 0x01E1  # selector 00001 (802.3), 10/100 half and full duplex
+ANAR_PAUSE, ANAR_ASM_DIR = 1 << 10, 1 << 11
+ANLPAR_ACK = 1 << 14
+GBCR_DEFAULT = 0x0300  # advertise 1000BASE-T full and half duplex
+GBSR_LINK = 0x3C00  # local and remote receiver OK, partner 1000BASE-T full and half duplex
+# M88E1000_PSSR (Linux e1000_hw.h): speed 15:14 (10b = 1000), duplex 13, resolved 11, link 10
+PSSR_LINK = 0xA000 | 1 << 11 | 1 << 10
+
+
+class Phy:
+    """The 82540EM's internal copper PHY (an M88E1011) as seen through MDIC.
+
+    Only what decides the link is modelled: power-down and auto-negotiation in BMCR, link
+    and auto-negotiation complete in BMSR, the abilities both ends advertise. Auto-negotiation
+    completes at once when the PHY is powered and the cable is in. A MAC reset (CTRL.RST)
+    leaves the PHY alone, as on the part: a PHY powered down by the last driver stays down.
+
+    Args:
+        power_down: start with BMCR.PD set (as Linux's e1000 leaves the PHY on unbind).
+        partner: what the link partner advertises (ANLPAR; by default 10/100 and PAUSE).
+    """
+
+    def __init__(
+        self, *, power_down: bool = False, partner: int = ANAR_DEFAULT | ANAR_PAUSE
+    ) -> None:
+        self.partner = partner
+        self.reset()
+        if power_down:
+            self.regs[BMCR] |= BMCR_POWER_DOWN
+
+    def reset(self) -> None:
+        """BMCR.RST (22.2.4.1.1): every register back to its default."""
+        self.regs = {BMCR: BMCR_DEFAULT, ANAR: ANAR_DEFAULT, GBCR: GBCR_DEFAULT}
+
+    def link(self, carrier: bool) -> bool:
+        """Whether the PHY has a link: powered, cable in, auto-negotiation (if on) done."""
+        return carrier and not self.regs[BMCR] & BMCR_POWER_DOWN
+
+    def read(self, reg: int, carrier: bool) -> int:
+        up = self.link(carrier)
+        if reg == BMSR:
+            return BMSR_ABILITIES | ((BMSR_LINK | BMSR_AN_COMPLETE) if up else 0)
+        if reg == PHYID1:
+            return PHY_ID >> 16
+        if reg == PHYID2:
+            return PHY_ID & 0xFFFF
+        if reg == ANLPAR:
+            return (self.partner | ANLPAR_ACK) if up else 0
+        if reg == GBSR:
+            return GBSR_LINK if up else 0
+        if reg == PSSR:
+            return PSSR_LINK if up else 0
+        return self.regs.get(reg, 0)
+
+    def write(self, reg: int, value: int) -> None:
+        if reg == BMCR:
+            if value & BMCR_RESET:
+                self.reset()
+                return
+            # Restart auto-negotiation is self-clearing (22.2.4.1.7): done at once here.
+            self.regs[BMCR] = value & ~BMCR_RESTART_AN
+        elif reg in (ANAR, GBCR) or reg > GBSR:
+            self.regs[reg] = value  # BMSR, IDs, the partner's abilities are read-only
+
 
 @dataclass
 class Injections:
@@ -71,11 +151,14 @@ class E1000Model(PciModel):
         mac: the station address in the EEPROM.
         loopback: transmitted frames come back in (else they go to :attr:`link`, or
             nowhere).
+        phy_power_down: the PHY starts powered down (BMCR.PD), as a previous driver may
+            leave it: no link until a driver powers it up through MDIC.
     """
 
     name = "e1000"
 
-    def __init__(self, *, mac: bytes = DEFAULT_MAC, loopback: bool = False) -> None:
+    def __init__(self, *, mac: bytes = DEFAULT_MAC, loopback: bool = False,
+                 phy_power_down: bool = False) -> None:  # fmt: skip
         super().__init__(
             ConfigSpace(vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_CODE, revision=3,
                         subsystem_vendor_id=VENDOR_ID, subsystem_id=0x001E)
@@ -90,6 +173,7 @@ class E1000Model(PciModel):
         self.mac = bytes(mac)
         self.link: Callable[[bytes], object] | None = self.receive_frame if loopback else None
         self.carrier = True  # the cable is plugged in
+        self.phy = Phy(power_down=phy_power_down)  # not reset by CTRL.RST (see Phy)
         self.inject = Injections()
         self.sent: list[bytes] = []  # the last frames transmitted (tests)
         self._sock: socket.socket | None = None
@@ -109,14 +193,17 @@ class E1000Model(PciModel):
 
     @property
     def status(self) -> int:
-        up = self.carrier and bool(self.regs.get(CTRL, 0) & CTRL_SLU)
+        # With the internal PHY, the MAC sees the PHY's link once CTRL.SLU is set (13.4.1).
+        up = self.phy.link(self.carrier) and bool(self.regs.get(CTRL, 0) & CTRL_SLU)
         return STATUS_FD | STATUS_SPEED_1000 | (STATUS_LU if up else 0)
 
     def set_carrier(self, up: bool) -> None:
-        """Plug or unplug the cable: STATUS.LU follows, ICR.LSC is raised (SDM 13.4.17)."""
+        """Plug or unplug the cable: STATUS.LU follows (if the PHY is powered and CTRL.SLU
+        set), and ICR.LSC is raised when it changes (SDM 13.4.17)."""
         with self.lock:
-            if up != self.carrier:
-                self.carrier = up
+            was = self.status & STATUS_LU
+            self.carrier = up
+            if (self.status & STATUS_LU) != was:
                 self._cause(ICR_LSC)
 
     # -- registers ---------------------------------------------------------------------------
@@ -152,6 +239,8 @@ class E1000Model(PciModel):
                 word = (value >> 8) & 0xFF
                 data = self.eeprom[word] if word < len(self.eeprom) else 0xFFFF
                 self.regs[EERD] = (value & 0xFF00) | EERD_DONE | (data << 16)
+        elif offset == MDIC:
+            self._mdic(value)
         elif offset == ICS:
             self._cause(value)
         elif offset == IMS:
@@ -172,6 +261,23 @@ class E1000Model(PciModel):
             pass
         else:
             self.regs[offset] = value
+
+    def _mdic(self, value: int) -> None:
+        """One MII management frame (13.4.7), done at once: R set, E if no PHY answers."""
+        op, phy, reg = (value >> 26) & 3, (value >> 21) & 0x1F, (value >> 16) & 0x1F
+        done = (value & ~(MDIC_R | MDIC_E)) | MDIC_R
+        if phy != PHY_ADDR or op not in (MDIC_OP_READ, MDIC_OP_WRITE):
+            done |= MDIC_E
+        elif op == MDIC_OP_READ:
+            done = (done & ~0xFFFF) | self.phy.read(reg, self.carrier)
+        else:
+            was = self.status & STATUS_LU
+            self.phy.write(reg, value & 0xFFFF)
+            if (self.status & STATUS_LU) != was:
+                self._cause(ICR_LSC)
+        self.regs[MDIC] = done
+        if value & MDIC_I:
+            self._cause(ICR_MDAC)
 
     def io_read(self, offset: int, width: int) -> int:
         """IOADDR (0) and IODATA (4): indirect access to the registers (SDM 13.2.1)."""
