@@ -45,7 +45,8 @@ bench: lab
 	$(BIN)/python -m bench.net
 	$(BIN)/python -m bench.block
 
-# About 20 minutes in the lab; not part of `make test`. SOAK_ARGS=--quick for a short run.
+# Soak and chaos in the lab (issue 13), not part of `make test`: 20-40 minutes under TCG, as
+# loaded as the host is, bounded by --minutes (40). SOAK_ARGS=--quick for a short run (~7 min).
 soak: lab
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 

@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=20, help="nvme kills and e1000 restarts")
     ap.add_argument("--mix-runs", type=int, default=10, help="runs of bench.net's traffic mix")
     ap.add_argument("--quick", action="store_true", help="3 cycles each, 1 mix run")
-    ap.add_argument("--minutes", type=float, default=30, help="time bound for the whole soak")
+    ap.add_argument("--minutes", type=float, default=40, help="time bound for the whole soak")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
     if args.quick:
