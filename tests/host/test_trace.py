@@ -37,6 +37,11 @@ class FakeEdu:
         self.irq_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.bar0 = MmioRegion(bytearray(1 << 20), name=f"BAR0 of {ADDRESS}", index=0)
         self.bar0.write32(regs.IDENT, 0x010000ED)
+        self.dma = FakeDma()
+        self.bus_master = False
+
+    def set_bus_master(self, enable: bool = True) -> None:
+        self.bus_master = enable
 
     def bar(self, index: int) -> Region:
         assert index == 0
@@ -56,6 +61,11 @@ class FakeEdu:
 
 
 class FakeDma:
+    """The Device contract's ``dev.dma``, as far as the edu driver uses it."""
+
+    def set_mask(self, bits: int) -> None:
+        self.mask_bits = bits
+
     def alloc(self, size: int) -> Any:
         return Mapping(0x1000, size, lambda: None)
 
@@ -75,10 +85,8 @@ def tracer(fake: FakeEdu) -> Iterator[trace.Tracer]:
 
 
 def edu_run(fake: FakeEdu, monkeypatch: pytest.MonkeyPatch) -> None:
-    from udrv import dma
     from udrv.drivers.edu.driver import Edu
 
-    monkeypatch.setattr(dma, "for_device", lambda dev, mask_bits: FakeDma())
     edu = Edu(fake, interrupts=None)  # type: ignore[arg-type]
     edu.irq = Vector(fake.irq_fd, name=f"MSI 0 of {ADDRESS}", read_count=eventfd_count)
     assert edu.check_liveness()

@@ -11,6 +11,7 @@ import pytest
 import udrv
 from udrv.core.device import Device
 from udrv.drivers.nvme import AsyncNvme, Nvme
+from udrv.drivers.nvme.command import SF_DNR
 from udrv.drivers.nvme.driver import NvmeError
 from udrv.errors import PollTimeout
 from udrv.models.nvme import SC_LBA_OUT_OF_RANGE, NvmeModel
@@ -82,20 +83,31 @@ def test_lba_out_of_range_is_a_status(nvme_dev: tuple[NvmeModel, Device]) -> Non
 
 
 def test_injected_status_error(nvme_dev: tuple[NvmeModel, Device]) -> None:
+    """A retryable error (DNR=0) is retried and the read succeeds; one marked Do Not Retry
+    reaches the caller."""
     model, dev = nvme_dev
     with Nvme(dev) as n:
-        model.inject.status = 0x06  # Internal Error
+        model.inject.status = 0x06  # Internal Error, retryable: fires once, the retry succeeds
+        n.read(0, memoryview(bytearray(512)))
+        assert model.inject.status is None
+        model.inject.status = 0x06 | SF_DNR
         with pytest.raises(NvmeError, match="internal error"):
             n.read(0, memoryview(bytearray(512)))
         n.read(0, memoryview(bytearray(512)))  # fires once
 
 
 def test_injected_wrong_command_id(nvme_dev: tuple[NvmeModel, Device]) -> None:
+    """A completion for a command id nobody waits for is consumed and counted; the command
+    it should have completed times out (and keeps its buffers: the controller is disabled)."""
     model, dev = nvme_dev
-    with Nvme(dev) as n:
-        model.inject.wrong_cid = True
-        with pytest.raises(NvmeError, match="completion for command"):
-            n.flush()
+    n = Nvme(dev, timeout=0.3, admin_timeout=0.3)
+    model.inject.wrong_cid = True
+    with pytest.raises((NvmeError, PollTimeout)):
+        n.flush()
+    assert sum(q.stray for q in n.io) == 1
+    with pytest.raises(NvmeError, match="disabled"):
+        n.flush()
+    n.dev.close()  # the controller was disabled: no clean shutdown to do
 
 
 def test_lost_completion_times_out(nvme_dev: tuple[NvmeModel, Device]) -> None:
