@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import sh
-from tests.lab.conftest import bind
+from udrv.lab.pytest_plugin import bind
 
 JOBS = {  # name: fio arguments
     "4k randread QD1": "--rw=randread --bs=4k --iodepth=1",
