@@ -13,6 +13,7 @@ slows it) and its context switches (``/proc/PID/task/*/status``), next to its CP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -187,15 +188,18 @@ def main() -> int:
         per_io("udrv ram / ublk", dev, proc.pid)
     finally:
         stop(proc)
+    (results / "block-qd1.json").write_text(json.dumps(qd1, indent=1))
+    (results / "block.json").write_text(json.dumps(out, indent=1))
     # where the Python time goes: udrv NVMe over ublk, 4k random reads at QD32
+    if importlib.util.find_spec("yappi") is None:
+        print("no profile: yappi is missing (pip install -e '.[bench]')", flush=True)
+        return 0
     prof = results / "block-profile.json"
     proc, dev = serve(["nvme", "serve", addr, "--frontend", "ublk", "--depth", "32"], prof)
     try:
         fio(dev, "4k randread QD32", None)
     finally:
         stop(proc)
-    (results / "block-qd1.json").write_text(json.dumps(qd1, indent=1))
-    (results / "block.json").write_text(json.dumps(out, indent=1))
     return 0
 
 
