@@ -1,10 +1,12 @@
 """`python -m bench.block`: fio through the kernel's drivers and udrv's, in one lab session.
 
 Prints IOPS, MB/s, p99 latency and CPU time per I/O for every path and job, the ratios
-udrv / kernel, the goals from the issue (udrv NVMe over ublk >= 50% of the kernel's nvme at
-4k QD32; udrv's RAM disk over ublk >= 30% of null_blk; an nbdkit Python plugin served by
-udrv over ublk >= 2x the same plugin under nbdkit + nbd-client at 4k QD32), and where the
-Python time goes. ``UDRV_BENCH_ONLY=nbdkit`` runs only the nbdkit comparison.
+udrv / kernel, the goals from the issues (udrv NVMe over ublk >= 50% of the kernel's nvme at
+4k QD32 and >= 60% at QD1; udrv's RAM disk over ublk >= 30% of null_blk at QD32 and >= 20%
+at QD1; an nbdkit Python plugin served by udrv over ublk >= 2x the same plugin under nbdkit +
+nbd-client at 4k QD32) with met / not met, the QD1 per-I/O breakdown (system calls and context
+switches per I/O: counts that host load does not change) and where the Python time goes.
+``UDRV_BENCH_ONLY=nbdkit`` runs only the nbdkit comparison.
 Writes bench/results/block.json. TCG makes absolute numbers meaningless: read the ratios.
 """
 
@@ -22,8 +24,20 @@ GOALS = (  # (path, reference, job, minimum ratio)
     ("udrv nvme / ublk", "kernel nvme", "4k randread QD32", 0.5),
     ("udrv nvme / ublk", "kernel nvme", "4k randwrite QD32", 0.5),
     ("udrv ram / ublk", "kernel null_blk", "4k randread QD32", 0.3),
+    ("udrv nvme / ublk", "kernel nvme", "4k randread QD1", 0.6),
+    ("udrv ram / ublk", "kernel null_blk", "4k randread QD1", 0.2),
     ("udrv plugin / ublk", "nbdkit python / nbd-client", "4k randread QD32", 2.0),
     ("udrv plugin / ublk", "nbdkit python / nbd-client", "4k randwrite QD32", 2.0),
+)
+#: The QD1 breakdown's columns: (key in block-qd1.json, heading).
+PER_IO = (
+    ("iops", "IOPS"),
+    ("fio_switches_per_io", "fio switches/IO"),
+    ("switches_per_io", "driver switches/IO"),
+    ("syscalls_per_io", "driver syscalls/IO"),
+    ("io_uring_enter_per_io", "io_uring_enter/IO"),
+    ("read_per_io", "read/IO"),
+    ("cpu_us_per_io", "driver CPU us/IO"),
 )
 REFERENCES = {  # path prefix -> the path its IOPS are compared with
     "udrv nvme": "kernel nvme",
@@ -45,6 +59,8 @@ def main() -> int:
         r = lab.run([sys.executable, "-m", "bench.block.guest"], timeout=1500, stream=True)
         path = lab.results / "block.json"
         data = json.loads(path.read_text()) if r.returncode == 0 and path.exists() else {}
+        qd1_path = lab.results / "block-qd1.json"
+        qd1 = json.loads(qd1_path.read_text()) if qd1_path.exists() else {}
         prof_path = lab.results / "block-profile.json"
         profile = json.loads(prof_path.read_text()) if prof_path.exists() else []
     if not data:
@@ -74,6 +90,14 @@ def main() -> int:
             met[f"{udrv_path} {job}"] = {"ratio": ratio, "goal": goal, "met": ratio >= goal}
             goals.add_row(udrv_path, job, ref, f"{ratio:.2f}", f">= {goal}", "yes" if ratio >= goal else "no")  # fmt: skip
     console.print(goals)
+    if qd1:
+        bt = Table(title="4k randread QD1, per I/O (counts: independent of host load)")
+        bt.add_column("path", justify="right")
+        for _, head in PER_IO:
+            bt.add_column(head, justify="right")
+        for name, m in qd1.items():
+            bt.add_row(name, *(f"{m[k]:.2f}" if k in m else "-" for k, _ in PER_IO))
+        console.print(bt)
     if profile:
         pt = Table(
             title="where the Python time goes (udrv nvme / ublk, 4k randread QD32, yappi CPU)"
@@ -85,7 +109,7 @@ def main() -> int:
         console.print(pt)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "block.json").write_text(
-        json.dumps({"paths": data, "goals": met, "profile": profile}, indent=2)
+        json.dumps({"paths": data, "goals": met, "qd1": qd1, "profile": profile}, indent=2)
     )
     return 0
 

@@ -10,12 +10,19 @@ over ublk and over NBD; and nbdkit's C ``memory`` plugin + nbd-client beside udr
 Finally udrv NVMe over ublk runs the 4k QD32 read job under yappi for a profile.
 
 ``UDRV_BENCH_ONLY=nbdkit`` runs only (e) (with udrv's RAM disk beside nbdkit's memory).
+
+For the QD1 read job on each udrv ublk path, a per-I/O breakdown that host load does not
+change: the driver process's system calls (``strace -c -f``, in a run of its own since strace
+slows it) and its context switches (``/proc/PID/task/*/status``), next to its CPU time.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,12 +52,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (proc(5))
 
 
-def fio(dev: str, job: str, pid: int | None) -> dict[str, float]:
+def fio(dev: str, job: str, pid: int | None, ramp: float = 1.0) -> dict[str, float]:
     before = cpu_seconds(pid) if pid else 0.0
     out = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio --time_based "
-             f"--runtime={RUNTIME:g} --ramp_time=1 --size=48M --output-format=json {JOBS[job]}",
+             f"--runtime={RUNTIME:g} --ramp_time={ramp:g} --size=48M --output-format=json "
+             f"{JOBS[job]}",
              timeout=RUNTIME * 10 + 60)  # fmt: skip
-    used = cpu_seconds(pid) - before if pid else 0.0
+    # The driver's CPU time spans fio's ramp too, its I/O count does not: take the measured
+    # part's share (the rate is steady by then).
+    used = (cpu_seconds(pid) - before) * RUNTIME / (RUNTIME + ramp) if pid else 0.0
     j = json.loads(out[out.index("{") :])["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
     ios = max(side["total_ios"], 1)
@@ -60,9 +70,62 @@ def fio(dev: str, job: str, pid: int | None) -> dict[str, float]:
         "mbps": side["bw_bytes"] / 1e6,
         "p99_us": side["clat_ns"]["percentile"]["99.000000"] / 1000,
         "mean_us": side["clat_ns"]["mean"] / 1000,
+        "ios": ios,
+        "fio_switches_per_io": j["ctx"] / ios,
         # udrv: the driver process; kernel: fio's system CPU share of the run
         "cpu_us_per_io": (used if pid else j["sys_cpu"] / 100 * runtime_s) / ios * 1e6,
     }
+
+
+def switches(pid: int) -> int:
+    """Context switches (voluntary: the thread slept; involuntary: preempted) of every
+    thread of ``pid`` so far (proc(5) ``/proc/PID/task/TID/status``)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        total += sum(
+            int(n) for n in re.findall(r"^\w*voluntary_ctxt_switches:\s+(\d+)", status, re.M)
+        )
+    return total
+
+
+def syscalls(summary: str) -> dict[str, int]:
+    """``{syscall: calls}`` from ``strace -c``'s table (columns: % time, seconds,
+    usecs/call, calls, [errors,] syscall)."""
+    out = {}
+    for line in summary.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[-1] != "total" and f[-1].isidentifier() and f[3].isdigit():
+            out[f[-1]] = int(f[3])
+    return out
+
+
+def breakdown(dev: str, job: str, pid: int | None) -> dict[str, float]:
+    """Per I/O of ``job`` on ``dev`` (no ramp: the counts cover exactly fio's I/Os): fio's
+    context switches, and the serving process's (``pid``) CPU us, context switches and
+    system calls (the last in a second run under ``strace -c -f``)."""
+    before = switches(pid) if pid else 0
+    m = fio(dev, job, pid, ramp=0)
+    out = {"iops": m["iops"], "fio_switches_per_io": m["fio_switches_per_io"]}
+    if not pid:
+        return out
+    out["cpu_us_per_io"] = m["cpu_us_per_io"]
+    out["switches_per_io"] = (switches(pid) - before) / m["ios"]
+    if shutil.which("strace"):
+        log = Path(f"/tmp/strace-{pid}.txt")
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(log), "-p", str(pid)])
+        time.sleep(1)  # attached to every thread
+        traced = fio(dev, job, None, ramp=0)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(60)
+        calls = syscalls(log.read_text())
+        n = traced["ios"]
+        out["syscalls_per_io"] = sum(calls.values()) / n
+        out.update({f"{name}_per_io": c / n for name, c in calls.items()})
+    return out
 
 
 def serve(args: list[str], profile: Path | None = None) -> tuple[subprocess.Popen[str], str]:
@@ -114,6 +177,11 @@ def main() -> int:
     results = Path(os.environ["UDRV_LAB_RESULTS"])
     addr = dict(x.split("=", 1) for x in os.environ["UDRV_LAB_DEVICES"].split(","))["nvme"]
     out: dict[str, dict[str, dict[str, float]]] = {}
+    qd1: dict[str, dict[str, float]] = {}  # path: the QD1 read job's per-I/O breakdown
+
+    def per_io(path_name: str, dev: str, pid: int | None) -> None:
+        qd1[path_name] = breakdown(dev, "4k randread QD1", pid)
+        print(path_name, "QD1 per I/O", qd1[path_name], flush=True)
 
     def run(path_name: str, dev: str, jobs: tuple[str, ...], pid: int | None) -> None:
         out[path_name] = {}
@@ -159,6 +227,7 @@ def main() -> int:
             break
         time.sleep(0.1)
     run("kernel nvme", f"/dev/{ctrl}n1", tuple(JOBS), None)
+    per_io("kernel nvme", f"/dev/{ctrl}n1", None)
     bind(addr, None)
     bind(addr, "vfio-pci")
     # (b), (c): udrv NVMe over ublk, then NBD
@@ -167,24 +236,32 @@ def main() -> int:
         proc, dev = serve(["nvme", "serve", addr, "--frontend", front, "--depth", "32"])
         try:
             run(f"udrv nvme / {front}", dev, tuple(JOBS), proc.pid)
+            if front == "ublk":
+                per_io("udrv nvme / ublk", dev, proc.pid)
         finally:
             stop(proc)
     # (d) null_blk (memory-backed, like the RAM disk) vs udrv's RAM disk over ublk
     sh("modprobe null_blk nr_devices=1 gb=1 memory_backed=1 queue_mode=2 irqmode=0")
     run("kernel null_blk", "/dev/nullb0", NULL_JOBS, None)
+    per_io("kernel null_blk", "/dev/nullb0", None)
     proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32"])
     try:
         run("udrv ram / ublk", dev, NULL_JOBS, proc.pid)
+        per_io("udrv ram / ublk", dev, proc.pid)
     finally:
         stop(proc)
+    (results / "block-qd1.json").write_text(json.dumps(qd1, indent=1))
+    (results / "block.json").write_text(json.dumps(out, indent=1))
     # where the Python time goes: udrv NVMe over ublk, 4k random reads at QD32
+    if importlib.util.find_spec("yappi") is None:
+        print("no profile: yappi is missing (pip install -e '.[bench]')", flush=True)
+        return 0
     prof = results / "block-profile.json"
     proc, dev = serve(["nvme", "serve", addr, "--frontend", "ublk", "--depth", "32"], prof)
     try:
         fio(dev, "4k randread QD32", None)
     finally:
         stop(proc)
-    (results / "block.json").write_text(json.dumps(out, indent=1))
     return 0
 
 

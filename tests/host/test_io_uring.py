@@ -78,6 +78,31 @@ def test_poll_and_timeout_share_one_wait() -> None:
         os.close(w)
 
 
+def test_an_eventfd_read_in_the_ring_is_an_interrupt_wait_and_reset_in_one() -> None:
+    """What the ublk frontend's hardware-queue loop relies on instead of POLL_ADD + read(2):
+    an 8-byte READ of a non-blocking eventfd stays pending (no -EAGAIN CQE) until the
+    eventfd is written, then completes with the count and leaves the eventfd reset; one
+    queued when the eventfd is already written completes at once."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    count = ctypes.c_uint64()
+    try:
+        with IoUring(4) as ring:
+            ring.prep(IU.IORING_OP_READ, efd, addr=ctypes.addressof(count), length=8,
+                      user_data=1)  # fmt: skip
+            ring.submit()
+            assert ring.completions() == []  # nothing written yet: still pending
+            os.eventfd_write(efd, 3)
+            assert ring.wait(1) == [(1, 8, 0)] and count.value == 3
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(efd)  # the READ consumed the count
+            os.eventfd_write(efd, 2)  # an interrupt before the READ is queued again
+            ring.prep(IU.IORING_OP_READ, efd, addr=ctypes.addressof(count), length=8,
+                      user_data=2)  # fmt: skip
+            assert ring.wait(1) == [(2, 8, 0)] and count.value == 2
+    finally:
+        os.close(efd)
+
+
 def test_put_packs_one_sqe_and_clears_a_long_command_left_in_the_slot() -> None:
     import struct
 

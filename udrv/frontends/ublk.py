@@ -13,9 +13,10 @@ Each queue is a thread with its own ring. For a sync driver the thread loops on
 call. For an ``async`` driver it runs an asyncio loop woken by the ring's fd: each request is
 a task (many in flight), commits are submitted once per loop pass. A driver with hardware
 queues (``udrv.block.queue``) gets the blocking loop too: requests go to ``queue_rq`` as
-they arrive, the device's completion eventfd is polled in the same ring (POLL_ADD), so is a
-one-second watchdog tick (TIMEOUT), and the kernel reads and writes the device's own DMA
-buffers.
+they arrive, the device's completion eventfd is read in the same ring (an 8-byte READ that
+completes when the interrupt fires and resets the count, so an interrupt costs no system call
+of its own), so is a one-second watchdog tick (TIMEOUT), and the kernel reads and writes the
+device's own DMA buffers.
 
 User recovery (``UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE``): if the process
 dies, the disk stays, quiesced, its I/O held; ``Ublk(driver, dev_id=N, recover=True)`` in a
@@ -50,7 +51,13 @@ from udrv.block.driver import BlockDriver
 from udrv.block.queue import HardwareQueue, Op
 from udrv.errors import FrontendError
 from udrv.kernel import ublk as U
-from udrv.kernel.io_uring import IORING_OP_URING_CMD, SQE_CMD16, IoUring, IoUringError
+from udrv.kernel.io_uring import (
+    IORING_OP_READ,
+    IORING_OP_URING_CMD,
+    SQE_CMD16,
+    IoUring,
+    IoUringError,
+)
 
 log = logging.getLogger(__name__)
 DESC = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
@@ -149,6 +156,7 @@ class _Queue:
         self.thread = threading.Thread(target=self._run, name=f"ublk{ublk.dev_id}q{q_id}",
                                        daemon=True)  # fmt: skip
         self._flush_scheduled = False
+        self._irq_count = ctypes.c_uint64()  # where the interrupt eventfd's READ puts its count
 
     def _run(self) -> None:
         try:
@@ -182,7 +190,7 @@ class _Queue:
         if hwq is None and not _is_sync(self.driver):
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
-        self.ring = IoUring(self.tags + 2, sqe128=True)  # + the IRQ poll and the TICK
+        self.ring = IoUring(self.tags + 2, sqe128=True)  # + the IRQ read and the TICK
         fd = self.ublk.cdev_fd
         self.descs = mmap.mmap(fd, U.cmd_buf_size(self.tags), mmap.MAP_SHARED, mmap.PROT_READ,
                                offset=U.cmd_buf_offset(self.q_id))  # fmt: skip
@@ -193,7 +201,7 @@ class _Queue:
                                 f"{self.buf_size}")  # fmt: skip
             self.addrs = [hwq.address(t) for t in range(self.tags)]
             if hwq.fileno() >= 0:
-                self.ring.poll_add(hwq.fileno(), IRQ)
+                self._read_irq(hwq.fileno())
             self.ring.timeout(1.0, TICK)
         else:
             self.bufs = mmap.mmap(-1, self.tags * self.buf_size)
@@ -247,7 +255,7 @@ class _Queue:
 
     def _serve_hardware_queue(self) -> None:
         """blk-mq's shape: each new request goes to ``queue_rq``, the batch to ``commit``;
-        completions come from the device's eventfd (polled in this ring), from a look at the
+        completions come from the device's eventfd (read in this ring), from a look at the
         queue after each batch (an interrupt can be late, or under TCG lost), or from busy
         polling when the queue has no interrupt; the TICK drives ``expire``."""
         ring, hwq, commit = self.ring, self.hwq, self._commit
@@ -273,11 +281,10 @@ class _Queue:
                     else:
                         commit(ud, r)
                 elif ud == IRQ:
-                    try:
-                        os.read(irq, 8)
-                    except BlockingIOError:
-                        pass
-                    ring.poll_add(irq, IRQ)
+                    if res < 0 and res != -errno.EAGAIN and res != -errno.EINTR:
+                        raise UblkError(f"ublk{self.ublk.dev_id} queue {self.q_id}: reading the "
+                                        f"interrupt eventfd failed: {os.strerror(-res)}")  # fmt: skip
+                    self._read_irq(irq)
                 elif ud == TICK:
                     for tag, r in hwq.expire():
                         started -= 1
@@ -288,6 +295,13 @@ class _Queue:
                 for tag, r in hwq.complete():
                     started -= 1
                     commit(tag, r)
+
+    def _read_irq(self, fd: int) -> None:
+        """Queue an 8-byte READ of the interrupt eventfd: its CQE comes when the device
+        interrupts, and the read resets the count (eventfd(2)). A POLL_ADD would need an
+        ``os.read`` per interrupt besides: one system call more per request at QD1."""
+        self.ring.prep(IORING_OP_READ, fd, addr=ctypes.addressof(self._irq_count), length=8,
+                       user_data=IRQ)  # fmt: skip
 
     def _queue_rq(self, tag: int) -> int | None:
         op_flags, nr, sector, _ = DESC.unpack_from(self.descs, tag * DESC.size)
@@ -411,7 +425,7 @@ class Ublk:
         self.cdev_fd = -1
         self._ctl: Control | None = None
         self._queues: list[_Queue] = []
-        self._queue_done = threading.Event()
+        self._queue_done = threading.Event()  # a queue ended, or stop(): wait() returns
         self._stop = threading.Event()
         self._stop_lock = threading.Lock()
         self._added = False  # the device is this object's to stop and delete
@@ -567,9 +581,10 @@ class Ublk:
 
     def wait(self) -> None:
         """Until :meth:`stop` (e.g. from a signal handler's thread) or a queue fails."""
-        while not self._stop.is_set():
-            if self._queue_done.wait(0.2):
-                break
+        # One event that stop() and an ending queue both set: no periodic wake-up (a 0.2 s
+        # poll here took the GIL from the queue threads five times a second for nothing).
+        # A signal still interrupts the wait on the main thread and runs its handler.
+        self._queue_done.wait()
         failed = [q for q in self._queues if q.error is not None]
         if failed and not self._stop.is_set():
             raise UblkError(f"ublk{self.dev_id} queue {failed[0].q_id} failed: {failed[0].error}")
@@ -585,6 +600,7 @@ class Ublk:
         Safe to call from several threads (a signal handler's and the main one): the first
         does the work, the others wait for it."""
         self._stop.set()
+        self._queue_done.set()  # wake wait()
         with self._stop_lock:
             self._stop_locked()
 

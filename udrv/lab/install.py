@@ -49,6 +49,7 @@ APT_PACKAGES = {
     "iperf3": "/usr/bin/iperf3",
     "gcc": "/usr/bin/gcc",
     "dmsetup": "/usr/sbin/dmsetup",  # tests/lab/test_bind_safety.py: a dm target on an NVMe
+    "strace": "/usr/bin/strace",  # bench.block: system calls per I/O of the driver process
 }
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)-unsigned$")
 
