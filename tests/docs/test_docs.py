@@ -112,3 +112,20 @@ def test_readme_quick_start() -> None:
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "3628800" in res.stdout, res.stdout[-4000:]
+
+
+def test_readme_models_without_the_lab() -> None:
+    """The README's second block (device models, no lab, no root) runs as written."""
+    block = [b for b in blocks(ROOT / "README.md", strict=False) if b.lang == "sh"][1]
+    assert "udrv emulate edu" in block.code
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.code],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert missing_lines(["0x010000ed", "DMA round trip of 256 bytes: ok"], res.stdout) == []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -275,3 +278,25 @@ def test_ram_bar_is_mmapped_by_the_client() -> None:
         assert fb.read32(0x200) == 0xEFBEADDE
         # The same memory through REGION_READ, as a client without mmap would see it.
         assert dev.client.region_read(2, 0x100, 8) == (0x1122_3344_5566_7788).to_bytes(8, "little")
+
+
+def test_a_client_waits_for_a_server_that_is_still_starting(tmp_path: Path) -> None:
+    """`udrv emulate edu --socket P &` then a client at once: the client waits for the socket
+    (up to STARTUP_WAIT) instead of failing; with no server at all it fails naming the fix."""
+    from udrv.vfio_user.server import Server
+
+    path = str(tmp_path / "late.sock")
+    servers: list[Server] = []
+    timer = threading.Timer(0.4, lambda: servers.append(Server(EduModel(), path).start()))
+    timer.start()
+    try:
+        with udrv.open(f"vfio-user:{path}") as dev:
+            assert dev.bar(0).read32(R.IDENT) == 0x010000ED
+    finally:
+        timer.join()
+        for s in servers:
+            s.stop()
+    t0 = time.monotonic()
+    with pytest.raises(VfioUserError, match="start a server first"):
+        udrv.open(f"vfio-user:{tmp_path / 'nobody.sock'}")
+    assert time.monotonic() - t0 < 10

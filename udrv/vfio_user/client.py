@@ -15,6 +15,7 @@ import itertools
 import os
 import socket
 import threading
+import time
 from types import TracebackType
 
 from udrv.errors import VfioUserError
@@ -24,6 +25,10 @@ from udrv.vfio_user.transport import Channel, Message, PeerClosed, _cmd_name
 
 #: What this client accepts from a server.
 CLIENT_CAPS = P.Negotiated(max_msg_fds=8)
+
+
+#: Seconds a client waits for a server socket that does not accept yet.
+STARTUP_WAIT = 3.0
 
 
 class _Slot:
@@ -47,17 +52,7 @@ class Client:
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self.path, self.timeout = path, timeout
         self.name = f"vfio-user:{path}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            hint = (
-                f"; start a server first, e.g. `udrv emulate edu --socket {path}`"
-                if exc.errno in (E.ENOENT, E.ECONNREFUSED)
-                else ""
-            )
-            raise VfioUserError(f"cannot connect to {self.name}{hint}", errno=exc.errno) from None
+        sock = self._connect(path, min(timeout, STARTUP_WAIT))
         self.ch = Channel(sock, name=self.name, timeout=timeout)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
@@ -74,6 +69,30 @@ class Client:
             raise
 
     # -- plumbing --------------------------------------------------------------------------
+
+    def _connect(self, path: str, wait: float) -> socket.socket:
+        """Connect, waiting up to ``wait`` seconds for a server that is still starting (the
+        usual `udrv emulate ... &` followed at once by a client)."""
+        deadline = time.monotonic() + wait
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                starting = exc.errno in (E.ENOENT, E.ECONNREFUSED)
+                if starting and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                hint = (
+                    f"; start a server first, e.g. `udrv emulate edu --socket {path}`"
+                    if starting
+                    else ""
+                )
+                raise VfioUserError(
+                    f"cannot connect to {self.name}{hint}", errno=exc.errno
+                ) from None
 
     def _read(self) -> None:
         try:
