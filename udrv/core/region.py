@@ -32,6 +32,7 @@ write-1-to-clear register clears every bit that happened to be set.
 from __future__ import annotations
 
 import abc
+import functools
 import mmap
 import os
 import sys
@@ -339,57 +340,12 @@ class Region(abc.ABC):
             if interval:
                 time.sleep(interval)
 
-    def poll8(
-        self,
-        offset: int,
-        mask: int,
-        value: int,
-        timeout: float,
-        *,
-        interval: float = POLL_INTERVAL,
-        name: str | None = None,
-    ) -> int:
-        """:meth:`poll` a 8-bit register."""
-        return self.poll(offset, mask, value, timeout, width=1, interval=interval, name=name)
-
-    def poll16(
-        self,
-        offset: int,
-        mask: int,
-        value: int,
-        timeout: float,
-        *,
-        interval: float = POLL_INTERVAL,
-        name: str | None = None,
-    ) -> int:
-        """:meth:`poll` a 16-bit register."""
-        return self.poll(offset, mask, value, timeout, width=2, interval=interval, name=name)
-
-    def poll32(
-        self,
-        offset: int,
-        mask: int,
-        value: int,
-        timeout: float,
-        *,
-        interval: float = POLL_INTERVAL,
-        name: str | None = None,
-    ) -> int:
-        """:meth:`poll` a 32-bit register."""
-        return self.poll(offset, mask, value, timeout, width=4, interval=interval, name=name)
-
-    def poll64(
-        self,
-        offset: int,
-        mask: int,
-        value: int,
-        timeout: float,
-        *,
-        interval: float = POLL_INTERVAL,
-        name: str | None = None,
-    ) -> int:
-        """:meth:`poll` a 64-bit register."""
-        return self.poll(offset, mask, value, timeout, width=8, interval=interval, name=name)
+    # One spelling per width, as read8..read64: ``poll32(offset, mask, value, timeout,
+    # interval=..., name=...)`` is ``poll(..., width=4)``.
+    poll8 = functools.partialmethod(poll, width=1)
+    poll16 = functools.partialmethod(poll, width=2)
+    poll32 = functools.partialmethod(poll, width=4)
+    poll64 = functools.partialmethod(poll, width=8)
 
     # -- lifetime ------------------------------------------------------------------------
 
