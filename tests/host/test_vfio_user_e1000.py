@@ -4,6 +4,8 @@ changes, the I/O BAR, faults."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -12,6 +14,7 @@ import pytest
 from udrv.drivers.e1000 import E1000
 from udrv.drivers.e1000.driver import BUF_SIZE
 from udrv.drivers.e1000.phy import PhyError
+from udrv.errors import IrqError
 from udrv.models.e1000 import BMCR, BMCR_POWER_DOWN, E1000Model, connect, socket_pair
 from udrv.testing import ModelDevice, open_model
 
@@ -224,3 +227,24 @@ def test_mdic_to_another_phy_address_sets_error(udrv_model: Callable[..., ModelD
         mp.setattr("udrv.drivers.e1000.phy.PHY_ADDR", 3)
         with pytest.raises(PhyError, match="did not answer"):
             nic.phy.read(1)
+
+
+def test_a_shared_unmaskable_intx_line_falls_back_to_polling(
+    nic_pair: tuple[E1000Model, E1000Model, ModelDevice, ModelDevice],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 15 item 15: vfio-pci refuses a shared INTx line without PCI 2.3 masking with
+    EBUSY; the driver logs it and polls, and frames still flow."""
+    _, b, da, db = nic_pair
+    b.intx_unmaskable_shared = True
+    with caplog.at_level(logging.WARNING, logger="udrv.core.interrupts"):
+        nb = E1000(db, interrupts="intx")
+    with E1000(da, interrupts=None) as na, nb:
+        assert nb.irq is None and nb.fileno() == -1 and db.irq.enabled is None
+        assert "shared with another device" in caplog.text and "polling" in caplog.text
+        sent = [frame(nb.mac, bytes([i]) * 60) for i in range(5)]
+        assert na.tx_batch(sent) == 5
+        assert wait_frames(nb, 5) == sent
+    with pytest.raises(IrqError, match="EBUSY") as exc:
+        db.irq.enable("intx")  # the plain call still raises, with the errno
+    assert exc.value.errno == errno.EBUSY

@@ -19,10 +19,21 @@ a user needs them, Bus Master Enable for messages); a backend implements :meth:`
 from __future__ import annotations
 
 import abc
+import errno
+import logging
 from typing import TYPE_CHECKING
 
 from udrv.errors import IrqError
 from udrv.irq.vector import Vector
+
+log = logging.getLogger(__name__)
+
+#: vfio-pci's EBUSY for INTx (drivers/vfio/pci/vfio_pci_intrs.c: request_irq of a shared line
+#: without PCI 2.3 masking, which vfio-pci needs to mask a level-triggered line for us).
+INTX_BUSY = (
+    "{address}: its INTx line is shared with another device and it has no PCI 2.3 INTx "
+    "masking, so the kernel cannot give it to user space (EBUSY); use MSI, or poll the device"
+)
 
 if TYPE_CHECKING:
     from udrv.core.device import Device
@@ -115,6 +126,23 @@ class Interrupts(abc.ABC):
         if kind != "intx":
             self.device.set_bus_master()
         return list(self._vectors)
+
+    def enable_or_poll(self, kind: str) -> Vector | None:
+        """One vector of ``kind``, or None when the kernel cannot hand this device's INTx
+        line to user space: the line is shared with another device and the device has no
+        PCI 2.3 INTx masking (Command bit 10 / Status bit 3), so vfio-pci cannot mask it for
+        us and refuses with EBUSY. The driver then polls; this is logged, not raised.
+
+        Raises:
+            IrqError: as :meth:`enable`, for every other refusal.
+        """
+        try:
+            return self.enable(kind)[0]
+        except IrqError as exc:
+            if kind != "intx" or exc.errno != errno.EBUSY:
+                raise
+            log.warning("%s; polling instead of waiting for interrupts", exc)
+            return None
 
     def disable(self) -> None:
         """Disable the enabled vectors (their handler threads stop, their fds close) and

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 
 from udrv.core.device import Device
+from udrv.core.interrupts import INTX_BUSY, Interrupts
 from udrv.core.interrupts import KINDS as KIND_NAMES
-from udrv.core.interrupts import Interrupts
 from udrv.errors import IrqError
 from udrv.irq.vector import Vector, eventfd_count
 from udrv.kernel import vfio as V
@@ -103,12 +103,7 @@ class VfioInterrupts(Interrupts):
                     errno=exc.errno,
                 ) from None
             if exc.errno == errno.EBUSY and kind == "intx":
-                raise IrqError(
-                    f"{addr}: its INTx line is shared with another device and it has no PCI "
-                    "2.3 INTx masking, so vfio-pci cannot give it to user space; use MSI or "
-                    "poll the device",
-                    errno=exc.errno,
-                ) from None
+                raise IrqError(INTX_BUSY.format(address=addr), errno=exc.errno) from None
             raise
         rearm = self._unmask_intx if kind == "intx" else None
         return [

@@ -7,10 +7,11 @@ sets the MSI/MSI-X Enable bit itself, as vfio-pci does.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
-from udrv.core.interrupts import Interrupts
+from udrv.core.interrupts import INTX_BUSY, Interrupts
 from udrv.errors import IrqError, VfioUserError
 from udrv.irq.vector import Vector, eventfd_count
 from udrv.kernel import vfio as V
@@ -64,8 +65,13 @@ class VfioUserInterrupts(Interrupts):
         except VfioUserError as exc:
             for fd in fds:
                 os.close(fd)
+            if exc.errno == errno.EBUSY and kind == "intx":
+                raise IrqError(
+                    INTX_BUSY.format(address=self.device.address), errno=exc.errno
+                ) from None
             raise IrqError(
-                f"{self.device.address}: the server refused {count} {kind.upper()} vector(s): {exc}"
+                f"{self.device.address}: the server refused {count} {kind.upper()} vector(s): {exc}",
+                errno=exc.errno,
             ) from None
         self.fds, self._index = fds, INDEXES[kind]
         rearm = self._unmask if kind == "intx" else None

@@ -117,9 +117,13 @@ class PciModel:
         host: where interrupts and DMA go; a :class:`DetachedHost` until a server attaches.
         lock: held around every access and every deferred job.
         faults: what the model refused or could not do (guest errors), newest last.
+        intx_unmaskable_shared: behave like a device whose INTx line is shared and that has
+            no PCI 2.3 INTx masking: the server refuses INTx eventfds with EBUSY, as vfio-pci
+            does (a fault to test a driver's fallback to polling).
     """
 
     name = "model"
+    intx_unmaskable_shared = False
 
     def __init__(self, config: ConfigSpace) -> None:
         self.config = config

@@ -365,6 +365,13 @@ class Connection:
                 )
         elif msg.fds:
             raise VfioUserError("SET_IRQS: file descriptors without DATA_EVENTFD", errno=E.EINVAL)
+        if (
+            req.index == V.VfioPciIrq.INTX
+            and data_flags == V.VFIO_IRQ_SET_DATA_EVENTFD
+            and msg.fds
+            and self.model.intx_unmaskable_shared
+        ):  # vfio-pci: request_irq of a shared line without PCI 2.3 masking fails
+            raise VfioUserError("SET_IRQS: INTx is shared and cannot be masked", errno=E.EBUSY)
         with self.model.lock:
             if disable_all:
                 self._set_fds(req.index, None)

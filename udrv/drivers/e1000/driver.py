@@ -191,7 +191,8 @@ class E1000(Nic):
         self._init_tx()
         self._init_flow_control()
         if interrupts:
-            self.irq = device.irq.enable(interrupts)[0]
+            self.irq = device.irq.enable_or_poll(interrupts)  # None: a shared, unmaskable INTx
+        if self.irq is not None:
             self.regs.ITR.write_fields(INTERVAL=max(1, itr_us * 1000 // 256))  # 256 ns units
             self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1, TXDW=1)
         self._start_link(link_timeout)

@@ -71,7 +71,7 @@ class Edu:
         try:
             self._staging = device.dma.alloc(regs.DMA_BUFFER_SIZE)
             if interrupts:
-                self.irq = device.irq.enable(interrupts)[0]
+                self.irq = device.irq.enable_or_poll(interrupts)  # None: polled
         except BaseException:
             self.close()
             raise
