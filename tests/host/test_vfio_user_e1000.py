@@ -16,6 +16,8 @@ from udrv.drivers.e1000.driver import BUF_SIZE
 from udrv.drivers.e1000.phy import PhyError
 from udrv.errors import IrqError
 from udrv.models.e1000 import BMCR, BMCR_POWER_DOWN, E1000Model, connect, socket_pair
+from udrv.pci.capabilities import CapId
+from udrv.pci.config import decode as decode_config
 from udrv.testing import ModelDevice, open_model
 
 BROADCAST = b"\xff" * 6
@@ -248,3 +250,23 @@ def test_a_shared_unmaskable_intx_line_falls_back_to_polling(
     with pytest.raises(IrqError, match="EBUSY") as exc:
         db.irq.enable("intx")  # the plain call still raises, with the errno
     assert exc.value.errno == errno.EBUSY
+
+
+@pytest.mark.parametrize(("firmware", "after"), [(3, 2), (2, 2), (1, 1)])
+def test_pcix_mmrbc_is_capped_at_2048(
+    udrv_model: Callable[..., ModelDevice], firmware: int, after: int
+) -> None:
+    """Issue 15 item 11: on a PCI-X bus the driver lowers MMRBC above 2048 bytes to 2048
+    (Linux e1000_init_hw) and leaves smaller values alone."""
+    dev = udrv_model(E1000Model(pcix_mmrbc=firmware))
+    with E1000(dev, interrupts=None):
+        cap = decode_config(bytes(dev.config.read8(i) for i in range(256))).cap(CapId.PCIX)
+        assert cap is not None
+        assert (dev.config.read16(cap.offset + 2) >> 2) & 3 == after
+
+
+def test_no_pcix_capability_no_change(udrv_model: Callable[..., ModelDevice]) -> None:
+    dev = udrv_model(E1000Model())
+    before = bytes(dev.config.read8(i) for i in range(0x40, 0x100))
+    with E1000(dev, interrupts=None):
+        assert bytes(dev.config.read8(i) for i in range(0x40, 0x100)) == before

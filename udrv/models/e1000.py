@@ -153,18 +153,22 @@ class E1000Model(PciModel):
             nowhere).
         phy_power_down: the PHY starts powered down (BMCR.PD), as a previous driver may
             leave it: no link until a driver powers it up through MDIC.
+        pcix_mmrbc: add a PCI-X capability with this Maximum Memory Read Byte Count code
+            (0-3: 512-4096 bytes), as on an 82545EM in a PCI-X slot.
     """
 
     name = "e1000"
 
     def __init__(self, *, mac: bytes = DEFAULT_MAC, loopback: bool = False,
-                 phy_power_down: bool = False) -> None:  # fmt: skip
+                 phy_power_down: bool = False, pcix_mmrbc: int | None = None) -> None:  # fmt: skip
         super().__init__(
             ConfigSpace(vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_CODE, revision=3,
                         subsystem_vendor_id=VENDOR_ID, subsystem_id=0x001E)
         )  # fmt: skip
         self.add_bar(0, BAR0_SIZE, read=self.mmio_read, write=self.mmio_write)
         self.add_bar(1, BAR1_SIZE, io=True, read=self.io_read, write=self.io_write)
+        if pcix_mmrbc is not None:  # an 82545EM on a PCI-X bus, MMRBC as firmware left it
+            self.config.add_pcix(pcix_mmrbc)
         self.seal()
         words = [int.from_bytes(mac[i : i + 2], "little") for i in (0, 2, 4)]
         words += [0] * (EEPROM_WORDS - 4)

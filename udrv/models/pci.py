@@ -221,6 +221,17 @@ class ConfigSpace:
         self.msi_offset, self.msi_vectors = off, vectors
         return off
 
+    def add_pcix(self, mmrbc: int = 0) -> int:
+        """A PCI-X capability (PCI-X 2.0 §7.2): Command with the Maximum Memory Read Byte
+        Count field (bits 3:2: 512 << mmrbc bytes) set to ``mmrbc``, as firmware left it."""
+        if not 0 <= mmrbc <= 3:
+            raise ModelError(f"PCI-X MMRBC is 0-3 (512-4096 bytes), not {mmrbc}")
+        off = self._add_cap(CapId.PCIX, 8)
+        self.put(off + 2, 2, mmrbc << 2)
+        self.set_wmask(off + 2, 2, 0x007F)  # DPERE, ERO, MMRBC, MOST
+        self.put(off + 4, 4, 3 << 21)  # Status: designed MMRBC 4096 bytes
+        return off
+
     def add_msix(self, vectors: int, bar: int, table_offset: int, pba_offset: int) -> MsiX:
         """An MSI-X capability: ``vectors`` (1-2048) with table and PBA in BAR ``bar``."""
         if not 1 <= vectors <= 2048:

@@ -45,6 +45,8 @@ from udrv.drivers.e1000.regs import E1000Regs, Speed
 from udrv.errors import DriverError
 from udrv.irq import Vector
 from udrv.net.nic import Frame, Link, Nic, NicStats, format_mac
+from udrv.pci.capabilities import CapId
+from udrv.pci.config import decode as decode_config
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ _MIN_LEN = np.uint64(ETH_HLEN + ETH_FCS_LEN)
 _LEN_SPAN = np.uint64(MAX_FRAME_VLAN + ETH_FCS_LEN - (ETH_HLEN + ETH_FCS_LEN))
 ITR_PROBE = 0x1234  # written before a reset through the I/O BAR; ITR resets to 0
 EEPROM_RELOAD = 0.005  # s after CTRL.RST for the EEPROM auto-read (Linux e1000_reset_hw)
+PCIX_MMRBC_MASK, PCIX_MMRBC_2048 = 0x000C, 2  # PCI-X Command bits 3:2; 2 = 2048 bytes
 LINK_TIMEOUT = 4.5  # s for auto-negotiation (Linux PHY_AUTO_NEG_LIMIT: 45 x 100 ms)
 
 
@@ -180,6 +183,7 @@ class E1000(Nic):
         self.dma = device.dma
         self.reset()
         device.set_bus_master()  # the rings are DMA: undone by close()
+        self._cap_mmrbc()
         self.mac = self.read_mac()
         # Rings: descriptors, then the packet buffers, in one DMA buffer each; none of them
         # crosses 64 KiB (ring_layout).
@@ -266,6 +270,23 @@ class E1000(Nic):
         self.regs.IMC.write(0xFFFFFFFF)  # 14.4: interrupts masked again after reset
         self.regs.ICR.read()  # read-to-clear: drop causes from before the reset
         self.regs.MANC.clear_bits(MANC_ARP_EN)
+
+    def _cap_mmrbc(self) -> None:
+        """On a PCI-X bus, cap the Maximum Memory Read Byte Count at 2048 bytes (PCI-X 2.0
+        §7.2.3, Command bits 3:2), as Linux's e1000_init_hw does ("workaround for PCI-X
+        problem when BIOS sets MMRBC incorrectly"). Plain PCI and PCIe parts have no PCI-X
+        capability and are left alone."""
+        cfg = self.dev.config
+        raw = bytearray(256)
+        cfg.read_into(0, raw)
+        cap = decode_config(raw).cap(CapId.PCIX)
+        if cap is None:
+            return
+        cmd = cfg.read16(cap.offset + 2)
+        if (cmd >> 2) & 3 > PCIX_MMRBC_2048:
+            cfg.write16(cap.offset + 2, (cmd & ~PCIX_MMRBC_MASK) | PCIX_MMRBC_2048 << 2)
+            log.info("%s: PCI-X MMRBC lowered from %d to 2048 bytes", self.name,
+                     512 << ((cmd >> 2) & 3))  # fmt: skip
 
     def read_eeprom(self, word: int) -> int:
         """One EEPROM word through EERD (SDM 13.4.4; 5.6: words 0-2 hold the MAC)."""
