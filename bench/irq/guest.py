@@ -16,21 +16,9 @@ from typing import Any
 import udrv
 from udrv.drivers.edu import regs as R
 from udrv.irq import Vector
+from udrv.lab.pytest_plugin import bind
 
 HERE = Path(__file__).parent
-SYS = Path("/sys/bus/pci/devices")
-
-
-def bind(address: str, driver: str | None) -> None:
-    """driver_override + drivers_probe (the lab's usual way; the guest is disposable)."""
-    dev = SYS / address
-    if (dev / "driver").exists():
-        if os.path.basename(os.readlink(dev / "driver")) == driver:
-            return
-        (dev / "driver" / "unbind").write_text(address)
-    (dev / "driver_override").write_text(driver or "\n")
-    if driver:
-        Path("/sys/bus/pci/drivers_probe").write_text(address)
 
 
 def _loop(bar: Any, vec: Vector, rounds: int, wait: Callable[[], object]) -> list[int]:

@@ -244,6 +244,12 @@ def register(sub: Any) -> None:
     add_description_options(p)
     p.add_argument("--json", action="store_true", help="records instead of text")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    add_backend_options(p)
+    p.set_defaults(func=cmd_regs)
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--force`` (shared with `udrv shell`)."""
     p.add_argument(
         "--backend",
         choices=["auto", "vfio", "uio", "sysfs"],
@@ -253,9 +259,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="set: write through sysfs although a kernel driver owns the device",
+        help="writes through sysfs although a kernel driver owns the device",
     )
-    p.set_defaults(func=cmd_regs)
 
 
 def add_description_options(p: argparse.ArgumentParser) -> None:

@@ -128,7 +128,7 @@ class ShellRegs:
 
 
 def register(sub: Any) -> None:
-    from udrv.cli.regs import add_description_options
+    from udrv.cli.regs import add_backend_options, add_description_options
 
     p = sub.add_parser(
         "shell",
@@ -139,17 +139,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("address", help="PCI address or vendor:device")
     add_description_options(p)
-    p.add_argument(
-        "--backend",
-        choices=["auto", "vfio", "uio", "sysfs"],
-        default="auto",
-        help="auto: vfio/uio when bound to vfio-pci/uio_pci_generic, else sysfs",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="sysfs: allow writes although a kernel driver owns the device",
-    )
+    add_backend_options(p)
     p.set_defaults(func=cmd_shell)
 
 
