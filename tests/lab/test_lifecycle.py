@@ -115,10 +115,10 @@ def test_driver_cycles_leak_no_fd_and_no_mapping(bound: Bind) -> None:
 def _send_and_receive(tx: E1000, rx: E1000, frame: bytes, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if frame in rx.receive():
+        if frame in [bytes(f) for f in rx.rx_batch()]:
             return
         assert time.monotonic() < deadline, f"{rx.dev.address} never received the frame"
-        tx.transmit([frame])
+        tx.tx_batch([frame])
         time.sleep(0.05)
 
 
@@ -153,7 +153,7 @@ def test_two_functions_of_one_group_in_one_process(functions: tuple[str, str]) -
             deadline = time.monotonic() + 10
             got: list[bytes] = []
             while frame not in got and time.monotonic() < deadline:
-                got += na.receive()
+                got += [bytes(f) for f in na.rx_batch()]
                 time.sleep(0.05)
             assert frame in got
             assert nb.tx["status"][slot] & ER.TXD_STAT_DD
