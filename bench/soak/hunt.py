@@ -12,7 +12,9 @@ TAP, 05.0/06.0 the kernel's in namespaces) runs the UDP phase round after round,
 and udrv path, every ``--mix-every`` rounds the whole traffic mix. ``--control`` runs the
 same traffic with the kernel's e1000 on 04.0: no udrv at all.
 
-Rounds run in chunks, one guest command each; a guest that dies is booted again and the
+Rounds run in chunks of ``--per-guest``, each in a freshly booted guest (the panic came once
+per guest, a minute or two after boot: what the setup does, binding 04.0 away from the
+kernel's e1000 to vfio-pci, happens again each time); a guest that dies is counted and the
 hunt goes on. Every kernel report (oops, SLUB or page-poison report, WARNING) is printed and
 kept; each guest's whole console log is copied to ``bench/results/hunt/``; the summary goes to
 ``bench/results/hunt/<driver>-<time>.json``. Exits 1 if any guest reported anything.
@@ -34,7 +36,6 @@ from rich.console import Console
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "hunt"
 DEVICES = ["e1000", "e1000", "e1000"]  # bench.net's wiring, nothing else in the guest
 DEBUG_ARGS = ["slub_debug=FZPU", "page_poison=1"]
-CHUNK = 10  # rounds per guest command
 
 
 def main() -> int:
@@ -42,12 +43,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=100, help="UDP-phase rounds in all")
     ap.add_argument("--minutes", type=float, default=45, help="time bound")
     ap.add_argument("--mix-every", type=int, default=5, help="every Kth round the whole mix")
+    ap.add_argument("--per-guest", type=int, default=5, help="rounds per freshly booted guest")
     ap.add_argument("--control", action="store_true", help="the kernel's e1000 on 04.0")
     ap.add_argument("--kernel-arg", action="append", default=None, metavar="PARAM",
                     help=f"guest kernel parameters (default: {' '.join(DEBUG_ARGS)})")  # fmt: skip
     args = ap.parse_args()
     from udrv.errors import LabError
     from udrv.lab import Lab
+    from udrv.lab.oops import find_oops
 
     console = Console()
     driver = "kernel" if args.control else "udrv"
@@ -67,7 +70,9 @@ def main() -> int:
         n = len(out["guests"])
         dest = RESULTS / f"{driver}-{stamp}-guest{n}-console.log"
         shutil.copy(lab.console_log, dest)
-        out["guests"].append({"console": str(dest), "died": died, "session": str(lab.session)})
+        oops = find_oops(dest.read_text(errors="replace"))  # boot included
+        out["guests"].append({"console": str(dest), "died": died, "session": str(lab.session),
+                              "first_report": oops.title if oops else None})  # fmt: skip
         if not died:
             shutil.rmtree(lab.session, ignore_errors=True)
 
@@ -75,10 +80,15 @@ def main() -> int:
     try:
         while out["rounds"] < args.rounds and time.monotonic() < end - 60:
             if lab is None:
-                lab = Lab(DEVICES, memory=1024, results=shared, kernel_args=kernel_args,
-                          keep=True).start()  # fmt: skip
+                try:
+                    lab = Lab(DEVICES, memory=1024, results=shared, kernel_args=kernel_args,
+                              keep=True).start()  # fmt: skip
+                except LabError as e:  # did not boot (or died booting): its report is in e
+                    console.print(f"[red]a guest did not boot\n{e}")
+                    out["deaths"].append({"chunk": "boot", "report": str(e)})
+                    continue
                 console.print(f"guest {len(out['guests'])} up: kernel args {kernel_args}")
-            n = min(CHUNK, args.rounds - out["rounds"])
+            n = min(args.per_guest, args.rounds - out["rounds"])
             name = f"udp{chunk_no}"
             chunk_no += 1
             left = end - time.monotonic()
@@ -101,6 +111,9 @@ def main() -> int:
                     out["kernel_reports"].append({"chunk": name, "report": r.kernel_report})
                 if r.returncode != 0:
                     console.print(f"[yellow]chunk {name}: exit {r.returncode}")
+                lab.close()  # the next chunk boots afresh
+                retire(lab, died=False)
+                lab = None
             path = shared / f"soak-{name}.json"
             data = json.loads(path.read_text()) if path.exists() else {}
             out["rounds"] += data.get("cycles", 0)
@@ -121,7 +134,10 @@ def main() -> int:
         f"rounds, {len(out['deaths'])} guest deaths, {len(out['kernel_reports'])} kernel reports; "
         f"{RESULTS / f'{driver}-{stamp}.json'}"
     )
-    return 1 if out["deaths"] or out["kernel_reports"] else 0
+    reported = [g for g in out["guests"] if g["first_report"]]
+    for g in reported:
+        console.print(f"[red]{g['console']}: {g['first_report']}")
+    return 1 if out["deaths"] or out["kernel_reports"] or reported else 0
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from udrv.dma.buffer import Direction, DmaBuffer, Mapping
 from udrv.errors import DmaError
 
 HUGEPAGE = 2 << 20
-MAP_HUGETLB = 0x40000  # <asm-generic/mman-common.h> / <linux/mman.h>
 MAP_POPULATE = 0x8000  # <asm-generic/mman-common.h>
 #: The 2 MiB pool (Documentation/admin-guide/mm/hugetlbpage.rst, "/sys/kernel/mm/hugepages").
 HUGEPAGES_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
