@@ -195,7 +195,7 @@ class DmaFiles:
     hugepage until it is unlinked, however its process ends; :meth:`remove` unlinks it when
     the buffer is closed. The claim is a flock on ``LOCK_DIR/ADDRESS.lock``, which the kernel
     drops when the owner dies: files of the device found by a new claim belong to a dead
-    driver whose device may still be writing into them, so :meth:`claim` calls ``quiesce``
+    driver whose device may still be writing into them, so :meth:`reclaim` calls ``quiesce``
     (which must stop the device's DMA) before it unlinks them.
 
     Args:
