@@ -366,7 +366,9 @@ def part_udp(rounds: int, deadline: float, driver: str, mix_every: int, name: st
             run: dict[str, Any] = {"mix": full}
             try:
                 for what, fn in MIX if full else UDP_PHASE:
-                    for path, prefix in (("kernel", "ip netns exec ref "), (driver, "")):
+                    # 04.0's path is "udrv", or "kernel 04.0" in the control.
+                    for path, prefix in (("kernel", "ip netns exec ref "),
+                                         ("udrv" if proc else "kernel 04.0", "")):  # fmt: skip
                         run[f"{what} {path}"] = round(fn(prefix), 3)
                 if proc is not None and proc.poll() is not None:
                     raise Failure(f"udrv e1000 serve exited {proc.returncode}")
