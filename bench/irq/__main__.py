@@ -10,7 +10,8 @@ the write to edu's INTR_RAISE register to the code that waits for the MSI runnin
 - Python: each udrv wait style (blocking wait, epoll, asyncio, handler thread) and a bare
   ``os.eventfd_read`` (the floor the interpreter sets).
 
-One lab guest with three edu devices (udrv's, C's, the kernel module's) runs them interleaved
+One lab guest with five edu devices (udrv's, C's, the kernel module's, and one for each
+thread style, whose thread waits all along) runs them interleaved
 round by round (``--block 1``: kernel, C, Python..., kernel, C, ...), so that drift on a shared
 machine falls on all alike, and repeats the whole measurement ``--reps`` times (3). The host
 prints p50/p99 per variant with the spread over the repetitions, the ratios to C and each goal
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.irq.guest import C_LABEL, KERNEL, PY_LABELS
+from bench.irq.guest import C_LABEL, DEVICES, KERNEL, PY_LABELS
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 HERE = Path(__file__).resolve().parent
@@ -129,15 +130,18 @@ def report(summary: dict[str, Any]) -> None:
         title=f"edu interrupt response, µs: median (min-max) of {n} repetitions, "
         f"{meta['rounds']} rounds each, interleaved in blocks of {meta['block']} (lab, TCG)"
     )
-    for col in ("variant", "p50", "p99", "p50 / C", "p99 / C"):
+    switches = summary.get("switches_per_round", {})
+    for col in ("variant", "p50", "p99", "p50 / C", "p99 / C", "switches"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for label, v in summary["variants"].items():
         cells = [_spread(v[p], ".1f") for p in ("p50", "p99")]
         cells += [_spread(v[k], ".2f") + "x" if k in v else "" for k in ("p50_vs_c", "p99_vs_c")]
+        cells.append(f"{switches[label]:.2f}" if label in switches else "")
         table.add_row(label, *cells)
     console = Console()
     console.width = max(console.width, 120)  # a pipe gets 80 columns: too few for the table
     console.print(table)
+    console.print("switches: context switches of the measuring process per round (getrusage)")
     for g in summary["goals"]:
         state = "[green]met[/]" if g["met"] else "[red]not met[/]"
         ratios = ", ".join(f"{r:.2f}x" for r in g["ratios"])
@@ -178,9 +182,9 @@ def _inside(args: argparse.Namespace) -> int:
 
     devices = dict(kv.split("=") for kv in os.environ["UDRV_LAB_DEVICES"].split(","))
     ko = Path(args.ko) if args.ko else None
-    reps = run_all(devices, ko, Path(args.c_exe), args.rounds, args.block, args.reps)
+    res = run_all(devices, ko, Path(args.c_exe), args.rounds, args.block, args.reps)
     out = Path(os.environ["UDRV_LAB_RESULTS"]) / "irq-samples.json"
-    out.write_text(json.dumps({"reps": reps}))
+    out.write_text(json.dumps(res))
     return 0
 
 
@@ -210,17 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         inner = [sys.executable, "-m", "bench.irq", "--inside", "--c-exe", str(c_exe)]
         inner += ["--rounds", str(args.rounds), "--block", str(args.block)]
         inner += ["--reps", str(args.reps)] + (["--ko", str(ko)] if ko else [])
-        with Lab(["edu", "edu", "edu"], results=share) as lab:
+        with Lab(DEVICES, results=share) as lab:
             lab.run(inner, timeout=3600, stream=True).check()
             kernel = lab.kernel_release
-        reps = json.loads((Path(share) / "irq-samples.json").read_text())["reps"]
+        res = json.loads((Path(share) / "irq-samples.json").read_text())
+    reps = res["reps"]
     summary = summarize(reps)
+    summary["switches_per_round"] = res["switches"]
     summary["meta"] = {
         "rounds": args.rounds,
         "block": args.block,
         "reps": args.reps,
         "guest_kernel": kernel,
-        "device": "QEMU edu x3 (udrv, C, kernel module), TCG, 1 vCPU, intel-iommu",
+        "device": "QEMU edu x5 (udrv, C, kernel module, 2 thread styles), TCG, 1 vCPU, intel-iommu",
         "host_load": [load_before, os.getloadavg()[0]],
         "host_cpus": os.cpu_count(),
     }

@@ -1,9 +1,10 @@
 """The measurements, run inside the lab guest (``python3 -m bench.irq --inside``).
 
-Three edu devices, each with its own owner for the whole run, so that no variant has to
-rebind or reopen a device between blocks: the first is udrv's (every Python wait style, one
+Five edu devices, each with its own owner for the whole run, so that no variant has to
+rebind or reopen a device between blocks: the first is udrv's (the Python wait styles, one
 MSI vector), the second the C reference's (``vfio_msi_ref``, a child process serving blocks
-over a pipe), the third the kernel module's (``edu_irq_ref``). :func:`interleave` then runs
+over a pipe), the third the kernel module's (``edu_irq_ref``); the handler-thread styles
+have one each (their thread waits all along, and would take the others' interrupts). :func:`interleave` then runs
 one block of each variant in turn (kernel, C, Python styles, kernel, C, ...), so that drift
 on a shared machine falls on every variant alike.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import select
 import subprocess
 import threading
@@ -152,26 +154,14 @@ class Asyncio(Style):
         self.loop.close()
 
 
-class Thread(Style):
-    """udrv's handler thread (``vec.start_handler``): the time is taken in the handler.
-
-    The thread runs from construction to :meth:`close`; between this style's rounds it sits
-    in ``select`` on this device's vector, which the other variants' devices do not raise.
-    """
-
-    name = "thread"
+class _Stamped(Style):
+    """A style whose waiting code, on another thread, stamps ``self.stamp`` and sets
+    ``self.got``; a round is the raise, then this thread waits for the event."""
 
     def __init__(self, bar: Any, vec: Vector) -> None:
         super().__init__(bar, vec)
         self.got = threading.Event()
         self.stamp = 0
-
-        def handler(count: int) -> None:
-            self.stamp = time.perf_counter_ns()
-            bar.write32(R.INTR_ACK, 1)
-            self.got.set()
-
-        vec.start_handler(handler)
 
     def __call__(self, rounds: int) -> list[int]:
         bar, got, clock, out = self.bar, self.got, time.perf_counter_ns, []
@@ -184,13 +174,72 @@ class Thread(Style):
             out.append(self.stamp - t0)
         return out
 
+
+class Thread(_Stamped):
+    """udrv's handler thread (``vec.start_handler``): the time is taken in the handler.
+
+    The thread runs from construction to :meth:`close`, in ``select`` on its own device's
+    vector between rounds (see :data:`OWN_DEVICE`).
+    """
+
+    name = "thread"
+
+    def __init__(self, bar: Any, vec: Vector) -> None:
+        super().__init__(bar, vec)
+
+        def handler(count: int) -> None:
+            self.stamp = time.perf_counter_ns()
+            bar.write32(R.INTR_ACK, 1)
+            self.got.set()
+
+        vec.start_handler(handler)
+
     def close(self) -> None:
         self.vec.stop_handler()
 
 
+class BareThread(_Stamped):
+    """No udrv layer: a plain thread in ``select`` + ``os.eventfd_read`` on the vector's fd,
+    stamping as soon as the read returns. Next to :class:`Thread` it tells udrv's handler loop
+    apart from what waking a second thread and handing it the GIL costs."""
+
+    name = "bare_thread"
+
+    def __init__(self, bar: Any, vec: Vector) -> None:
+        super().__init__(bar, vec)
+        self.stop = os.eventfd(0, os.EFD_CLOEXEC)
+        fd, stop = vec.fileno(), self.stop
+
+        def loop() -> None:
+            while True:
+                r, _, _ = select.select([fd, stop], [], [])
+                if stop in r:
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                self.stamp = time.perf_counter_ns()
+                bar.write32(R.INTR_ACK, 1)
+                self.got.set()
+
+        self.thread = threading.Thread(target=loop, name="bare irq thread", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        os.eventfd_write(self.stop, 1)
+        self.thread.join(5)
+        os.close(self.stop)
+
+
 STYLES: dict[str, type[Style]] = {
-    cls.name: cls for cls in (Floor, Blocking, Epoll, Asyncio, Thread)
+    cls.name: cls for cls in (Floor, Blocking, Epoll, Asyncio, Thread, BareThread)
 }
+#: A style whose thread waits on its vector all along needs a device of its own: on a shared
+#: one it would take the other styles' interrupts. The rest share the first edu device.
+OWN_DEVICE = {"thread": "edu.3", "bare_thread": "edu.4"}
+#: The edu devices the bench's guest has: udrv's, C's, the kernel module's, the two threads'.
+DEVICES = ("edu", "edu", "edu", "edu", "edu")
 
 KERNEL = "kernel: MSI handler"
 C_LABEL = "C: read(eventfd)"
@@ -201,6 +250,7 @@ PY_LABELS = {
     "epoll": "Py: epoll + vec.poll()",
     "asyncio": "Py: await vec.wait_async()",
     "thread": "Py: handler thread",
+    "bare_thread": "Py: bare thread (floor)",
 }
 
 Block = Callable[[int], list[int]]
@@ -248,6 +298,32 @@ class CReference:
             self.proc.wait()
 
 
+def _switches() -> int:
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return ru.ru_nvcsw + ru.ru_nivcsw
+
+
+class Counted:
+    """A variant run in this process, with the context switches it caused (getrusage).
+
+    A wait that finds the interrupt already signalled switches no task; one that sleeps
+    switches twice; a handler thread adds its own wake-up and the GIL's hand-over.
+    """
+
+    def __init__(self, run: Block) -> None:
+        self.run, self.switches, self.rounds = run, 0, 0
+
+    def __call__(self, rounds: int) -> list[int]:
+        before = _switches()
+        out = self.run(rounds)
+        self.switches += _switches() - before
+        self.rounds += rounds
+        return out
+
+    def per_round(self) -> float:
+        return self.switches / self.rounds if self.rounds else 0.0
+
+
 def interleave(variants: dict[str, Block], rounds: int, block: int) -> dict[str, list[int]]:
     """``rounds`` samples of every variant, ``block`` rounds of each in turn (ABC ABC ...).
 
@@ -290,37 +366,49 @@ def variants(
     """Every variant, ready to run blocks: the kernel's (when ``ko`` is given), C's, Python's.
 
     Args:
-        devices: the lab's ``UDRV_LAB_DEVICES`` as a dict: ``edu`` is udrv's, ``edu.1`` the C
-            reference's, ``edu.2`` the kernel module's.
+        devices: the lab's ``UDRV_LAB_DEVICES`` as a dict (a guest booted with
+            :data:`DEVICES`): ``edu`` is udrv's, ``edu.1`` the C reference's, ``edu.2`` the
+            kernel module's, and :data:`OWN_DEVICE` the thread styles'.
         ko: the built ``edu_irq_ref.ko``; None leaves the kernel out.
         c_exe: the compiled ``vfio_msi_ref``.
         styles: Python wait styles (keys of :data:`STYLES`).
     """
     with ExitStack() as stack:
         out: dict[str, Block] = {}
-        bind(devices["edu"], "vfio-pci")
         bind(devices["edu.1"], "vfio-pci")
-        stack.callback(bind, devices["edu"], None)
         stack.callback(bind, devices["edu.1"], None)
         if ko is not None:
             kref = stack.enter_context(KernelReference(ko, devices["edu.2"]))
-            out[KERNEL] = lambda n: kref.measure(n).tolist()
+            out[KERNEL] = Counted(lambda n: kref.measure(n).tolist())
         c = CReference(c_exe, devices["edu.1"])
         stack.callback(c.close)
         out[C_LABEL] = c.block
-        dev = stack.enter_context(udrv.open(devices["edu"]))
-        vec = dev.irq.enable("msi")[0]
-        bar = dev.bar(0)
+        opened: dict[str, tuple[Any, Vector]] = {}
         for style in styles:
-            run = STYLES[style](bar, vec)
+            name = OWN_DEVICE.get(style, "edu")
+            if name not in opened:
+                bind(devices[name], "vfio-pci")
+                stack.callback(bind, devices[name], None)
+                dev = stack.enter_context(udrv.open(devices[name]))
+                opened[name] = dev.bar(0), dev.irq.enable("msi")[0]
+            run = STYLES[style](*opened[name])
             stack.callback(run.close)
-            out[PY_LABELS[style]] = run
+            out[PY_LABELS[style]] = Counted(run)
         yield out
 
 
 def run_all(
     devices: dict[str, str], ko: Path | None, c_exe: Path, rounds: int, block: int, reps: int
-) -> list[dict[str, list[int]]]:
-    """``reps`` interleaved measurements of every variant, in one guest."""
+) -> dict[str, Any]:
+    """``reps`` interleaved measurements of every variant, in one guest.
+
+    Returns:
+        ``reps``: one ``{label: latencies in ns}`` per repetition; ``switches``: context
+        switches of this process per round, per variant run in it (all repetitions).
+    """
     with variants(devices, ko, c_exe, list(STYLES)) as runs:
-        return [interleave(runs, rounds, block) for _ in range(reps)]
+        out = [interleave(runs, rounds, block) for _ in range(reps)]
+        switches = {
+            label: run.per_round() for label, run in runs.items() if isinstance(run, Counted)
+        }
+    return {"reps": out, "switches": switches}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.irq.__main__ import plot, summarize
-from bench.irq.guest import C_LABEL, KERNEL, PY_LABELS, CReference, interleave
+from bench.irq.guest import C_LABEL, KERNEL, PY_LABELS, Counted, CReference, interleave
 from udrv.errors import LabError, LabSetupError
 from udrv.lab import install
 
@@ -41,6 +41,21 @@ def test_interleave_runs_variants_round_by_round_and_drops_the_warm_up() -> None
 def test_interleave_refuses_a_short_block() -> None:
     with pytest.raises(LabError, match="short: asked for 1 samples, got 0"):
         interleave({"short": lambda n: []}, rounds=5, block=1)
+
+
+def test_counted_variant_counts_the_context_switches_of_its_rounds() -> None:
+    import time
+
+    def sleeps(n: int) -> list[int]:
+        for _ in range(n):
+            time.sleep(0.002)  # each sleep is one voluntary context switch at least
+        return [1] * n
+
+    run = Counted(sleeps)
+    assert run(5) == [1] * 5 and run(5) == [1] * 5
+    assert run.rounds == 10
+    assert run.per_round() >= 1.0
+    assert Counted(lambda n: [0] * n).per_round() == 0.0  # no rounds yet: no division by 0
 
 
 def _fake_c_ref(tmp_path: Path, body: str) -> Path:

@@ -1,6 +1,6 @@
 """bench/irq in the lab: its kernel reference (edu_irq_ref, built on the host against the lab
 kernel's headers that `udrv lab setup` installs) measures real interrupts, and the interleaved
-measurement runs end to end. One guest with three edu devices, as the bench boots."""
+measurement runs end to end. One guest with the bench's edu devices."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     require_lab()
+    from bench.irq.guest import DEVICES
     from udrv.lab import Lab
 
-    with Lab(["edu", "edu", "edu"], results=tmp_path_factory.mktemp("results")) as lab:
+    with Lab(DEVICES, results=tmp_path_factory.mktemp("results")) as lab:
         yield lab
 
 
@@ -99,15 +100,18 @@ def test_interleaved_measurement_runs_every_variant(lab: Any, ko: Path, tmp_path
         from pathlib import Path
         from bench.irq.guest import run_all
 
-        reps = run_all({devices!r}, Path("{ko}"), Path("{c_exe}"), rounds=30, block=1, reps=2)
-        Path(os.environ["UDRV_LAB_RESULTS"], "out.json").write_text(json.dumps(reps))
+        res = run_all({devices!r}, Path("{ko}"), Path("{c_exe}"), rounds=30, block=1, reps=2)
+        Path(os.environ["UDRV_LAB_RESULTS"], "out.json").write_text(json.dumps(res))
         """,
     )
     from bench.irq.guest import C_LABEL, KERNEL, PY_LABELS
 
-    assert len(got) == 2
-    for rep in got:
+    assert len(got["reps"]) == 2
+    for rep in got["reps"]:
         assert set(rep) == {KERNEL, C_LABEL, *PY_LABELS.values()}
         for label, samples in rep.items():
             assert len(samples) == 30, label
             assert all(0 < ns < 5_000_000_000 for ns in samples), label
+    # Every variant but C (a child process) counts its context switches per round.
+    assert set(got["switches"]) == {KERNEL, *PY_LABELS.values()}
+    assert all(s >= 0 for s in got["switches"].values())
