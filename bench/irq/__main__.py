@@ -130,18 +130,20 @@ def report(summary: dict[str, Any]) -> None:
         title=f"edu interrupt response, µs: median (min-max) of {n} repetitions, "
         f"{meta['rounds']} rounds each, interleaved in blocks of {meta['block']} (lab, TCG)"
     )
-    switches = summary.get("switches_per_round", {})
-    for col in ("variant", "p50", "p99", "p50 / C", "p99 / C", "switches"):
+    sleeps = summary.get("sleeps_per_round", {})
+    for col in ("variant", "p50", "p99", "p50 / C", "p99 / C", "sleeps"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for label, v in summary["variants"].items():
         cells = [_spread(v[p], ".1f") for p in ("p50", "p99")]
         cells += [_spread(v[k], ".2f") + "x" if k in v else "" for k in ("p50_vs_c", "p99_vs_c")]
-        cells.append(f"{switches[label]:.2f}" if label in switches else "")
+        cells.append(f"{sleeps[label]:.2f}" if label in sleeps else "")
         table.add_row(label, *cells)
     console = Console()
     console.width = max(console.width, 120)  # a pipe gets 80 columns: too few for the table
     console.print(table)
-    console.print("switches: context switches of the measuring process per round (getrusage)")
+    console.print(
+        "sleeps: how often the measuring process blocked per round (voluntary context switches)"
+    )
     for g in summary["goals"]:
         state = "[green]met[/]" if g["met"] else "[red]not met[/]"
         ratios = ", ".join(f"{r:.2f}x" for r in g["ratios"])
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((Path(share) / "irq-samples.json").read_text())
     reps = res["reps"]
     summary = summarize(reps)
-    summary["switches_per_round"] = res["switches"]
+    summary["sleeps_per_round"] = res["sleeps"]
     summary["meta"] = {
         "rounds": args.rounds,
         "block": args.block,

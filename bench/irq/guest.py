@@ -272,12 +272,22 @@ class CReference:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.sleeps, self.rounds = 0, 0
 
-    def block(self, rounds: int) -> list[int]:
+    def _sleeps(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+    def __call__(self, rounds: int) -> list[int]:
         assert self.proc.stdin and self.proc.stdout
+        before = self._sleeps()
         self.proc.stdin.write(f"{rounds}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
+        # One sleep per block is the program waiting for the next request on stdin (it has
+        # written this block's line and gone back to scanf before we read /proc again).
+        self.sleeps += self._sleeps() - before - 1
+        self.rounds += rounds
         samples = [int(x) for x in line.split()]
         if len(samples) != rounds:
             self.proc.kill()
@@ -287,6 +297,10 @@ class CReference:
                 f" (exit {self.proc.wait()}): {err.strip()}"
             )
         return samples
+
+    def per_round(self) -> float:
+        """Sleeps in the eventfd read per round so far."""
+        return self.sleeps / self.rounds if self.rounds else 0.0
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -298,30 +312,33 @@ class CReference:
             self.proc.wait()
 
 
-def _switches() -> int:
-    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return ru.ru_nvcsw + ru.ru_nivcsw
+def _sleeps() -> int:
+    """Voluntary context switches of every thread of this process (getrusage): how often
+    one of them blocked. Preemptions by other tasks (involuntary switches) are load, not
+    the wait's own cost, and are not counted."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 class Counted:
-    """A variant run in this process, with the context switches it caused (getrusage).
+    """A variant run in this process, with how often it slept (blocked) per round.
 
-    A wait that finds the interrupt already signalled switches no task; one that sleeps
-    switches twice; a handler thread adds its own wake-up and the GIL's hand-over.
+    A wait that finds the interrupt already signalled does not sleep; one that gets there
+    first sleeps once; a handler thread adds its own sleep and the GIL's hand-over.
     """
 
     def __init__(self, run: Block) -> None:
-        self.run, self.switches, self.rounds = run, 0, 0
+        self.run, self.sleeps, self.rounds = run, 0, 0
 
     def __call__(self, rounds: int) -> list[int]:
-        before = _switches()
+        before = _sleeps()
         out = self.run(rounds)
-        self.switches += _switches() - before
+        self.sleeps += _sleeps() - before
         self.rounds += rounds
         return out
 
     def per_round(self) -> float:
-        return self.switches / self.rounds if self.rounds else 0.0
+        """Sleeps per round so far."""
+        return self.sleeps / self.rounds if self.rounds else 0.0
 
 
 def interleave(variants: dict[str, Block], rounds: int, block: int) -> dict[str, list[int]]:
@@ -382,7 +399,7 @@ def variants(
             out[KERNEL] = Counted(lambda n: kref.measure(n).tolist())
         c = CReference(c_exe, devices["edu.1"])
         stack.callback(c.close)
-        out[C_LABEL] = c.block
+        out[C_LABEL] = c
         opened: dict[str, tuple[Any, Vector]] = {}
         for style in styles:
             name = OWN_DEVICE.get(style, "edu")
@@ -403,12 +420,15 @@ def run_all(
     """``reps`` interleaved measurements of every variant, in one guest.
 
     Returns:
-        ``reps``: one ``{label: latencies in ns}`` per repetition; ``switches``: context
-        switches of this process per round, per variant run in it (all repetitions).
+        ``reps``: one ``{label: latencies in ns}`` per repetition; ``sleeps``: per variant,
+        how often its process blocked per round (voluntary context switches, over all
+        repetitions, warm-up included).
     """
     with variants(devices, ko, c_exe, list(STYLES)) as runs:
         out = [interleave(runs, rounds, block) for _ in range(reps)]
-        switches = {
-            label: run.per_round() for label, run in runs.items() if isinstance(run, Counted)
+        sleeps = {
+            label: run.per_round()
+            for label, run in runs.items()
+            if isinstance(run, (Counted, CReference))
         }
-    return {"reps": out, "switches": switches}
+    return {"reps": out, "sleeps": sleeps}
