@@ -257,7 +257,8 @@ Block = Callable[[int], list[int]]
 
 
 class CReference:
-    """``vfio_msi_ref ADDRESS`` as a child process that runs a block of rounds per request.
+    """``vfio_msi_ref ADDRESS`` as a child process that runs a block of rounds per request
+    and counts how often it slept during them.
 
     Raises:
         LabError: the program ended or printed something else than the samples asked for.
@@ -274,21 +275,12 @@ class CReference:
         )
         self.sleeps, self.rounds = 0, 0
 
-    def _sleeps(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
-
     def __call__(self, rounds: int) -> list[int]:
         assert self.proc.stdin and self.proc.stdout
-        before = self._sleeps()
         self.proc.stdin.write(f"{rounds}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        # One sleep per block is the program waiting for the next request on stdin (it has
-        # written this block's line and gone back to scanf before we read /proc again).
-        self.sleeps += self._sleeps() - before - 1
-        self.rounds += rounds
-        samples = [int(x) for x in line.split()]
+        sleeps, *samples = [int(x) for x in line.split()] or [0]
         if len(samples) != rounds:
             self.proc.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
@@ -296,6 +288,8 @@ class CReference:
                 f"vfio_msi_ref {self.address}: asked for {rounds} samples, got {len(samples)}"
                 f" (exit {self.proc.wait()}): {err.strip()}"
             )
+        self.sleeps += sleeps
+        self.rounds += rounds
         return samples
 
     def per_round(self) -> float:

@@ -8,8 +8,9 @@
  *
  * usage: vfio_msi_ref 0000:00:04.0
  * It then serves blocks, so that bench/irq can interleave it with the other variants while it
- * keeps its device open: for each line "N" on stdin it runs N rounds and writes one line of N
- * space-separated samples to stdout; it ends at end of input.
+ * keeps its device open: for each line "N" on stdin it runs N rounds and writes one line to
+ * stdout: how often it slept during them (voluntary context switches, getrusage), then the N
+ * samples, space-separated; it ends at end of input.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -21,6 +22,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -110,6 +112,8 @@ int main(int argc, char **argv)
 		samples = realloc(samples, (size_t)rounds * sizeof(*samples));
 		if (!samples)
 			die("realloc");
+		struct rusage before, after;
+		getrusage(RUSAGE_SELF, &before);
 		for (long i = 0; i < rounds; i++) {
 			uint64_t count, t0 = now_ns();
 			regs[EDU_INTR_RAISE / 4] = 1;
@@ -119,9 +123,11 @@ int main(int argc, char **argv)
 			regs[EDU_INTR_ACK / 4] = 1;
 			samples[i] = t1 - t0;
 		}
+		getrusage(RUSAGE_SELF, &after);
 		/* printed after the block, so that stdio stays out of the timed rounds */
+		printf("%ld", after.ru_nvcsw - before.ru_nvcsw);
 		for (long i = 0; i < rounds; i++)
-			printf(i ? " %llu" : "%llu", (unsigned long long)samples[i]);
+			printf(" %llu", (unsigned long long)samples[i]);
 		printf("\n");
 		fflush(stdout);
 	}

@@ -66,18 +66,19 @@ def _fake_c_ref(tmp_path: Path, body: str) -> Path:
 
 
 def test_c_reference_serves_blocks_over_its_pipe(tmp_path: Path) -> None:
-    # The protocol of vfio_msi_ref.c: a line "N" in, a line of N samples out, until EOF.
+    # The protocol of vfio_msi_ref.c: a line "N" in, a line "SLEEPS s1 .. sN" out, until EOF.
     exe = _fake_c_ref(
         tmp_path,
         "assert sys.argv[1] == '0000:00:05.0'\n"
         "for i, line in enumerate(sys.stdin):\n"
-        "    print(' '.join(str(1000 * (i + 1) + k) for k in range(int(line))), flush=True)",
+        "    n = int(line)\n"
+        "    print(n - 1, *(1000 * (i + 1) + k for k in range(n)), flush=True)",
     )
     ref = CReference(exe, "0000:00:05.0")
     try:
         assert ref(3) == [1000, 1001, 1002]
         assert ref(1) == [2000]
-        assert ref.rounds == 4 and ref.per_round() >= 0
+        assert (ref.rounds, ref.sleeps, ref.per_round()) == (4, 2, 0.5)
     finally:
         ref.close()
     assert ref.proc.returncode == 0  # it saw the end of input and ended
