@@ -336,7 +336,8 @@ class Counted:
 
 
 def interleave(variants: dict[str, Block], rounds: int, block: int) -> dict[str, list[int]]:
-    """``rounds`` samples of every variant, ``block`` rounds of each in turn (ABC ABC ...).
+    """``rounds`` samples of every variant, ``block`` rounds of each in turn (ABC ABC ...);
+    each turn runs one round more and drops it (see below).
 
     A first pass of ``max(20, rounds // 20)`` rounds each, interleaved the same way, warms
     the variants up (QEMU's translated code, lazy imports, the first MSI) and is dropped.
@@ -359,10 +360,13 @@ def interleave(variants: dict[str, Block], rounds: int, block: int) -> dict[str,
         while done < total:
             n = min(block, total - done)
             for label, run in variants.items():
-                samples = run(n)
-                if len(samples) != n:
-                    raise LabError(f"{label}: asked for {n} samples, got {len(samples)}")
-                out[label] += samples
+                # One more round than kept: the first round of a turn runs right after the
+                # switch from another variant (another process for C, QEMU's soft TLB flushed
+                # with the page tables), and would charge that switch to this variant.
+                samples = run(n + 1)
+                if len(samples) != n + 1:
+                    raise LabError(f"{label}: asked for {n + 1} samples, got {len(samples)}")
+                out[label] += samples[1:]
             done += n
         return out
 

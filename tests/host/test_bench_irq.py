@@ -29,17 +29,25 @@ def test_interleave_runs_variants_round_by_round_and_drops_the_warm_up() -> None
 
     out = interleave({"A": variant("A", 1), "B": variant("B", 2)}, rounds=40, block=1)
     assert out == {"A": [1] * 40, "B": [2] * 40}
-    # 20 warm-up rounds each (the minimum), then 40 measured: A B A B ..., one round a turn.
-    assert calls == [("A", 1), ("B", 1)] * 60
+    # 20 warm-up turns each (the minimum), then 40 measured: A B A B ..., one kept round a
+    # turn after one dropped (the round that follows the switch from the other variant).
+    assert calls == [("A", 2), ("B", 2)] * 60
 
     calls.clear()
     interleave({"A": variant("A", 1), "B": variant("B", 2)}, rounds=25, block=10)
     measured = calls[-6:]
-    assert measured == [("A", 10), ("B", 10), ("A", 10), ("B", 10), ("A", 5), ("B", 5)]
+    assert measured == [("A", 11), ("B", 11), ("A", 11), ("B", 11), ("A", 6), ("B", 6)]
+
+
+def test_interleave_drops_the_first_round_of_every_turn() -> None:
+    def first_is_cold(n: int) -> list[int]:
+        return [999] + [1] * (n - 1)
+
+    assert interleave({"A": first_is_cold}, rounds=30, block=3) == {"A": [1] * 30}
 
 
 def test_interleave_refuses_a_short_block() -> None:
-    with pytest.raises(LabError, match="short: asked for 1 samples, got 0"):
+    with pytest.raises(LabError, match="short: asked for 2 samples, got 0"):
         interleave({"short": lambda n: []}, rounds=5, block=1)
 
 
