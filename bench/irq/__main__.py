@@ -170,7 +170,9 @@ def plot(reps: list[dict[str, list[int]]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("write INTR_RAISE -> waiting code runs (µs, log)")
     ax.set_ylabel("fraction of interrupts")
-    ax.set_title(f"Interrupt response on QEMU edu: kernel, C and Python ({len(reps)} runs pooled)")
+    ax.set_title(
+        f"Interrupt response on QEMU edu: kernel, C and Python ({len(reps)} repetitions pooled)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
