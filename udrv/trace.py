@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from udrv.core.region import Region
-from udrv.core.regmap import RegisterMap
+from udrv.core.regmap import Register, RegisterMap
 
 ENV = "UDRV_TRACE"
 _REGION_METHODS = (
@@ -202,13 +202,7 @@ class Tracer:
         found = self._map_of(region, cache)
         if found is not None:
             regmap, base = found
-            reg = regmap.at(offset - base)
-            if reg is not None:
-                delta = offset - base - reg.offset
-                target = reg.name if not delta else f"{reg.name}+{delta}"
-                info["register"] = target
-                if not delta and reg.fields:
-                    info["decoded"] = reg.format(value)
+            target = name_access(regmap, offset - base, value, info) or target
         return f"{op} {target}", info
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -224,6 +218,45 @@ class Tracer:
         tmp.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ns"}))
         tmp.replace(target)
         return target
+
+
+def register_at(regmap: type[RegisterMap], offset: int) -> Register | None:
+    """The register of ``regmap`` that covers byte ``offset``, array elements included
+    (``MTA(3)``, at the array's declared layout), or ``None``."""
+    reg = regmap.at(offset)
+    if reg is not None:
+        return reg
+    for array in regmap.ARRAYS.values():
+        rel = offset - array.base
+        if rel < 0 or rel % array.stride >= array.width:
+            continue
+        index = rel // array.stride
+        if array.count is None or index < array.count:
+            return array(index)
+    return None
+
+
+def name_access(
+    regmap: type[RegisterMap], offset: int, value: int, info: dict[str, Any]
+) -> str | None:
+    """Name the access at ``offset`` (from the map's start) with ``value`` from ``regmap``.
+
+    Adds ``register`` (and ``decoded``, when the access covers the whole register and it
+    has fields) to ``info``, the event's arguments.
+
+    Returns:
+        The register's name (``STATUS``, ``RAL(0)``, ``CAP+4`` for a partial access), or
+        ``None`` when no register covers ``offset``.
+    """
+    reg = register_at(regmap, offset)
+    if reg is None:
+        return None
+    delta = offset - reg.offset
+    target = reg.name if not delta else f"{reg.name}+{delta}"
+    info["register"] = target
+    if not delta and reg.fields:
+        info["decoded"] = reg.format(value)
+    return target
 
 
 def _api(name: str, args: Any) -> tuple[str, dict[str, Any]]:

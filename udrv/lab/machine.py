@@ -219,6 +219,9 @@ class Lab:
             out = self.trace_file or self.session / "trace.log"
             # QEMU 7.2 takes the trace file from the last -trace option: name it on each.
             cmd += [a for p in self.trace for a in ("-trace", f"enable={p},file={out}")]
+            # Each line gets QEMU's "PID@SEC.USEC:" prefix (host time): udrv trace qemu
+            # puts the accesses on a timeline with it.
+            cmd += ["-msg", "timestamp=on"]
         return cmd + self.extra_qemu_args
 
     def start(self) -> Lab:
