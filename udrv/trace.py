@@ -165,6 +165,7 @@ class Tracer:
              "args": {"name": f"udrv {self.pid}"}}
         ]  # fmt: skip
         cache: dict[int, Any] = {}
+        names = WindowNames()
         for cat, name, t0, t1, tid, args in sorted(self.raw, key=lambda e: e[2]):
             event: dict[str, Any] = {
                 "name": name,
@@ -176,7 +177,7 @@ class Tracer:
                 "tid": tid,
             }
             if cat == "mmio":
-                event["name"], event["args"] = self._mmio(name, args, cache)
+                event["name"], event["args"] = self._mmio(name, args, cache, names)
                 if "config space" in event["args"]["region"]:
                     event["cat"] = "config"
             else:
@@ -190,7 +191,9 @@ class Tracer:
                 )  # fmt: skip
         return out
 
-    def _mmio(self, op: str, args: Any, cache: dict[int, Any]) -> tuple[str, dict[str, Any]]:
+    def _mmio(
+        self, op: str, args: Any, cache: dict[int, Any], names: WindowNames
+    ) -> tuple[str, dict[str, Any]]:
         region, offset, width, value = args
         info: dict[str, Any] = {
             "region": region.name,
@@ -202,7 +205,8 @@ class Tracer:
         found = self._map_of(region, cache)
         if found is not None:
             regmap, base = found
-            target = name_access(regmap, offset - base, value, info) or target
+            named = names.name(id(region), regmap, offset - base, op == "write", value, info)
+            target = named or target
         return f"{op} {target}", info
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -259,6 +263,45 @@ def name_access(
     return target
 
 
+class WindowNames:
+    """Names accesses in time order, following address/data windows.
+
+    A map with a ``WINDOW = (ADDRESS, DATA, TARGET)`` class attribute (the 8254x's I/O BAR,
+    :class:`~udrv.drivers.e1000.regs.E1000IoRegs`) is a window: a write to its ADDRESS
+    register selects a register of TARGET by offset, and DATA accesses reach that register;
+    they are named after it, with ``via`` set to DATA.
+    """
+
+    def __init__(self) -> None:
+        self.selected: dict[Any, int] = {}  # window (a key per region) -> selected offset
+
+    def name(
+        self,
+        key: Any,
+        regmap: type[RegisterMap],
+        offset: int,
+        write: bool,
+        value: int,
+        info: dict[str, Any],
+    ) -> str | None:
+        """:func:`name_access` for the access at ``offset`` of the region ``key``."""
+        window = getattr(regmap, "WINDOW", None)
+        if window is None:
+            return name_access(regmap, offset, value, info)
+        address, data, target = window
+        if offset == regmap.REGISTERS[data].offset and key in self.selected:
+            selected = self.selected[key]
+            info["via"] = data
+            return name_access(target, selected, value, info) or f"{selected:#x}"
+        name = name_access(regmap, offset, value, info)
+        if write and offset == regmap.REGISTERS[address].offset:
+            self.selected[key] = value
+            reg = register_at(target, value)
+            if reg is not None:
+                info["selects"] = reg.name
+        return name
+
+
 def _api(name: str, args: Any) -> tuple[str, dict[str, Any]]:
     obj, pargs, kwargs, result = args
     info: dict[str, Any] = {}
@@ -305,9 +348,15 @@ def _builtin_map(region: Region) -> tuple[type[RegisterMap], int] | None:
         known = known_device(info.vendor, info.device, info.class_code)
     except Exception:  # naming is best effort: an unnamed access keeps its offset
         return None
-    if known is None or known.bar != region.index:
+    if known is None:
         return None
-    return known.regmap, 0
+    if known.bar == region.index:
+        return known.regmap, 0
+    from udrv.drivers.e1000.regs import E1000IoRegs, E1000Regs
+
+    if known.regmap is E1000Regs and any(b.index == region.index and b.is_io for b in info.bars):
+        return E1000IoRegs, 0  # the I/O BAR: a window onto BAR0 (SDM 13.3)
+    return None
 
 
 # -- switching it on ----------------------------------------------------------------------

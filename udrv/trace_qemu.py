@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from udrv.core.regmap import Register, RegisterMap
+from udrv.core.regmap import RegisterMap
 from udrv.errors import TraceError
-from udrv.trace import name_access
+from udrv.trace import WindowNames
 
 #: One memory_region_ops_read/write line of QEMU's log backend (QEMU 7.2,
 #: softmmu/trace-events), with the optional ``-msg timestamp=on`` prefix.
@@ -52,14 +52,6 @@ LINE = re.compile(
 )
 
 
-class IoWindow(RegisterMap):
-    """8254x SDM 13.3, "I/O-Mapped Access to Internal Registers and Memories": the I/O BAR."""
-
-    SIZE = 0x40  # QEMU hw/net/e1000.c IOPORT_SIZE; the SDM reserves 32 bytes at least
-    IOADDR = Register(0x00, 4, doc="13.3.1 IOADDR: offset of the register IODATA reaches")
-    IODATA = Register(0x04, 4, doc="13.3.2 IODATA: the register IOADDR selects")
-
-
 @dataclass(frozen=True)
 class QemuModel:
     """Where a QEMU device model's registers appear in its trace.
@@ -69,7 +61,10 @@ class QemuModel:
         regmap: ``module:class`` of udrv's register map of the BAR.
         region: the QEMU MemoryRegion name of that BAR's registers.
         bar_size: the BAR's size, or ``None`` when it depends on the model's options.
-        io_region: the MemoryRegion name of an I/O BAR that is an :class:`IoWindow`.
+        io_region: the MemoryRegion name of an I/O BAR that is a window onto the registers.
+        io_regmap: ``module:class`` of its map (one with a ``WINDOW``, see
+            :class:`udrv.trace.WindowNames`).
+        io_size: the I/O BAR's size.
         source: where QEMU names the regions (for the reader).
     """
 
@@ -78,12 +73,15 @@ class QemuModel:
     region: str
     bar_size: int | None
     io_region: str | None = None
+    io_regmap: str = ""
+    io_size: int = 0
     source: str = ""
 
-    def load_map(self) -> type[RegisterMap]:
-        module, cls = self.regmap.split(":")
-        found: type[RegisterMap] = getattr(importlib.import_module(module), cls)
-        return found
+
+def _load_map(spec: str) -> type[RegisterMap]:
+    module, cls = spec.split(":")
+    found: type[RegisterMap] = getattr(importlib.import_module(module), cls)
+    return found
 
 
 #: QEMU 7.2's models of the devices udrv drives.
@@ -91,8 +89,8 @@ MODELS: dict[str, QemuModel] = {
     m.name: m
     for m in (
         QemuModel("e1000", "udrv.drivers.e1000.regs:E1000Regs", "e1000-mmio", 0x20000,
-                  io_region="e1000-io",
-                  source="hw/net/e1000.c: PNPMMIO_SIZE 0x20000, IOPORT_SIZE 0x40"),
+                  io_region="e1000-io", io_regmap="udrv.drivers.e1000.regs:E1000IoRegs",
+                  io_size=0x40, source="hw/net/e1000.c: PNPMMIO_SIZE 0x20000, IOPORT_SIZE 0x40"),
         QemuModel("edu", "udrv.drivers.edu.regs:EduRegs", "edu-mmio", 1 << 20,
                   source="hw/misc/edu.c: 1 MiB"),
         # The "nvme" region sits at offset 0 of the "nvme-bar0" container, whose size
@@ -323,10 +321,11 @@ def convert(
     mr, bar_base = picked
     io: tuple[int, int] | None = None
     if m.io_region is not None and io_base is not None:
-        io = _pick(accesses, m.io_region, IoWindow.SIZE, io_base, "I/O base")
+        io = _pick(accesses, m.io_region, m.io_size, io_base, "I/O base")
     elif m.io_region is not None:
-        io = _sibling(accesses, m.io_region, IoWindow.SIZE, mr)
-    regmap = m.load_map()
+        io = _sibling(accesses, m.io_region, m.io_size, mr)
+    regmap = _load_map(m.regmap)
+    io_map = _load_map(m.io_regmap) if io is not None else None
     region = f"{m.region} @ {bar_base:#x}"
     io_name = f"{m.io_region} @ {io[1]:#x}" if io else ""
     mine = [a for a in accesses if a.mr == mr or (io is not None and a.mr == io[0])]
@@ -342,27 +341,15 @@ def convert(
         events.append(
             {"name": "thread_name", "ph": "M", "pid": pid, "tid": cpu, "args": {"name": name}}
         )
-    selected: int | None = None  # IOADDR's value: the register IODATA reaches
+    namer = WindowNames()
     for i, a in enumerate(mine):
-        info: dict[str, Any]
         if a.mr == mr:
-            offset = a.addr - bar_base
-            info = {"region": region, "offset": f"{offset:#x}"}
-            target = name_access(regmap, offset, a.value, info) or f"{offset:#x}"
+            offset, where, amap = a.addr - bar_base, region, regmap
         else:  # the I/O window
-            assert io is not None
-            offset = a.addr - io[1]
-            info = {"region": io_name, "offset": f"{offset:#x}"}
-            if offset == IoWindow.IODATA.offset and selected is not None:
-                info["via"] = "IODATA"
-                target = name_access(regmap, selected, a.value, info) or f"{selected:#x}"
-            else:
-                target = name_access(IoWindow, offset, a.value, info) or f"{offset:#x}"
-                if offset == IoWindow.IOADDR.offset and a.op == "write":
-                    selected = a.value
-                    reg = regmap.at(a.value)
-                    if reg is not None:
-                        info["selects"] = reg.name
+            assert io is not None and io_map is not None
+            offset, where, amap = a.addr - io[1], io_name, io_map
+        info: dict[str, Any] = {"region": where, "offset": f"{offset:#x}"}
+        target = namer.name(a.mr, amap, offset, a.op == "write", a.value, info) or f"{offset:#x}"
         info |= {"width": a.size, "value": f"{a.value:#0{2 + 2 * a.size}x}", "line": a.line}
         ts = (a.time - t0) * 1e6 if stamped and a.time is not None else float(i)
         events.append(

@@ -21,7 +21,7 @@ from udrv import trace
 from udrv.cli import trace as trace_cli
 from udrv.cli.main import main
 from udrv.core.region import MmioRegion
-from udrv.drivers.e1000.regs import E1000Regs
+from udrv.drivers.e1000.regs import E1000IoRegs, E1000Regs
 from udrv.errors import TraceError
 from udrv.trace_qemu import LINE, convert, parse
 
@@ -192,6 +192,7 @@ def udrv_trace(tmp_path: Path) -> Iterator[Path]:
     """udrv's reset of an e1000 (the driver's first steps), traced on an emulated BAR0."""
     bar = MmioRegion(bytearray(E1000Regs.SIZE), name="BAR0 of 0000:00:04.0", index=0)
     bar.write32(E1000Regs.CTRL.offset, 0x140240)  # before tracing: the device's state
+    io = MmioRegion(bytearray(0x40), name="BAR1 of 0000:00:04.0", index=1)
     tracer = trace.enable()
     try:
         regs = E1000Regs(bar)
@@ -201,6 +202,11 @@ def udrv_trace(tmp_path: Path) -> Iterator[Path]:
         regs.STATUS.read()
         ctrl = regs.CTRL.read()
         regs.ITR.write(0x1234)
+        # The reset through the I/O BAR, named through the window map (udrv.trace names
+        # an e1000's I/O BAR with it by itself; here the emulated BAR has no device).
+        window = E1000IoRegs(io)
+        window.IOADDR.write(E1000Regs.CTRL.offset)
+        window.IODATA.write(ctrl | 1 << 26)
         regs.CTRL.write(ctrl | 1 << 26)
         regs.CTRL.read()
         regs.CTRL.read()
@@ -220,19 +226,22 @@ def test_side_by_side_pairs_the_same_steps(
         (left[0]["name"] if left else None, right[0]["name"] if right else None, mark)
         for left, right, mark in rows
     ]
-    # The reset's first steps pair; the kernel's I/O-window write of CTRL pairs with udrv's
-    # BAR0 write; udrv's ITR probe and its two CTRL polls (collapsed) are its own.
+    # The reset's steps pair, the reset through the I/O window too; udrv's ITR probe, its
+    # second reset through BAR0 and its two CTRL polls (collapsed) are its own.
     start = view.index(("write IMC", "write IMC", "="))
-    assert view[start : start + 5] == [
+    assert view[start : start + 8] == [
         ("write IMC", "write IMC", "="),
         ("write RCTL", "write RCTL", "="),
         ("write TCTL", "write TCTL", "="),
         ("read STATUS", "read STATUS", "~"),  # the emulated BAR reads 0
         ("read CTRL", "read CTRL", "="),
+        (None, "write ITR", ">"),
+        ("write IOADDR", "write IOADDR", "="),
+        ("write CTRL", "write CTRL", "="),  # through IODATA, the same value: CTRL | RST
     ]
-    assert (None, "write ITR", ">") in view
-    assert ("write IOADDR", None, "<") in view
-    assert ("write CTRL", "write CTRL", "=") in view  # same value: CTRL | RST
+    assert rows[start + 7][1][0]["args"]["via"] == "IODATA"  # type: ignore[index]
+    again = [r for r in rows[start + 8 :] if r[1] and r[1][0]["name"] == "write CTRL"]
+    assert [(r[0], r[2], "via" in r[1][0]["args"]) for r in again] == [(None, ">", False)]  # type: ignore[index]
     polls = [r for r in rows if r[1] and r[1][0]["name"] == "read CTRL" and r[1][1] == 2]
     assert len(polls) == 1  # two reads in a row of the same value: one row, x2
     assert main(["trace", "show", str(kernel), str(udrv_trace)]) == 0

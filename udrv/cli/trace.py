@@ -214,11 +214,17 @@ def _value(e: dict[str, Any]) -> str:
     return str(e.get("args", {}).get("value", ""))
 
 
+def _key(e: dict[str, Any]) -> str:
+    """What makes two accesses the same step: operation, register, and the window used."""
+    via = e.get("args", {}).get("via")
+    return f"{e['name']} via {via}" if via else str(e["name"])
+
+
 def collapse(events: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
     """Runs of the same access with the same value (a poll) as one (event, count) each."""
     out: list[tuple[dict[str, Any], int]] = []
     for e in events:
-        if out and out[-1][0]["name"] == e["name"] and _value(out[-1][0]) == _value(e):
+        if out and _key(out[-1][0]) == _key(e) and _value(out[-1][0]) == _value(e):
             out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
             out.append((e, 1))
@@ -232,7 +238,7 @@ def align(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[Row]:
     """Two traces' register accesses in rows, paired where both do the same thing.
 
     Each trace's accesses are collapsed (:func:`collapse`), then matched by operation and
-    register (``write CTRL``) with :class:`difflib.SequenceMatcher`, so a step one driver
+    register (``write CTRL``, and the window it went through) with :class:`difflib.SequenceMatcher`, so a step one driver
     takes and the other does not shows up as a row with one side empty.
 
     Returns:
@@ -243,8 +249,8 @@ def align(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[Row]:
     import difflib
 
     left, right = collapse(_accesses(a)), collapse(_accesses(b))
-    keys_l = [e["name"] for e, _ in left]
-    keys_r = [e["name"] for e, _ in right]
+    keys_l = [_key(e) for e, _ in left]
+    keys_r = [_key(e) for e, _ in right]
     rows: list[Row] = []
     matcher = difflib.SequenceMatcher(None, keys_l, keys_r, autojunk=False)
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
@@ -290,9 +296,7 @@ def show_side_by_side(path_a: Path, path_b: Path, *, limit: int | None = None) -
         if side is None:
             return ["", "", ""]
         e, n = side
-        name = e["name"] + (f" x{n}" if n > 1 else "")
-        if "via" in e.get("args", {}):
-            name += f" (via {e['args']['via']})"
+        name = _key(e) + (f" x{n}" if n > 1 else "")
         return [f"{(e['ts'] - start) / 1000:.3f}", escape(name), _value(e)]
 
     for left, right, mark in rows[:limit]:
