@@ -303,15 +303,27 @@ def convert(
         raise TraceError(f"no QEMU model named {model!r}; known: {', '.join(sorted(MODELS))}")
     m = MODELS[model]
     log = Path(log)
-    accesses = list(parse(log))
-    if since is not None or until is not None:
-        if any(a.time is None for a in accesses):
-            raise TraceError(f"{log}: since/until need timestamps; run QEMU with -msg timestamp=on")
-        lo, hi = since or 0.0, until or float("inf")
-        accesses = [a for a in accesses if a.time is not None and lo <= a.time < hi]
+    windowed = since is not None or until is not None
+    lo, hi = since or 0.0, until or float("inf")
+    wanted = {m.region, m.io_region}
+    # A log is mostly other devices' accesses (the guest's disks, timers, consoles): only
+    # this model's are kept, and the names of the others for the error message.
+    accesses: list[QemuAccess] = []
+    seen: set[str] = set()
+    for a in parse(log):
+        if windowed:
+            if a.time is None:
+                raise TraceError(
+                    f"{log}: since/until need timestamps; run QEMU with -msg timestamp=on"
+                )
+            if not lo <= a.time < hi:
+                continue
+        seen.add(a.name)
+        if a.name in wanted:
+            accesses.append(a)
     picked = _pick(accesses, m.region, m.bar_size, base, "base")
     if picked is None:
-        names = sorted({a.name for a in accesses})
+        names = sorted(seen)
         held = f"accesses to {', '.join(repr(n) for n in names[:12])}" if names else "none"
         window = " in the given time window" if since is not None or until is not None else ""
         raise TraceError(
