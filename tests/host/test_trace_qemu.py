@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.host.test_trace import REQUIRED
 from udrv import trace
 from udrv.cli import trace as trace_cli
 from udrv.cli.main import main
@@ -73,6 +74,8 @@ def test_kernel_reset_is_named_from_the_map_with_the_io_window() -> None:
     # Times: microseconds from the first access, from QEMU's stamps, in order.
     ts = [e["ts"] for e in events]
     assert ts[0] == 0 and ts == sorted(ts) and ts[-1] > 0
+    for e in conv.trace["traceEvents"]:  # what Perfetto/Chrome require of each kind
+        assert REQUIRED[e["ph"]] <= set(e), e
     meta = {e["name"]: e["args"]["name"] for e in conv.trace["traceEvents"] if e["ph"] == "M"}
     assert meta == {"process_name": "kernel e1000", "thread_name": "vCPU 0"}
 

@@ -31,7 +31,10 @@ def register(sub: Any) -> None:
         help="record a command's register accesses, DMA and interrupts (Perfetto JSON)",
         description="udrv trace -o FILE -- COMMAND ARGS... runs COMMAND (a udrv command or any "
         "program that imports udrv) with UDRV_TRACE=FILE; udrv trace show FILE prints the "
-        "timeline. The file opens in the Perfetto UI (ui.perfetto.dev).",
+        "timeline. udrv trace qemu LOG converts a device's accesses in QEMU's "
+        "memory_region_ops trace (a kernel driver's, in the lab) into the same format; udrv "
+        "trace show A B puts two traces side by side, udrv trace merge A B -o FILE on one "
+        "timeline. The files open in the Perfetto UI (ui.perfetto.dev).",
     )
     p.add_argument("-o", "--output", type=Path, metavar="FILE", help="where the trace goes")
     p.add_argument("--limit", type=int, metavar="N", help="show: only the first N events")
