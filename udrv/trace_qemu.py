@@ -321,6 +321,22 @@ def convert(
         seen.add(a.name)
         if a.name in wanted:
             accesses.append(a)
+    runs: dict[int, list[float]] = {}
+    for a in accesses:
+        if a.name == m.region:
+            runs.setdefault(a.pid, []).extend([] if a.time is None else [a.time])
+    if len(runs) > 1:  # a log QEMU appended to (MemoryRegion pointers are per run)
+        spans = ", ".join(
+            f"pid {pid}" + (f" from {min(t):.6f} to {max(t):.6f}" if t else "")
+            for pid, t in runs.items()
+        )
+        raise TraceError(
+            f"{log} holds {len(runs)} QEMU runs with {model} accesses ({spans}): pick one "
+            "with --since/--until (host time, as the lines are stamped), or trace to a new file"
+        )
+    if runs:
+        (pid,) = runs
+        accesses = [a for a in accesses if a.pid == pid]
     picked = _pick(accesses, m.region, m.bar_size, base, "base")
     if picked is None:
         names = sorted(seen)

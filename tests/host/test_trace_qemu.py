@@ -129,7 +129,7 @@ def test_time_window(tmp_path: Path) -> None:
 
 def two_e1000s(tmp_path: Path) -> Path:
     """The sample plus a second e1000 (another MemoryRegion, BAR0 at 0xfeb80000)."""
-    extra = "4242@1764440000.999999:memory_region_ops_read cpu 0 mr 0x99 addr 0xfeb80008 " \
+    extra = "20291@1795977958.000001:memory_region_ops_read cpu 0 mr 0x99 addr 0xfeb80008 " \
         "value 0x80080783 size 4 name 'e1000-mmio'\n"  # fmt: skip
     log = tmp_path / "two.log"
     log.write_text(SAMPLE.read_text() + extra)
@@ -290,3 +290,17 @@ def test_merge_puts_each_trace_on_its_own_track(
     shutil.copy(SAMPLE, bad)  # a QEMU log, not a trace
     assert main(["trace", "merge", str(kernel), str(bad), "-o", str(out)]) == 1
     assert "bad.json: not a trace-event JSON file" in capsys.readouterr().err
+
+
+def test_a_log_with_two_qemu_runs_asks_for_a_window(tmp_path: Path) -> None:
+    """QEMU appends to an existing trace file: two runs, the same BAR, other pointers."""
+    first = SAMPLE.read_text()
+    second = re.sub(r"(?m)^20291@1795977957\.", "5151@1795978957.", first)
+    log = tmp_path / "twice.log"
+    log.write_text(first + second.replace("mr 0x7ffb1045", "mr 0x7ffc2045"))
+    with pytest.raises(TraceError, match=r"holds 2 QEMU runs with e1000 accesses \(pid 20291 from "
+                       r".* pid 5151 .*pick one with --since/--until"):  # fmt: skip
+        convert(log, "e1000")
+    one = convert(log, "e1000", since=1795978957)
+    assert one.events == convert(SAMPLE, "e1000").events
+    assert one.io_base == IO

@@ -250,6 +250,9 @@ class Lab:
             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in session_env.items())
         )
         cmd = self.qemu_command()
+        if self.trace_file is not None:
+            # QEMU appends to an existing trace file: one file, one session.
+            self.trace_file.unlink(missing_ok=True)
         with open(self.qemu_log, "wb") as log:
             self._proc = subprocess.Popen(
                 cmd,
