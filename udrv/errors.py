@@ -111,6 +111,10 @@ class PluginError(UdrvError):
     """An nbdkit-style plugin cannot be loaded, configured or served."""
 
 
+class TraceError(UdrvError):
+    """A trace file (udrv's, or QEMU's trace log) that cannot be read, converted or shown."""
+
+
 class LabError(UdrvError):
     """The QEMU hardware lab cannot be set up, booted, or did not run a command."""
 

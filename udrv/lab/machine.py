@@ -264,6 +264,9 @@ class Lab:
             out = self.trace_file or self.session / "trace.log"
             # QEMU 7.2 takes the trace file from the last -trace option: name it on each.
             cmd += [a for p in self.trace for a in ("-trace", f"enable={p},file={out}")]
+            # Each line gets QEMU's "PID@SEC.USEC:" prefix (host time): udrv trace qemu
+            # puts the accesses on a timeline with it.
+            cmd += ["-msg", "timestamp=on"]
         return cmd + self.extra_qemu_args
 
     def start(self) -> Lab:
@@ -292,6 +295,9 @@ class Lab:
             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in session_env.items())
         )
         cmd = self.qemu_command()
+        if self.trace_file is not None:
+            # QEMU appends to an existing trace file: one file, one session.
+            self.trace_file.unlink(missing_ok=True)
         with open(self.qemu_log, "wb") as log:
             self._proc = subprocess.Popen(
                 cmd,
