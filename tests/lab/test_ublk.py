@@ -276,6 +276,13 @@ def test_a_process_per_queue_fio_verify_over_both_queues(ram: CountingRam) -> No
         assert u.mode == "processes"
         pids = [q.pid for q in u._queues]
         assert sorted(children(os.getpid())) == sorted(pids) and os.getpid() not in pids
+        for q, pid in enumerate(pids):  # each on its queue's CPUs
+            cpus = Path(f"/sys/block/{os.path.basename(u.path)}/mq/{q}/cpu_list").read_text()
+            assert os.sched_getaffinity(pid) == {int(c) for c in cpus.replace(",", " ").split()}
+        assert {frozenset(os.sched_getaffinity(pid)) for pid in pids} == {
+            frozenset({0}),
+            frozenset({1}),
+        }  # two CPUs, two queues: one each
         job = fio_verify(u.path, extra="--numjobs=2 --offset_increment=12M --group_reporting")
         assert job["read"]["total_ios"] == 2 * 2048
         sh(f"blkdiscard -o 0 -l 1M {u.path}")
