@@ -101,6 +101,7 @@ NBD_OPT_STARTTLS = 5  # "Option types"
 NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT = 9, 10
 NBD_REP_META_CONTEXT = 4  # "Option reply types"
 NBD_REP_ERR_TLS_REQD = NBD_REP_ERR | 5
+NBD_REP_ERR_SHUTDOWN = NBD_REP_ERR | 7
 NBD_FLAG_SEND_DF = 1 << 7  # "Transmission flags" (not offered: reads are never fragmented)
 NBD_CMD_BLOCK_STATUS = 7  # "Request types"
 NBD_CMD_FLAG_REQ_ONE = 1 << 3  # "Command flags"

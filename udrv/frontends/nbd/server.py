@@ -232,9 +232,10 @@ class NbdServer:
         handed = False
         try:
             no_zeroes = self._greet(wire)
-            session = self._options(wire, no_zeroes)
-            if session is not None:
-                self._worker().add(wire.sock, peer, session)
+            got = self._options(wire, no_zeroes)
+            if got is not None:
+                session, worker = got
+                worker.add(wire.sock, peer, session)
                 handed = True
         except _Truncated:
             log.warning("%s: closing the connection during the handshake: truncated message",
@@ -283,8 +284,9 @@ class NbdServer:
             raise ProtocolError(f"unknown client flags {cflags:#x}")
         return bool(cflags & N.NBD_FLAG_C_NO_ZEROES)
 
-    def _options(self, wire: _Wire, no_zeroes: bool) -> Session | None:
-        """Option haggling (proto.md "Option types"); the session when transmission starts,
+    def _options(self, wire: _Wire, no_zeroes: bool) -> tuple[Session, Worker] | None:
+        """Option haggling (proto.md "Option types"); the session and the worker (its
+        hardware queue taken before the client is told to go) when transmission starts,
         None on NBD_OPT_ABORT."""
         g = self.driver.geometry
         tflags = transmission_flags(self.driver, self.read_only)
@@ -308,8 +310,9 @@ class NbdServer:
             elif opt == N.NBD_OPT_EXPORT_NAME:
                 if data.decode(errors="replace") != self.export:
                     raise ProtocolError(f"unknown export {data[:64]!r}")  # no way to say so
+                worker = self._worker()
                 wire.write(struct.pack(">QH", g.size, tflags) + (b"" if no_zeroes else bytes(124)))
-                return session
+                return session, worker
             elif opt == N.NBD_OPT_LIST:
                 if length:
                     wire.reply(opt, N.NBD_REP_ERR_INVALID)
@@ -340,9 +343,16 @@ class NbdServer:
                     wire.reply(opt, N.NBD_REP_INFO, struct.pack(
                         ">HIII", N.NBD_INFO_BLOCK_SIZE, g.block_size, max(g.block_size, 4096),
                         min(g.max_transfer, MAX_REQUEST)))  # fmt: skip
+                if opt == N.NBD_OPT_INFO:
+                    wire.reply(opt, N.NBD_REP_ACK)
+                    continue
+                try:
+                    worker = self._worker()
+                except FrontendError as exc:  # proto.md: an error reply, then more options
+                    wire.reply(opt, N.NBD_REP_ERR_SHUTDOWN, str(exc).encode()[:4096])
+                    continue
                 wire.reply(opt, N.NBD_REP_ACK)
-                if opt == N.NBD_OPT_GO:
-                    return session
+                return session, worker
             else:
                 wire.reply(opt, N.NBD_REP_ERR_UNSUP)
 

@@ -154,7 +154,8 @@ class Worker:
         self._ready = threading.Event()
         self._done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.served = 0
+        self.served = 0  # requests answered
+        self.sends = 0  # sendmsg (TLS: send) calls that carried replies
 
     # -- control, from other threads ------------------------------------------------------------
 
@@ -418,6 +419,7 @@ class Worker:
         # A copy: the socket buffer under ``payload`` moves once this pass is parsed, and
         # an exception's traceback may keep the slow path's frames a while.
         data = bytes(payload)
+        self.served += 1
         try:
             kind, data = self._slow(conn, flags, cmd, offset, length, data)
         except Exception as exc:
@@ -510,6 +512,7 @@ class Worker:
                     n = sock.send(tx[0])
                 else:
                     n = sock.sendmsg(tx[:IOV_MAX])
+                self.sends += 1
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 conn.blocked = True
                 return
@@ -583,6 +586,8 @@ class Worker:
             self.started += 1
             self.waiting = tag
             hwq.commit()
+            for t, res in hwq.complete():  # a fast device may be done already
+                self._finish(t, res, True)
             while self.waiting == tag:
                 self._pump()
             r = self.waited
