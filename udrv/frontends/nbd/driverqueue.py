@@ -36,6 +36,12 @@ READ, WRITE, FLUSH, DISCARD, WRITE_ZEROES = map(int, (Op.READ, Op.WRITE, Op.FLUS
                                                       Op.WRITE_ZEROES))  # fmt: skip
 
 
+def _is_sync(driver: BlockDriver) -> bool:
+    """No ``async def`` among the driver's I/O methods."""
+    names = ("read", "write", "flush", "discard", "write_zeroes")
+    return not any(inspect.iscoroutinefunction(getattr(driver, n)) for n in names)
+
+
 def result_errno(exc: BaseException) -> int:
     """The errno a failed driver call is reported with: its own, EINVAL for a request the
     frontend found bad (:class:`FrontendError` without errno), else EIO."""
@@ -63,7 +69,8 @@ class DriverQueue(HardwareQueue):
         self._done: collections.deque[tuple[int, int]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._fd = -1
+        # An async driver's completions come from another thread: this eventfd tells.
+        self._fd = -1 if _is_sync(driver) else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.out = 0  # requests on the event loop
 
     def address(self, tag: int) -> int:
@@ -109,10 +116,11 @@ class DriverQueue(HardwareQueue):
         return -code
 
     def _start_loop(self) -> None:
-        """The first awaitable: an event loop on a thread, and the eventfd it wakes us by."""
+        """The first awaitable: an event loop on a thread."""
         if self._loop is not None:
             return
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if self._fd < 0:  # a "sync" driver that returned an awaitable after all
+            self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{self.name}-aio",
                                         daemon=True)  # fmt: skip
@@ -152,8 +160,10 @@ class DriverQueue(HardwareQueue):
             if self._thread is not None:
                 self._thread.join(30)
             self._loop.close()
+            self._loop = None
+        if self._fd >= 0:
             os.close(self._fd)
-            self._loop, self._fd = None, -1
+            self._fd = -1
         for v in self._views:
             v.release()
         self._view.release()

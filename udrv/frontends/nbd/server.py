@@ -253,6 +253,7 @@ class NbdServer:
                 log.info("%s: connection lost: %s", peer, exc)
         finally:
             self._handshaking.discard(sock)
+            self._handshaking.discard(wire.sock)
             if not handed:
                 wire.sock.close()
 

@@ -164,6 +164,7 @@ class Worker:
         self.thread.start()
         self._ready.wait()
         if self.error is not None:
+            self.join(0)
             raise FrontendError(f"{self.name}: cannot get hardware queue {self.index}: "
                                 f"{self.error}") from None  # fmt: skip
         return self
@@ -181,11 +182,17 @@ class Worker:
         """End every connection once its requests are done, then the thread (no wait)."""
         self._stop_at = time.monotonic()
         self._stopping = True
-        os.eventfd_write(self._wake, 1)
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
 
     def join(self, timeout: float) -> bool:
         """Wait for the thread to end; whether it did."""
-        return self._done.wait(timeout)
+        if not self._done.wait(timeout):
+            return False
+        if self._wake >= 0:  # closed here, by the owner: stop() may still write to it
+            os.close(self._wake)
+            self._wake = -1
+        return True
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -198,7 +205,6 @@ class Worker:
             self.error = exc
             self._ready.set()
             self._done.set()
-            os.close(self._wake)
             return
         self._ready.set()
         try:
@@ -327,7 +333,6 @@ class Worker:
             self._pending.popleft().sock.close()
         if self.hwq is not None:
             self.hwq.close()
-        os.close(self._wake)
 
     # -- reading requests -----------------------------------------------------------------------
 
