@@ -70,8 +70,7 @@ class ProtocolError(Exception):
 # Errnos the wire lacks, sent as the nearest one it has (as nbdkit's server does); the rest
 # become EIO. proto.md "Error values" lists what may be sent.
 _NEAREST_WIRE_ERRNO = {errno.EROFS: N.NBD_EPERM, errno.EDQUOT: N.NBD_ENOSPC,
-                       errno.EFBIG: N.NBD_ENOSPC, errno.EOPNOTSUPP: N.NBD_ENOTSUP,
-                       errno.ETIMEDOUT: N.NBD_EIO}  # fmt: skip
+                       errno.EFBIG: N.NBD_ENOSPC}  # fmt: skip
 
 
 def wire_errno(code: int) -> int:
@@ -261,6 +260,8 @@ class Worker:
                     if ev & (_IN | _HUP):
                         self._recv(conn)
             for conn in list(conns.values()):
+                if conn.tls and conn.events & _IN and conn.sock.pending():  # type: ignore[attr-defined]
+                    self._recv(conn)  # decrypted bytes the kernel's socket no longer shows
                 if len(conn.rx) >= conn.need or (conn.eof and conn.rx):
                     self._parse(conn)
             hwq.commit()
