@@ -167,4 +167,8 @@ class DriverQueue(HardwareQueue):
         for v in self._views:
             v.release()
         self._view.release()
-        self._mem.close()
+        try:
+            self._mem.close()
+        except BufferError:  # a driver kept a view of a buffer: the GC unmaps it
+            log.warning("%s: a request buffer is still referenced; leaving it to the garbage "
+                        "collector", self.name)  # fmt: skip

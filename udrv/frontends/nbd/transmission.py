@@ -213,8 +213,12 @@ class Worker:
             self.error = exc
             log.exception("%s: the worker failed", self.name)
         finally:
-            self._teardown()
-            self._done.set()
+            try:
+                self._teardown()
+            except Exception as exc:  # the queue would not close: say so, still end
+                log.warning("%s: closing the hardware queue failed: %s", self.name, exc)
+            finally:
+                self._done.set()
 
     def _setup(self) -> None:
         hwq = self.hwq
