@@ -227,6 +227,7 @@ class Worker:
             raise FrontendError(f"{self.name}: the driver's hardware queue has {hwq.tags} tags, "
                                 f"not {self.tags}")  # fmt: skip
         self.bufsize = hwq.buffer_size
+        self.bufs = [hwq.buffer(t) for t in range(self.tags)]  # one slice each, made once
         self.free = list(range(self.tags - 1, -1, -1))
         self.owner: list[Connection | None] = [None] * self.tags
         self.cookie = [0] * self.tags
@@ -336,6 +337,8 @@ class Worker:
             self._close(conn)
         while self._pending:
             self._pending.popleft().sock.close()
+        for b in getattr(self, "bufs", []):
+            b.release()
         if self.hwq is not None:
             self.hwq.close()
 
@@ -416,7 +419,7 @@ class Worker:
             hwq = self.hwq
             assert hwq is not None
             if cmd == N.NBD_CMD_WRITE:
-                hwq.buffer(tag)[:length] = payload
+                self.bufs[tag][:length] = payload
             try:
                 r = hwq.queue_rq(tag, op, offset, length)
             except Exception as exc:
@@ -468,7 +471,7 @@ class Worker:
             return
         if self.cmd[tag] == N.NBD_CMD_READ:
             assert self.hwq is not None
-            data = self.hwq.buffer(tag)[: self.length[tag]]
+            data = self.bufs[tag][: self.length[tag]]
             if conn.session.structured:
                 self._chunk(conn, cookie, N.NBD_REPLY_TYPE_OFFSET_DATA,
                             _OFFSET.pack(self.offset[tag]), data)  # fmt: skip
@@ -632,9 +635,7 @@ class Worker:
 
     def _chunks(self, tag: int, op: int, offset: int, view: memoryview) -> None:
         """``op`` (READ or WRITE) of ``view`` at ``offset``, a tag's buffer at a time."""
-        hwq = self.hwq
-        assert hwq is not None
-        buf = hwq.buffer(tag)
+        buf = self.bufs[tag]
         for pos in range(0, len(view), self.bufsize):
             n = min(self.bufsize, len(view) - pos)
             if op == WRITE:
@@ -677,8 +678,7 @@ class Worker:
         except OSError as exc:
             if exc.errno != errno.EOPNOTSUPP:
                 raise
-        assert self.hwq is not None  # no Write Zeroes on the device: write zero buffers
-        buf = self.hwq.buffer(tag)
+        buf = self.bufs[tag]  # no Write Zeroes on the device: write zero buffers
         buf[:] = bytes(len(buf))
         for pos in range(offset, offset + length, self.bufsize):
             self._sync(tag, WRITE, pos, min(self.bufsize, offset + length - pos))
