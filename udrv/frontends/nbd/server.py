@@ -218,6 +218,8 @@ class NbdServer:
                     if not self._stopping:
                         log.warning("nbd server: accept failed: %s", exc)
                     continue
+                if sock.family != socket.AF_UNIX:  # replies go out as they are ready
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.connections += 1
                 peer = f"nbd client {self.connections}"
                 self._handshaking.add(sock)
