@@ -228,6 +228,7 @@ class Worker:
                                 f"not {self.tags}")  # fmt: skip
         self.bufsize = hwq.buffer_size
         self.bufs = [hwq.buffer(t) for t in range(self.tags)]  # one slice each, made once
+        self._scratch = memoryview(bytearray(RECV_SIZE))
         self.free = list(range(self.tags - 1, -1, -1))
         self.owner: list[Connection | None] = [None] * self.tags
         self.cookie = [0] * self.tags
@@ -345,20 +346,22 @@ class Worker:
     # -- reading requests -----------------------------------------------------------------------
 
     def _recv(self, conn: Connection) -> None:
-        sock, rx = conn.sock, conn.rx
+        # recv_into the worker's scratch buffer: sock.recv(n) would allocate (and, past
+        # malloc's mmap threshold, map and unmap) n bytes per call.
+        sock, rx, scratch = conn.sock, conn.rx, self._scratch
         while len(rx) < max(conn.need, RX_LIMIT):
             try:
-                chunk = sock.recv(RECV_SIZE)
+                n = sock.recv_into(scratch)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except (OSError, ssl.SSLError) as exc:
                 conn.lost(exc)
                 return
-            if not chunk:  # what is complete in rx is still served
+            if not n:  # what is complete in rx is still served
                 conn.end(logging.DEBUG, "the client closed the connection")
                 return
-            rx += chunk
-            if len(chunk) < RECV_SIZE and not conn.tls:
+            rx += scratch[:n]
+            if n < RECV_SIZE and not conn.tls:
                 return  # drained (TLS: the record layer may hold more; ask until it says so)
 
     def _parse(self, conn: Connection) -> None:
