@@ -50,6 +50,10 @@ def nbd_ioctl(fd: int, request: int, arg: int = 0, *, path: str) -> int:
     return ioctl(fd, request, arg, what=f"{IOCTL_NAMES[request]} on {path}", error=FrontendError)
 
 
+#: socket(7) SO_SNDBUFFORCE (asm-generic/socket.h), which Python's socket module lacks: the
+#: send buffer of the socket handed to the kernel, past net.core.wmem_max (root only).
+SO_SNDBUFFORCE = 32
+
 # -- transmission flags (nbd.h; proto.md "Transmission flags") --------------------------------
 NBD_FLAG_HAS_FLAGS = 1 << 0
 NBD_FLAG_READ_ONLY = 1 << 1

@@ -31,6 +31,18 @@ from udrv.kernel import nbd as N
 log = logging.getLogger("udrv.frontends.nbd")
 
 
+def _whole_batch_fits(sock: socket.socket, size: int) -> None:
+    """A send buffer that holds every reply of a pass (AF_UNIX accounts a stream's unread
+    bytes to the sender, unix(7)): one sendmsg then, not several with a poll between.
+    SO_SNDBUFFORCE (socket(7)) passes net.core.wmem_max, which is for unprivileged users;
+    this process is root (it opened /dev/nbdN)."""
+    size = min(size, 16 << 20)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, N.SO_SNDBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 class NbdDevice:
     """``driver`` as ``/dev/nbdN`` (context manager). ``modprobe nbd`` first.
 
@@ -95,6 +107,7 @@ class NbdDevice:
                 w = Worker(self.driver, i, self.depth, name=f"{path}[{i}]", rmw_lock=self._rmw)
                 self.workers.append(w.start())
                 kernel_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                _whole_batch_fits(ours, self.depth * w.bufsize)
                 try:
                     N.nbd_ioctl(fd, N.NBD_SET_SOCK, kernel_end.fileno(), path=path)
                 except FrontendError:
