@@ -91,6 +91,44 @@ def files_round_trip(dev: str) -> None:
     sh("umount /mnt")
 
 
+def write_acknowledged(dev: str) -> bytes:
+    """4 MiB of random data at the start of ``dev``, written and flushed (fsync)."""
+    data = os.urandom(4 << 20)
+    with open(dev, "r+b", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())  # acknowledged: FLUSH done
+    return data
+
+
+def busy_fio(dev: str, depth: int) -> subprocess.Popen[str]:
+    """fio keeping ``depth`` random 4k reads and writes in flight past the first 8 MiB."""
+    return subprocess.Popen(
+        ["fio", "--name=busy", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+         "--rw=randrw", "--bs=4k", "--offset=8M", "--size=16M", f"--iodepth={depth}",
+         "--time_based", "--runtime=120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_reads(dev: str, job: subprocess.Popen[str], reads: int = 500) -> None:
+    """Until ``reads`` reads of ``dev`` completed (/sys/block/NAME/stat), fio still running."""
+    stat = Path(f"/sys/block/{os.path.basename(dev)}/stat")
+    deadline = time.monotonic() + 120
+    while int(stat.read_text().split()[0]) < reads:
+        assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
+        time.sleep(0.02)
+
+
+def assert_reads_back(data: bytes, *server_args: str) -> None:
+    """A new `udrv nvme serve SERVER_ARGS` reads ``data`` at the start of the disk."""
+    again = Server(*server_args)
+    try:
+        with open(again.path, "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+    finally:
+        again.stop()
+
+
 def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
     srv = Server(nvme, "--queues", "2", "--depth", "16")
     try:
@@ -139,33 +177,16 @@ def test_stop_under_load_releases_the_disk_and_keeps_acknowledged_data(nvme: str
     them, removes the disk and shuts the controller down; fio ends (with errors), and a
     new driver reads back what was written and acknowledged before."""
     srv = Server(nvme, "--depth", "16")
-    data = os.urandom(4 << 20)
-    with open(srv.path, "r+b", buffering=0) as f:
-        f.write(data)
-        os.fsync(f.fileno())  # acknowledged: FLUSH done
-    job = subprocess.Popen(
-        ["fio", "--name=busy", f"--filename={srv.path}", "--direct=1", "--ioengine=libaio",
-         "--rw=randrw", "--bs=4k", "--offset=8M", "--size=16M", "--iodepth=16",
-         "--time_based", "--runtime=120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    stat = Path(f"/sys/block/{os.path.basename(srv.path)}/stat")
+    data = write_acknowledged(srv.path)
+    job = busy_fio(srv.path, 16)
     try:
-        deadline = time.monotonic() + 120
-        while int(stat.read_text().split()[0]) < 500:  # reads completed
-            assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
-            time.sleep(0.02)
+        wait_for_reads(srv.path, job)
     finally:
         err = srv.stop()
     assert "udrv: stopped" in err
     job.communicate(timeout=60)  # the disk went away under it: fio ends, it does not hang
     assert not os.path.exists(srv.path)
-    again = Server(nvme, "--depth", "16")
-    try:
-        with open(again.path, "rb", buffering=0) as f:
-            assert f.read(len(data)) == data
-    finally:
-        again.stop()
+    assert_reads_back(data, nvme, "--depth", "16")
 
 
 def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:

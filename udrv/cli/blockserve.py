@@ -78,8 +78,9 @@ def _frontend(driver: BlockDriver, args: argparse.Namespace) -> Any:
         if tls != "off":
             ctx = tls_context(args.tls_certificates, verify_peer=args.tls_verify_peer)
         return NbdServer(driver, address, tls=ctx, tls_required=tls == "require",
-                         insecure=getattr(args, "insecure", False))  # fmt: skip
-    return NbdDevice(driver, connections=args.queues)
+                         insecure=getattr(args, "insecure", False), queues=args.queues,
+                         depth=args.depth)  # fmt: skip
+    return NbdDevice(driver, connections=args.queues, depth=args.depth)
 
 
 def serve(driver: BlockDriver, args: argparse.Namespace, *, what: str) -> int:
