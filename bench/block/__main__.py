@@ -33,6 +33,7 @@ GOALS = (  # (path, reference, job, minimum ratio)
     ("udrv plugin / ublk", "nbdkit python / nbd-client", "4k randwrite QD32", 2.0),
     ("udrv nvme / ublk 2q", "kernel nvme", "4k randread QD32 x2", 0.9),
     ("udrv ram / ublk 2q", "kernel null_blk", "4k randread QD32 x2", 0.5),
+    ("udrv nvme / nbd", "kernel nvme", "4k randread QD32", 0.4),
 )
 QUEUES_JOB = "4k randread QD32 x2"  # the 1 -> 2 queue scaling: (one queue, two queues)
 SCALING = (("udrv nvme / ublk", "udrv nvme / ublk 2q"), ("udrv ram / ublk", "udrv ram / ublk 2q"))
