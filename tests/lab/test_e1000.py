@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.helpers.netns import kernel_peer
+
 pytestmark = pytest.mark.lab("e1000", "e1000")
 A, B = "0000:00:04.0", "0000:00:05.0"
 
@@ -32,15 +34,8 @@ def sh(cmd: str, timeout: float = 60) -> str:
 
 @pytest.fixture(scope="module")
 def peer() -> Iterator[str]:
-    sh("modprobe e1000")
-    for _ in range(50):
-        if (Path("/sys/bus/pci/devices") / B / "net").exists():
-            break
-        time.sleep(0.1)
-    kif = os.listdir(Path("/sys/bus/pci/devices") / B / "net")[0]
+    kif = kernel_peer(B, "peer", "10.9.0.2")
     sh(f"udrv bind {A}")
-    sh(f"ip netns add peer && ip link set {kif} netns peer && ip -n peer addr add 10.9.0.2/24 dev {kif} "
-       f"&& ip -n peer link set {kif} up && ip -n peer link set lo up")  # fmt: skip
     yield kif
     sh("ip netns del peer")
 

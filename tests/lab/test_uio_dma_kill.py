@@ -8,7 +8,6 @@ flooding A with 1472-byte pings. 06.0 is left alone (it gives this file its own 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.lab.helpers.netns import kernel_peer
 
 pytestmark = pytest.mark.lab("e1000", "e1000", "e1000")
 A, B = "0000:00:04.0", "0000:00:05.0"
@@ -47,15 +48,8 @@ def dma_files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def wired() -> Iterator[None]:
-    sh("modprobe e1000")
-    for _ in range(50):
-        if (Path("/sys/bus/pci/devices") / B / "net").exists():
-            break
-        time.sleep(0.1)
-    kif = os.listdir(Path("/sys/bus/pci/devices") / B / "net")[0]
+    kernel_peer(B, "peer", "10.9.0.2")
     sh(f"udrv bind {A} --driver uio_pci_generic")
-    sh(f"ip netns add peer && ip link set {kif} netns peer && ip -n peer addr add 10.9.0.2/24 dev {kif} "
-       f"&& ip -n peer link set {kif} up && ip -n peer link set lo up")  # fmt: skip
     sh("udrv hugepages 8")
     yield
     sh("ip netns del peer")
