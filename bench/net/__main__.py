@@ -49,11 +49,14 @@ def host_part(console: Console) -> tuple[dict[str, object], list[tuple[str, str,
     return rows, goals
 
 
-def lab_part(console: Console) -> tuple[dict[str, object], list[tuple[str, str, bool]]]:
+def lab_part(
+    console: Console, profile: bool
+) -> tuple[dict[str, object], list[tuple[str, str, bool]]]:
     from udrv.lab import Lab
 
+    env = {"UDRV_BENCH_PROFILE": "1"} if profile else {}
     with Lab(["e1000", "e1000", "e1000"], memory=1024) as lab:
-        r = lab.run([sys.executable, "-m", "bench.net.guest"], timeout=900, stream=True)
+        r = lab.run([sys.executable, "-m", "bench.net.guest"], timeout=1200, stream=True, env=env)
         data = json.loads((lab.results / "net.json").read_text()) if r.returncode == 0 else {}
     if not data:
         console.print("[red]the lab part failed")
@@ -80,6 +83,8 @@ def lab_part(console: Console) -> tuple[dict[str, object], list[tuple[str, str, 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--host-only", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the driver in the lab (yappi, strace -c)")  # fmt: skip
     args = ap.parse_args()
     console = Console()
     load = os.getloadavg()
@@ -87,7 +92,7 @@ def main() -> int:
     host, goals = host_part(console)
     out: dict[str, object] = {"load": load, "host": host}
     if not args.host_only:
-        out["lab"], lab_goals = lab_part(console)
+        out["lab"], lab_goals = lab_part(console, args.profile)
         goals += lab_goals
     table = Table(title="goals (issue 12 item 5)")
     for col in ("goal", "measured", ""):

@@ -210,6 +210,7 @@ class E1000(Nic):
         self._txdw_armed = False  # TXDW in IMS: only while frames wait for room
         self.dma = device.dma
         self.reset()
+        self.clear_stats()
         device.set_bus_master()  # the rings are DMA: undone by close()
         self._cap_mmrbc()
         self.mac = self.read_mac()
@@ -889,6 +890,13 @@ class E1000(Nic):
             lo = self.bar.read32(off)
             self.hw_stats[name] += lo | (self.bar.read32(off + 4) << 32)
         return dict(self.hw_stats)
+
+    def clear_stats(self) -> None:
+        """Zero the statistics registers by reading them (clear-on-read), as Linux's
+        e1000_clear_hw_cntrs does at init: a reset does not clear them (QEMU's CTRL.RST
+        resets nothing), so a previous driver's frames would be counted as ours."""
+        self.update_stats()
+        self.hw_stats = dict.fromkeys(self.hw_stats, 0)
 
     def describe(self) -> str:
         """``82540EM at 0000:00:04.0, MAC 52:54:00:12:34:04, link up, 1000 Mbit/s, ...``"""
