@@ -103,10 +103,19 @@ _FCS = np.uint64(ETH_FCS_LEN)
 _MIN_LEN = np.uint64(ETH_HLEN + ETH_FCS_LEN)
 _LEN_SPAN = np.uint64(MAX_FRAME_VLAN + ETH_FCS_LEN - (ETH_HLEN + ETH_FCS_LEN))
 # The RX checksum verdict from RDESC (3.2.3.1/3.2.3.2, 3.2.5): TCPCS set, IXSM clear, TCPE clear.
-_CSUM_BITS = np.uint64(((R.RXD_STAT_IXSM | R.RXD_STAT_TCPCS) << 32) | (R.RXD_ERR_TCPE << 40))
-_CSUM_GOOD = np.uint64(R.RXD_STAT_TCPCS << 32)
+CSUM_BITS = ((R.RXD_STAT_IXSM | R.RXD_STAT_TCPCS) << 32) | (R.RXD_ERR_TCPE << 40)
+CSUM_GOOD = R.RXD_STAT_TCPCS << 32
+_CSUM_BITS, _CSUM_GOOD = np.uint64(CSUM_BITS), np.uint64(CSUM_GOOD)
+# The same tests on one descriptor's second quadword as a Python int (the small-batch path).
+DD_BIT = R.RXD_STAT_DD << 32
+EOP_BIT = R.RXD_STAT_EOP << 32
+EOP_ERR_BITS = EOP_BIT | RXD_FRAME_ERRORS << 40
+MIN_LEN, MAX_LEN = ETH_HLEN + ETH_FCS_LEN, MAX_FRAME_VLAN + ETH_FCS_LEN
+#: Batches up to this many descriptors are handled one at a time, without numpy.
+SMALL_BATCH = 8
 # Legacy transmit descriptor of a whole frame: EOP, insert FCS, report status (DD).
-_TX_LEGACY_HI = np.uint64(R.tx_legacy_desc_hi(0, R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS))
+TX_LEGACY_HI = R.tx_legacy_desc_hi(0, R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS)
+_TX_LEGACY_HI = np.uint64(TX_LEGACY_HI)
 ETH_P_IP, IPPROTO_TCP = 0x0800, 6  # linux/if_ether.h, netinet/in.h
 TSO_MAX = 0x10000  # bytes of a super-frame (the stack's GSO limit; PAYLEN has 20 bits)
 #: What the 8254x does for the stack: checksum insertion and TCP/IPv4 segmentation on
@@ -252,6 +261,9 @@ class E1000(Nic):
         (self.rx, self.rx_bufs, self._rx_iovas, self._rx_base) = parts[0]
         (self.tx, self.tx_bufs, self._tx_iovas, self._tx_base) = parts[1]
         self._rx_hi = self.rx.view(np.uint64).reshape(-1, 2)[:, 1]
+        # The rings as flat quadwords for scalar access ([2i]: address, [2i + 1]: the rest).
+        self._rx_q = self.rx.view(np.uint64).data.cast("B").cast("Q")
+        self._tx_q = self.tx.view(np.uint64).data.cast("B").cast("Q")
         self._rx_words: Any = self._rx_hi[:0]  # the second quadwords of the last batch
         tx64 = self.tx.view(np.uint64).reshape(-1, 2)
         self._tx_lo, self._tx_hi = tx64[:, 0], tx64[:, 1]
@@ -496,7 +508,22 @@ class E1000(Nic):
         # it is a slice of the ring, not a gather.
         # Each descriptor's second quadword: length 15:0, csum 31:16, status 39:32,
         # errors 47:40, special 63:48 (SDM 3.2.3).
-        hi = self._rx_hi[start : start + min(max_frames, n - 1, n - start)]
+        limit = min(max_frames, n - 1, n - start)
+        # A few frames (a ping, an ACK, the empty call that ends a drain) are cheaper one
+        # descriptor at a time than through numpy, whose every call costs more than a
+        # frame's worth of scalar work.
+        q = self._rx_q
+        count = 0
+        while count < limit and count <= SMALL_BATCH and q[2 * (start + count) + 1] & DD_BIT:
+            count += 1
+        if count == 0:
+            self._rx_words = _NO_WORDS
+            return []
+        if count <= SMALL_BATCH and not self._rx_in_chain:
+            frames = self._rx_few(start, count)
+            if frames is not None:
+                return frames
+        hi = self._rx_hi[start : start + limit]
         done = hi & _DD
         count = len(done) if done.all() else int(np.argmin(done))
         if count == 0:
@@ -527,13 +554,40 @@ class E1000(Nic):
         self._rx_held = count
         return frames
 
+    def _rx_few(self, start: int, count: int) -> list[memoryview] | None:
+        """rx_batch() for ``count`` <= SMALL_BATCH finished descriptors, one at a time; None
+        if one of them is not a good frame (the batch then takes the general path)."""
+        dma_rmb()  # DD seen: only now read the length and errors written with it
+        q = self._rx_q
+        words = [q[2 * i + 1] for i in range(start, start + count)]
+        for w in words:
+            if (w & EOP_ERR_BITS) != EOP_BIT or not MIN_LEN <= (w & 0xFFFF) <= MAX_LEN:
+                return None
+        mv = self._rx_bufs_mv
+        frames = []
+        nbytes = 0
+        for i, w in enumerate(words, start):
+            ln = (w & 0xFFFF) - ETH_FCS_LEN
+            frames.append(mv[i * BUF_SIZE : i * BUF_SIZE + ln])
+            nbytes += ln
+            q[2 * i + 1] = 0  # DD cleared for the NIC's next write-back
+        self._rx_words = words
+        self.stats.rx_packets += count
+        self.stats.rx_bytes += nbytes
+        self.rx_next = (start + count) % self.nrx
+        self._rx_held = count
+        return frames
+
     def rx_csum_valid(self) -> list[bool]:
         """Per frame of the last :meth:`rx_batch`: True where the NIC computed the TCP/UDP
         checksum and found it good (RDESC.STATUS.TCPCS set, IXSM clear, ERRORS.TCPE clear;
         SDM 3.2.3, 3.2.5), as Linux's e1000_rx_checksum decides CHECKSUM_UNNECESSARY."""
+        words = self._rx_words
         if not self.offloads & Offload.RX_CSUM:
-            return [False] * len(self._rx_words)
-        return ((self._rx_words & _CSUM_BITS) == _CSUM_GOOD).tolist()
+            return [False] * len(words)
+        if isinstance(words, list):
+            return [(w & CSUM_BITS) == CSUM_GOOD for w in words]
+        return ((words & _CSUM_BITS) == _CSUM_GOOD).tolist()
 
     def _rx_slow(self, idx: Any, words: Any, lengths: Any, ok: Any) -> tuple[list[int], list[int]]:
         """The batch has a bad descriptor: find which, count each drop under its reason, and
@@ -593,6 +647,21 @@ class E1000(Nic):
         room = (self.tx_clean - tail - 1) % n
         mv = self._tx_bufs_mv
         offs = self._tx_offsets  # byte offset of each ring slot's buffer, from tail on
+        if len(frames) <= min(room, SMALL_BATCH):  # a few frames: no numpy
+            q, iovas, slot, nbytes = self._tx_q, self._tx_iova_list, tail, 0
+            for frame in frames:
+                size = len(frame)
+                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                    continue
+                off = offs[slot]
+                mv[off : off + size] = frame
+                q[2 * slot] = iovas[slot]
+                q[2 * slot + 1] = size | TX_LEGACY_HI
+                slot = (slot + 1) % n
+                nbytes += size
+            if slot != tail:
+                self._tx_queued((slot - tail) % n, nbytes)
+            return len(frames)
         batch = frames[:room] if len(frames) > room else frames
         lengths = list(map(len, batch))
         consumed = len(lengths)
@@ -700,7 +769,7 @@ class E1000(Nic):
                     continue
                 self._copy_in(slot, frame, size)
                 lo.append(iovas[slot])
-                hi.append(size | int(_TX_LEGACY_HI))
+                hi.append(size | TX_LEGACY_HI)
             else:
                 plan = self._plan_offload(frame, size, off)
                 if plan is None:  # dropped and counted
@@ -831,6 +900,14 @@ class E1000(Nic):
         """Advance ``tx_clean`` past the descriptors the NIC finished (DD set)."""
         outstanding = (self.tx_tail - self.tx_clean) % self.ntx
         if not outstanding:
+            return
+        if outstanding <= SMALL_BATCH:
+            q, n, clean = self._tx_q, self.ntx, self.tx_clean
+            while clean != self.tx_tail and q[2 * clean + 1] & DD_BIT:  # STA.DD, byte 12
+                clean = (clean + 1) % n
+            if clean != self.tx_clean:
+                self.tx_clean = clean
+                self._tx_progress = time.monotonic()
             return
         order = self._tx_order[self.tx_clean : self.tx_clean + outstanding]
         done = self.tx["status"][order] & R.TXD_STAT_DD
