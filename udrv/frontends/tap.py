@@ -54,8 +54,9 @@ def parse_vnet_hdr(data: bytes | bytearray | memoryview) -> TxOffload | str | No
     (nothing to do), a :class:`TxOffload`, or the reason it cannot be done (``"gso_type"``:
     a GSO kind other than TCPv4, or GSO without a checksum to fill in).
 
-    ``hdr_len`` is only a hint (virtio 1.x 5.1.6.2: the kernel puts the linear length
-    there), so it is not used: the NIC driver reads the header lengths from the headers.
+    ``hdr_len`` is only a hint (Linux's virtio_net_hdr_from_skb puts the skb's linear length
+    there, not the headers'), so it is not used: the NIC driver reads the header lengths
+    from the headers themselves.
     """
     if not data[0] and not data[1]:  # flags, gso_type: the common case, no parsing
         return None
