@@ -110,9 +110,10 @@ _CSUM_BITS, _CSUM_GOOD = np.uint64(CSUM_BITS), np.uint64(CSUM_GOOD)
 DD_BIT = R.RXD_STAT_DD << 32
 EOP_BIT = R.RXD_STAT_EOP << 32
 EOP_ERR_BITS = EOP_BIT | RXD_FRAME_ERRORS << 40
-MIN_LEN, MAX_LEN = ETH_HLEN + ETH_FCS_LEN, MAX_FRAME_VLAN + ETH_FCS_LEN
+MIN_FRAME = ETH_HLEN  # without FCS
 #: Batches up to this many descriptors are handled one at a time, without numpy.
 SMALL_BATCH = 8
+_ZEROS_Q = memoryview(bytes(8 * (SMALL_BATCH + 1))).cast("Q")
 # Legacy transmit descriptor of a whole frame: EOP, insert FCS, report status (DD).
 TX_LEGACY_HI = R.tx_legacy_desc_hi(0, R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS)
 _TX_LEGACY_HI = np.uint64(TX_LEGACY_HI)
@@ -212,7 +213,7 @@ class E1000(Nic):
         self.inject_tx_stall_after: int | None = None
         self.phy = Phy(self.bar, self.name)
         self.irq: Vector | None = None
-        self.offloads = offloads & OFFLOADS
+        self.offloads = offloads
         self._link_up = False
         self._link = Link(False)
         self._link_checked = -LINK_RECHECK  # monotonic time STATUS was last read
@@ -242,6 +243,19 @@ class E1000(Nic):
             # wait for room in a full ring (tx_batch).
             self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1)
         self._start_link(link_timeout)
+
+    @property
+    def offloads(self) -> Offload:
+        """What the NIC does for the stack (a subset of :data:`OFFLOADS`)."""
+        return self._offloads
+
+    @offloads.setter
+    def offloads(self, value: Offload) -> None:
+        self._offloads = value & OFFLOADS
+        # as plain bools: a Flag operation costs microseconds on the per-frame path
+        self._tx_csum_on = bool(value & Offload.TX_CSUM)
+        self._tso_on = bool(value & Offload.TSO4)
+        self._rx_csum_on = bool(value & Offload.RX_CSUM)
 
     def _attach_rings(self) -> None:
         """Numpy views of the descriptor rings and buffers in ``_rx_mem``/``_tx_mem``."""
@@ -376,7 +390,7 @@ class E1000(Nic):
         self.regs.RDTR.write(0)
         # 3.2.5: the NIC verifies IPv4 header and TCP/UDP checksums (written while RCTL.EN is
         # still 0, as 13.4 asks).
-        rx_csum = bool(self.offloads & Offload.RX_CSUM)
+        rx_csum = self._rx_csum_on
         self.regs.RXCSUM.write_fields(IPOFLD=int(rx_csum), TUOFLD=int(rx_csum))
         # VLAN tags stay in the frames (the stack untags them), so VME must be off. CTRL is
         # written, not assumed: QEMU's CTRL.RST does not reset CTRL, and the previous driver
@@ -558,19 +572,19 @@ class E1000(Nic):
         """rx_batch() for ``count`` <= SMALL_BATCH finished descriptors, one at a time; None
         if one of them is not a good frame (the batch then takes the general path)."""
         dma_rmb()  # DD seen: only now read the length and errors written with it
-        q = self._rx_q
-        words = [q[2 * i + 1] for i in range(start, start + count)]
-        for w in words:
-            if (w & EOP_ERR_BITS) != EOP_BIT or not MIN_LEN <= (w & 0xFFFF) <= MAX_LEN:
-                return None
-        mv = self._rx_bufs_mv
+        q, mv = self._rx_q, self._rx_bufs_mv
+        words = q[2 * start + 1 : 2 * (start + count) + 1 : 2].tolist()
         frames = []
         nbytes = 0
-        for i, w in enumerate(words, start):
+        off = start * BUF_SIZE
+        for w in words:
             ln = (w & 0xFFFF) - ETH_FCS_LEN
-            frames.append(mv[i * BUF_SIZE : i * BUF_SIZE + ln])
+            if (w & EOP_ERR_BITS) != EOP_BIT or not MIN_FRAME <= ln <= MAX_FRAME_VLAN:
+                return None
+            frames.append(mv[off : off + ln])
             nbytes += ln
-            q[2 * i + 1] = 0  # DD cleared for the NIC's next write-back
+            off += BUF_SIZE
+        q[2 * start + 1 : 2 * (start + count) + 1 : 2] = _ZEROS_Q[:count]  # DD cleared
         self._rx_words = words
         self.stats.rx_packets += count
         self.stats.rx_bytes += nbytes
@@ -583,7 +597,7 @@ class E1000(Nic):
         checksum and found it good (RDESC.STATUS.TCPCS set, IXSM clear, ERRORS.TCPE clear;
         SDM 3.2.3, 3.2.5), as Linux's e1000_rx_checksum decides CHECKSUM_UNNECESSARY."""
         words = self._rx_words
-        if not self.offloads & Offload.RX_CSUM:
+        if not self._rx_csum_on:
             return [False] * len(words)
         if isinstance(words, list):
             return [(w & CSUM_BITS) == CSUM_GOOD for w in words]
@@ -823,7 +837,7 @@ class E1000(Nic):
             if tucso + 2 > size or tucss >= size:
                 self._tx_drop("bad_offload", size)
                 return None
-            if not self.offloads & Offload.TX_CSUM or tucso > 0xFF:  # TUCSS/TUCSO: 8 bits
+            if not self._tx_csum_on or tucso > 0xFF:  # TUCSS/TUCSO: 8 bits
                 return None, 1, dcmd, 0
             ctx = None
             if self._tx_csum_ctx != (tucss, tucso):
@@ -837,7 +851,7 @@ class E1000(Nic):
         ip = ETH_HLEN + (VLAN_HLEN if bytes(frame[12:14]) == TPID_8021Q else 0)
         hdr = 0
         if (
-            self.offloads & Offload.TSO4
+            self._tso_on
             and size > ip + 20
             and int.from_bytes(frame[ip - 2 : ip], "big") == ETH_P_IP
             and frame[ip] >> 4 == 4
