@@ -39,7 +39,7 @@ def start_driver(profile: Path | None = None) -> subprocess.Popen[str]:
     args = ["e1000", "serve", A, "--tap", "udrv0"]
     cmd = [sys.executable, "-m", "udrv", *args]
     if profile:
-        cmd = [sys.executable, "-m", "bench.block.profile", str(profile), *args]
+        cmd = [sys.executable, "-m", "bench.net.profile", str(profile), *args]
     drv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert drv.stdout is not None
     drv.stdout.readline()
@@ -107,9 +107,12 @@ def profile_run(results: Path) -> list[str]:
     err = stop_driver(drv)
     c = counters(err)
     if prof.exists():
-        top = json.loads(prof.read_text())[:12]
-        notes.append("profile (yappi CPU, ping series + TCP stream), top functions by self time:")
-        notes += [f"  {p['share']:6.1%} {p['calls']:8d} calls  {p['function']}" for p in top]
+        p = json.loads(prof.read_text())
+        notes.append(f"driver busy {p['cpu_s'] / p['wall_s']:.0%} of the time it served "
+                     f"({p['cpu_s']:.1f} s CPU in {p['wall_s']:.1f} s: ping series + TCP "
+                     "stream); top functions by self time (yappi CPU):")  # fmt: skip
+        notes += [f"  {t['share']:6.1%} {t['calls']:8d} calls  {t['function']}"
+                  for t in p["top"][:12]]  # fmt: skip
     if c.get("tx_good_packets") and c.get("tx_packets"):
         notes.append(f"TSO: {c['tx_packets']} frames from the kernel became "
                      f"{c['tx_good_packets']} frames on the wire "
