@@ -93,6 +93,12 @@ class DriverError(UdrvError):
     """A device driver found the device in a state it cannot handle."""
 
 
+class DeviceRemovedError(DriverError):
+    """The device is gone: its registers read all-ones, as every read of a PCI function that
+    no longer answers completes (surprise removal, power loss, a link that went down). Not a
+    device error: nothing can be retried until it is back and opened again."""
+
+
 class ModelError(UdrvError):
     """A device model (udrv.models) is described wrongly or cannot serve a request."""
 
@@ -103,6 +109,10 @@ class FrontendError(UdrvError):
 
 class PluginError(UdrvError):
     """An nbdkit-style plugin cannot be loaded, configured or served."""
+
+
+class TraceError(UdrvError):
+    """A trace file (udrv's, or QEMU's trace log) that cannot be read, converted or shown."""
 
 
 class LabError(UdrvError):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from udrv.core.region import Region
-from udrv.core.regmap import RegisterMap
+from udrv.core.regmap import Register, RegisterMap
 
 ENV = "UDRV_TRACE"
 _REGION_METHODS = (
@@ -165,6 +165,7 @@ class Tracer:
              "args": {"name": f"udrv {self.pid}"}}
         ]  # fmt: skip
         cache: dict[int, Any] = {}
+        names = WindowNames()
         for cat, name, t0, t1, tid, args in sorted(self.raw, key=lambda e: e[2]):
             event: dict[str, Any] = {
                 "name": name,
@@ -176,7 +177,7 @@ class Tracer:
                 "tid": tid,
             }
             if cat == "mmio":
-                event["name"], event["args"] = self._mmio(name, args, cache)
+                event["name"], event["args"] = self._mmio(name, args, cache, names)
                 if "config space" in event["args"]["region"]:
                     event["cat"] = "config"
             else:
@@ -190,7 +191,9 @@ class Tracer:
                 )  # fmt: skip
         return out
 
-    def _mmio(self, op: str, args: Any, cache: dict[int, Any]) -> tuple[str, dict[str, Any]]:
+    def _mmio(
+        self, op: str, args: Any, cache: dict[int, Any], names: WindowNames
+    ) -> tuple[str, dict[str, Any]]:
         region, offset, width, value = args
         info: dict[str, Any] = {
             "region": region.name,
@@ -202,13 +205,8 @@ class Tracer:
         found = self._map_of(region, cache)
         if found is not None:
             regmap, base = found
-            reg = regmap.at(offset - base)
-            if reg is not None:
-                delta = offset - base - reg.offset
-                target = reg.name if not delta else f"{reg.name}+{delta}"
-                info["register"] = target
-                if not delta and reg.fields:
-                    info["decoded"] = reg.format(value)
+            named = names.name(id(region), regmap, offset - base, op == "write", value, info)
+            target = named or target
         return f"{op} {target}", info
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -224,6 +222,84 @@ class Tracer:
         tmp.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ns"}))
         tmp.replace(target)
         return target
+
+
+def register_at(regmap: type[RegisterMap], offset: int) -> Register | None:
+    """The register of ``regmap`` that covers byte ``offset``, array elements included
+    (``MTA(3)``, at the array's declared layout), or ``None``."""
+    reg = regmap.at(offset)
+    if reg is not None:
+        return reg
+    for array in regmap.ARRAYS.values():
+        rel = offset - array.base
+        if rel < 0 or rel % array.stride >= array.width:
+            continue
+        index = rel // array.stride
+        if array.count is None or index < array.count:
+            return array(index)
+    return None
+
+
+def name_access(
+    regmap: type[RegisterMap], offset: int, value: int, info: dict[str, Any]
+) -> str | None:
+    """Name the access at ``offset`` (from the map's start) with ``value`` from ``regmap``.
+
+    Adds ``register`` (and ``decoded``, when the access covers the whole register and it
+    has fields) to ``info``, the event's arguments.
+
+    Returns:
+        The register's name (``STATUS``, ``RAL(0)``, ``CAP+4`` for a partial access), or
+        ``None`` when no register covers ``offset``.
+    """
+    reg = register_at(regmap, offset)
+    if reg is None:
+        return None
+    delta = offset - reg.offset
+    target = reg.name if not delta else f"{reg.name}+{delta}"
+    info["register"] = target
+    if not delta and reg.fields:
+        info["decoded"] = reg.format(value)
+    return target
+
+
+class WindowNames:
+    """Names accesses in time order, following address/data windows.
+
+    A map with a ``WINDOW = (ADDRESS, DATA, TARGET)`` class attribute (the 8254x's I/O BAR,
+    :class:`~udrv.drivers.e1000.regs.E1000IoRegs`) is a window: a write to its ADDRESS
+    register selects a register of TARGET by offset, and DATA accesses reach that register;
+    they are named after it, with ``via`` set to DATA.
+    """
+
+    def __init__(self) -> None:
+        self.selected: dict[Any, int] = {}  # window (a key per region) -> selected offset
+
+    def name(
+        self,
+        key: Any,
+        regmap: type[RegisterMap],
+        offset: int,
+        write: bool,
+        value: int,
+        info: dict[str, Any],
+    ) -> str | None:
+        """:func:`name_access` for the access at ``offset`` of the region ``key``."""
+        window = getattr(regmap, "WINDOW", None)
+        if window is None:
+            return name_access(regmap, offset, value, info)
+        address, data, target = window
+        if offset == regmap.REGISTERS[data].offset and key in self.selected:
+            selected = self.selected[key]
+            info["via"] = data
+            return name_access(target, selected, value, info) or f"{selected:#x}"
+        name = name_access(regmap, offset, value, info)
+        if write and offset == regmap.REGISTERS[address].offset:
+            self.selected[key] = value
+            reg = register_at(target, value)
+            if reg is not None:
+                info["selects"] = reg.name
+        return name
 
 
 def _api(name: str, args: Any) -> tuple[str, dict[str, Any]]:
@@ -272,9 +348,15 @@ def _builtin_map(region: Region) -> tuple[type[RegisterMap], int] | None:
         known = known_device(info.vendor, info.device, info.class_code)
     except Exception:  # naming is best effort: an unnamed access keeps its offset
         return None
-    if known is None or known.bar != region.index:
+    if known is None:
         return None
-    return known.regmap, 0
+    if known.bar == region.index:
+        return known.regmap, 0
+    from udrv.drivers.e1000.regs import E1000IoRegs, E1000Regs
+
+    if known.regmap is E1000Regs and any(b.index == region.index and b.is_io for b in info.bars):
+        return E1000IoRegs, 0  # the I/O BAR: a window onto BAR0 (SDM 13.3)
+    return None
 
 
 # -- switching it on ----------------------------------------------------------------------

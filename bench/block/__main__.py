@@ -4,9 +4,12 @@ Prints IOPS, MB/s, p99 latency and CPU time per I/O for every path and job, the 
 udrv / kernel, the goals from the issues (udrv NVMe over ublk >= 50% of the kernel's nvme at
 4k QD32 and >= 60% at QD1; udrv's RAM disk over ublk >= 30% of null_blk at QD32 and >= 20%
 at QD1; an nbdkit Python plugin served by udrv over ublk >= 2x the same plugin under nbdkit +
-nbd-client at 4k QD32) with met / not met, the QD1 per-I/O breakdown (system calls and context
+nbd-client at 4k QD32; with two ublk queues, each a worker process, and two fio jobs of QD32:
+NVMe >= 0.9x the kernel's nvme and the RAM disk >= 0.5x null_blk) with met / not met, the
+1 -> 2 queue scaling, the QD1 per-I/O breakdown (system calls and context
 switches per I/O: counts that host load does not change) and where the Python time goes.
-``UDRV_BENCH_ONLY=nbdkit`` runs only the nbdkit comparison.
+``UDRV_BENCH_ONLY=nbdkit`` runs only the nbdkit comparison, ``UDRV_BENCH_ONLY=queues`` only the
+one- and two-queue jobs.
 Writes bench/results/block.json. TCG makes absolute numbers meaningless: read the ratios.
 """
 
@@ -28,7 +31,12 @@ GOALS = (  # (path, reference, job, minimum ratio)
     ("udrv ram / ublk", "kernel null_blk", "4k randread QD1", 0.2),
     ("udrv plugin / ublk", "nbdkit python / nbd-client", "4k randread QD32", 2.0),
     ("udrv plugin / ublk", "nbdkit python / nbd-client", "4k randwrite QD32", 2.0),
+    ("udrv nvme / ublk 2q", "kernel nvme", "4k randread QD32 x2", 0.9),
+    ("udrv ram / ublk 2q", "kernel null_blk", "4k randread QD32 x2", 0.5),
+    ("udrv nvme / nbd", "kernel nvme", "4k randread QD32", 0.4),
 )
+QUEUES_JOB = "4k randread QD32 x2"  # the 1 -> 2 queue scaling: (one queue, two queues)
+SCALING = (("udrv nvme / ublk", "udrv nvme / ublk 2q"), ("udrv ram / ublk", "udrv ram / ublk 2q"))
 #: The QD1 breakdown's columns: (key in block-qd1.json, heading).
 PER_IO = (
     ("iops", "IOPS"),
@@ -90,6 +98,18 @@ def main() -> int:
             met[f"{udrv_path} {job}"] = {"ratio": ratio, "goal": goal, "met": ratio >= goal}
             goals.add_row(udrv_path, job, ref, f"{ratio:.2f}", f">= {goal}", "yes" if ratio >= goal else "no")  # fmt: skip
     console.print(goals)
+    scaling = {}
+    st = Table(title=f"1 -> 2 ublk queues ({QUEUES_JOB}; two queues: a worker process each)")
+    for col in ("path", "1 queue IOPS", "2 queues IOPS", "scaling", "CPU us/IO 1q", "CPU us/IO 2q"):
+        st.add_column(col, justify="right")
+    for one, two in SCALING:
+        a, b = data.get(one, {}).get(QUEUES_JOB), data.get(two, {}).get(QUEUES_JOB)
+        if a and b:
+            scaling[one] = {"one": a["iops"], "two": b["iops"], "scaling": b["iops"] / a["iops"]}
+            st.add_row(one, f"{a['iops']:.0f}", f"{b['iops']:.0f}", f"{b['iops'] / a['iops']:.2f}x",
+                       f"{a['cpu_us_per_io']:.0f}", f"{b['cpu_us_per_io']:.0f}")  # fmt: skip
+    if scaling:
+        console.print(st)
     if qd1:
         bt = Table(title="4k randread QD1, per I/O (counts: independent of host load)")
         bt.add_column("path", justify="right")
@@ -109,7 +129,10 @@ def main() -> int:
         console.print(pt)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "block.json").write_text(
-        json.dumps({"paths": data, "goals": met, "qd1": qd1, "profile": profile}, indent=2)
+        json.dumps(
+            {"paths": data, "goals": met, "scaling": scaling, "qd1": qd1, "profile": profile},
+            indent=2,
+        )
     )
     return 0
 

@@ -11,6 +11,12 @@ Finally udrv NVMe over ublk runs the 4k QD32 read job under yappi for a profile.
 
 ``UDRV_BENCH_ONLY=nbdkit`` runs only (e) (with udrv's RAM disk beside nbdkit's memory).
 
+Several queues: the job ``4k randread QD32 x2`` (two fio jobs of QD32; blk-mq sends each
+job's CPU to its queue) through the kernel's nvme and null_blk (``submit_queues=2``), and
+through udrv's NVMe and RAM disk over ublk with one queue and with two (``--queues 2``: a
+worker process per queue; their CPU time is counted with the server's).
+``UDRV_BENCH_ONLY=queues`` runs only these.
+
 For the QD1 read job on each udrv ublk path, a per-I/O breakdown that host load does not
 change: the driver process's system calls (``strace -c -f``, in a run of its own since strace
 slows it) and its context switches (``/proc/PID/task/*/status``), next to its CPU time.
@@ -40,16 +46,38 @@ JOBS = {  # name: fio arguments
     "128k seqread QD8": "--rw=read --bs=128k --iodepth=8",
 }
 NULL_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD32")
+#: Two fio jobs of QD32 each (blk-mq maps each job's CPU to a queue): for 1 -> 2 queues.
+QUEUES_JOB = "4k randread QD32 x2"
+JOBS[QUEUES_JOB] = "--rw=randread --bs=4k --iodepth=32 --numjobs=2 --group_reporting"
 RUNTIME = float(os.environ.get("UDRV_BENCH_RUNTIME", "5"))
 TICK = os.sysconf("SC_CLK_TCK")
-ONLY = set(filter(None, os.environ.get("UDRV_BENCH_ONLY", "nvme,ram,nbdkit").split(",")))
+ONLY = set(filter(None, os.environ.get("UDRV_BENCH_ONLY", "nvme,ram,nbdkit,queues").split(",")))
 RAM_PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "ram.py"
 NBDKIT_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32")
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (ublk's worker processes): proc(5) ``task/TID/children``."""
+    out = [pid]
+    for p in out:
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                out += map(int, Path(f"/proc/{p}/task/{tid}/children").read_text().split())
+        except FileNotFoundError:  # a process or thread that just ended
+            continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (proc(5))
+    """utime + stime (proc(5)) of ``pid`` and its live descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
 
 
 def fio(dev: str, job: str, pid: int | None, ramp: float = 1.0) -> dict[str, float]:
@@ -81,14 +109,15 @@ def switches(pid: int) -> int:
     """Context switches (voluntary: the thread slept; involuntary: preempted) of every
     thread of ``pid`` so far (proc(5) ``/proc/PID/task/TID/status``)."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except FileNotFoundError:  # a thread that just ended
-            continue
-        total += sum(
-            int(n) for n in re.findall(r"^\w*voluntary_ctxt_switches:\s+(\d+)", status, re.M)
-        )
+    for p in tree(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                status = Path(f"/proc/{p}/task/{tid}/status").read_text()
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            total += sum(
+                int(n) for n in re.findall(r"^\w*voluntary_ctxt_switches:\s+(\d+)", status, re.M)
+            )
     return total
 
 
@@ -215,10 +244,13 @@ def main() -> int:
                 run("udrv ram / ublk", dev, NULL_JOBS, proc.pid)
             finally:
                 stop(proc)
-    if not ONLY & {"nvme", "ram"}:
+    if not ONLY & {"nvme", "ram", "queues"}:
         (results / "block.json").write_text(json.dumps(out, indent=1))
         return 0
-    # (a) the kernel's nvme driver
+    base = tuple(j for j in JOBS if j != QUEUES_JOB)
+    two = (QUEUES_JOB,) if "queues" in ONLY else ()
+    nvme_jobs = (base if "nvme" in ONLY else ()) + two
+    # (a) the kernel's nvme driver (one queue per CPU: two here)
     sh("modprobe nvme")
     bind(addr, "nvme")
     ctrl = os.listdir(f"/sys/bus/pci/devices/{addr}/nvme")[0]
@@ -226,32 +258,49 @@ def main() -> int:
         if os.path.exists(f"/dev/{ctrl}n1"):
             break
         time.sleep(0.1)
-    run("kernel nvme", f"/dev/{ctrl}n1", tuple(JOBS), None)
-    per_io("kernel nvme", f"/dev/{ctrl}n1", None)
+    run("kernel nvme", f"/dev/{ctrl}n1", nvme_jobs, None)
+    if "nvme" in ONLY:
+        per_io("kernel nvme", f"/dev/{ctrl}n1", None)
     bind(addr, None)
     bind(addr, "vfio-pci")
-    # (b), (c): udrv NVMe over ublk, then NBD
+    # (b), (c): udrv NVMe over ublk (one queue, then two: a worker process each), then NBD
     sh("modprobe ublk_drv && modprobe nbd")
-    for front in ("ublk", "nbd"):
-        proc, dev = serve(["nvme", "serve", addr, "--frontend", front, "--depth", "32"])
+    variants = [("ublk", ["--queues", "1"], nvme_jobs)]
+    if two:
+        variants.append(("ublk 2q", ["--queues", "2"], two))
+    if "nvme" in ONLY:
+        variants.append(("nbd", [], base))
+    for name, extra, jobs in variants:
+        front = name.split()[0]
+        proc, dev = serve(["nvme", "serve", addr, "--frontend", front, "--depth", "32", *extra])
         try:
-            run(f"udrv nvme / {front}", dev, tuple(JOBS), proc.pid)
-            if front == "ublk":
+            run(f"udrv nvme / {name}", dev, jobs, proc.pid)
+            if name == "ublk" and "nvme" in ONLY:
                 per_io("udrv nvme / ublk", dev, proc.pid)
         finally:
             stop(proc)
-    # (d) null_blk (memory-backed, like the RAM disk) vs udrv's RAM disk over ublk
-    sh("modprobe null_blk nr_devices=1 gb=1 memory_backed=1 queue_mode=2 irqmode=0")
-    run("kernel null_blk", "/dev/nullb0", NULL_JOBS, None)
-    per_io("kernel null_blk", "/dev/nullb0", None)
-    proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32"])
-    try:
-        run("udrv ram / ublk", dev, NULL_JOBS, proc.pid)
-        per_io("udrv ram / ublk", dev, proc.pid)
-    finally:
-        stop(proc)
+    # (d) null_blk (memory-backed, like the RAM disk; a queue per CPU as udrv's 2q) vs udrv's
+    # RAM disk over ublk
+    null_jobs = (NULL_JOBS if "ram" in ONLY else ()) + two
+    sh("modprobe null_blk nr_devices=1 gb=1 memory_backed=1 queue_mode=2 irqmode=0 "
+       "submit_queues=2")  # fmt: skip
+    run("kernel null_blk", "/dev/nullb0", null_jobs, None)
+    if "ram" in ONLY:
+        per_io("kernel null_blk", "/dev/nullb0", None)
+    for name, queues, jobs in [("ublk", "1", null_jobs), ("ublk 2q", "2", two)]:
+        if not jobs:
+            continue
+        proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32", "--queues", queues])
+        try:
+            run(f"udrv ram / {name}", dev, jobs, proc.pid)
+            if name == "ublk" and "ram" in ONLY:
+                per_io("udrv ram / ublk", dev, proc.pid)
+        finally:
+            stop(proc)
     (results / "block-qd1.json").write_text(json.dumps(qd1, indent=1))
     (results / "block.json").write_text(json.dumps(out, indent=1))
+    if "nvme" not in ONLY:
+        return 0
     # where the Python time goes: udrv NVMe over ublk, 4k random reads at QD32
     if importlib.util.find_spec("yappi") is None:
         print("no profile: yappi is missing (pip install -e '.[bench]')", flush=True)

@@ -4,9 +4,13 @@
  * eventfd (VFIO_DEVICE_SET_IRQS), sets Bus Master Enable, then N times:
  *   t0 = now; write INTR_RAISE (BAR0 + 0x60); read(eventfd) (blocking); t1 = now;
  *   write INTR_ACK (BAR0 + 0x64)
- * and prints t1 - t0 in nanoseconds, one per line.
+ * and prints t1 - t0 in nanoseconds.
  *
- * usage: vfio_msi_ref 0000:00:04.0 ROUNDS
+ * usage: vfio_msi_ref 0000:00:04.0
+ * It then serves blocks, so that bench/irq can interleave it with the other variants while it
+ * keeps its device open: for each line "N" on stdin it runs N rounds and writes one line to
+ * stdout: how often it slept during them (voluntary context switches, getrusage), then the N
+ * samples, space-separated; it ends at end of input.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +22,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,12 +46,12 @@ static uint64_t now_ns(void)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: %s PCI-ADDRESS ROUNDS\n", argv[0]);
+	if (argc != 2) {
+		fprintf(stderr, "usage: %s PCI-ADDRESS (then one line per block: ROUNDS)\n", argv[0]);
 		return 2;
 	}
 	const char *addr = argv[1];
-	long rounds = strtol(argv[2], NULL, 0);
+	long rounds;
 	char path[256], link[256];
 
 	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", addr);
@@ -102,15 +107,31 @@ int main(int argc, char **argv)
 	if (pwrite(device, &cmd, 2, (off_t)cfg.offset + PCI_COMMAND) != 2)
 		die("write PCI_COMMAND");
 
-	for (long i = 0; i < rounds; i++) {
-		uint64_t count, t0 = now_ns();
-		regs[EDU_INTR_RAISE / 4] = 1;
-		if (read(efd, &count, sizeof(count)) != sizeof(count))
-			die("read eventfd");
-		uint64_t t1 = now_ns();
-		regs[EDU_INTR_ACK / 4] = 1;
-		printf("%llu\n", (unsigned long long)(t1 - t0));
+	uint64_t *samples = NULL;
+	while (scanf("%ld", &rounds) == 1 && rounds > 0) {
+		samples = realloc(samples, (size_t)rounds * sizeof(*samples));
+		if (!samples)
+			die("realloc");
+		struct rusage before, after;
+		getrusage(RUSAGE_SELF, &before);
+		for (long i = 0; i < rounds; i++) {
+			uint64_t count, t0 = now_ns();
+			regs[EDU_INTR_RAISE / 4] = 1;
+			if (read(efd, &count, sizeof(count)) != sizeof(count))
+				die("read eventfd");
+			uint64_t t1 = now_ns();
+			regs[EDU_INTR_ACK / 4] = 1;
+			samples[i] = t1 - t0;
+		}
+		getrusage(RUSAGE_SELF, &after);
+		/* printed after the block, so that stdio stays out of the timed rounds */
+		printf("%ld", after.ru_nvcsw - before.ru_nvcsw);
+		for (long i = 0; i < rounds; i++)
+			printf(" %llu", (unsigned long long)samples[i]);
+		printf("\n");
+		fflush(stdout);
 	}
+	free(samples);
 
 	set->argsz = sizeof(struct vfio_irq_set);
 	set->flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;

@@ -13,6 +13,11 @@ Parts:
          restarted driver must hold as many fds as the first one.
   mix    one run of bench.net's traffic mix (ping, UDP 64 and 1514-byte frames, TCP) through
          the kernel's e1000 and through udrv's; the driver must stop cleanly afterwards.
+  udp    N rounds of bench.net's UDP 1514-byte phase (iperf3 -u -b 0 -l 1472, the phase in
+         which a guest panicked once, issue 13), through the kernel's e1000 and then through
+         udrv's, one driver for all rounds; with --mix-every K every Kth round is the whole
+         traffic mix. With --driver kernel 04.0 keeps the kernel's e1000 (10.9.0.1 in the
+         root namespace): the same traffic with no udrv at all, the control.
 
 Wiring of the network parts (one QEMU hub, as bench.net): 04.0 udrv e1000 -> TAP udrv0
 10.9.0.1; 05.0 kernel e1000 10.9.0.2 in namespace "peer" (iperf3 server); 06.0 kernel e1000
@@ -320,13 +325,76 @@ def part_mix(run: int) -> dict[str, Any]:
     return data
 
 
+# -- udp: the phase that once panicked, over and over ----------------------------------------
+
+
+def kernel_nic_setup() -> str:
+    """The control wiring: 04.0 on the kernel's e1000 as 10.9.0.1 in the root namespace, the
+    peers as in :func:`net_setup` (idempotent, as that); the interface name."""
+    if "peer" in sh("ip netns list"):
+        return iface(A)
+    sh("modprobe e1000")
+    wait_for("the kernel e1000s", lambda: all(
+        Path(f"/sys/bus/pci/devices/{a}/net").exists() for a in (A, B, C)), 30)  # fmt: skip
+    for ns, addr, ip in (("peer", B, "10.9.0.2"), ("ref", C, "10.9.0.3")):
+        i = iface(addr)
+        sh(f"ip netns add {ns} && ip link set {i} netns {ns} && ip -n {ns} addr add {ip}/24 dev {i} "
+           f"&& ip -n {ns} link set {i} up && ip -n {ns} link set lo up")  # fmt: skip
+    name = iface(A)
+    sh(f"ip addr add 10.9.0.1/24 dev {name} && ip link set {name} up")
+    return name
+
+
+UDP_PHASE = (("UDP 1514-byte kpps", lambda p: udp_pps(p, 1472) / 1e3),)
+MIX = (("ping RTT ms", rtt), ("UDP 64-byte kpps", lambda p: udp_pps(p, 18) / 1e3),
+       *UDP_PHASE, ("TCP Mbit/s", tcp_mbps))  # fmt: skip
+
+
+def part_udp(rounds: int, deadline: float, driver: str, mix_every: int, name: str) -> dict[str, Any]:  # fmt: skip
+    proc = None
+    if driver == "udrv":
+        net_setup()
+        proc = start_nic()
+    else:
+        kernel_nic_setup()
+    out: dict[str, Any] = {"driver": driver, "cycles": 0, "failures": 0, "runs": []}
+    try:
+        wait_for("ping 10.9.0.2 through 04.0", link_up, 30, poll=0)
+        while out["cycles"] < rounds and time.monotonic() < deadline:
+            out["cycles"] += 1
+            full = mix_every > 0 and out["cycles"] % mix_every == 0
+            run: dict[str, Any] = {"mix": full}
+            try:
+                for what, fn in MIX if full else UDP_PHASE:
+                    # 04.0's path is "udrv", or "kernel 04.0" in the control.
+                    for path, prefix in (("kernel", "ip netns exec ref "),
+                                         ("udrv" if proc else "kernel 04.0", "")):  # fmt: skip
+                        run[f"{what} {path}"] = round(fn(prefix), 3)
+                if proc is not None and proc.poll() is not None:
+                    raise Failure(f"udrv e1000 serve exited {proc.returncode}")
+            except (Failure, RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+                out["failures"] += 1
+                run["error"] = str(e)[-1000:]
+            out["runs"].append(run)
+            print(f"udp round {out['cycles']}: {run}", flush=True)
+            write_json(name, out)
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_nic(proc)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["nvme", "e1000", "mix"])
+    ap.add_argument("part", choices=["nvme", "e1000", "mix", "udp"])
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--run", type=int, default=0, help="mix: the run's number (its file name)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--driver", choices=["udrv", "kernel"], default="udrv",
+                    help="udp: who drives 04.0 (kernel: the control)")  # fmt: skip
+    ap.add_argument("--mix-every", type=int, default=0, help="udp: every Kth round the mix")
+    ap.add_argument("--name", default="udp", help="udp: the results file's name")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     rng = random.Random(seed)
@@ -336,6 +404,10 @@ def main() -> int:
         out = part_nvme(args.cycles, deadline, rng)
     elif args.part == "e1000":
         out = part_e1000(args.cycles, deadline, rng)
+    elif args.part == "udp":
+        out = part_udp(args.cycles, deadline, args.driver, args.mix_every, args.name)
+        write_json(args.name, out)
+        return 1 if out["failures"] else 0
     else:
         write_json(f"mix{args.run}", part_mix(args.run))
         return 0

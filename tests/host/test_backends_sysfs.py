@@ -245,3 +245,40 @@ def test_uio_errors_name_the_fix(tree: Path) -> None:
         UioError, match=r"0000:00:04.0 is not bound to uio_pci_generic \(no driver\)"
     ):
         udrv.open("00:04.0", "uio", root=tree)
+
+
+def test_uio_open_stops_the_device_then_frees_a_dead_drivers_buffers(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver that died left bus mastering on and its DMA buffers' files behind: opening
+    the device clears Bus Master Enable, then frees them (issue 13)."""
+    from udrv.dma import hugepage as H
+
+    (tree / "0000:00:07.0" / "uio" / "uio3").mkdir(parents=True)
+    fake_dev = tmp_path / "dev"
+    fake_dev.mkdir()
+    (fake_dev / "uio3").write_bytes(b"")
+    monkeypatch.setattr(bu, "DEV", fake_dev)
+    config = tree / "0000:00:07.0" / "config"
+    raw = bytearray(config.read_bytes())
+    raw[4] |= 0x04  # PCI_COMMAND_MASTER, as the dead driver left it
+    config.write_bytes(raw)
+    H.HUGETLBFS.mkdir(parents=True, exist_ok=True)
+    left = [H.HUGETLBFS / f"udrv-0000:00:07.0-4242-{i}" for i in range(2)]
+    other = H.HUGETLBFS / "udrv-0000:00:04.0-4242-0"  # another device's: not touched
+    for p in (*left, other):
+        p.write_bytes(b"")
+    seen: list[tuple[int, bool]] = []
+    quiesce = UioDevice._quiesce
+
+    def spy(self: UioDevice) -> None:
+        quiesce(self)
+        seen.append((config.read_bytes()[4] & 0x04, all(p.exists() for p in left)))
+
+    monkeypatch.setattr(UioDevice, "_quiesce", spy)
+    dev = udrv.open("00:07.0", root=tree)
+    try:
+        assert seen == [(0, True)]  # BME off while the buffers still existed
+        assert not any(p.exists() for p in left) and other.exists()
+    finally:
+        dev.close()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -107,15 +110,20 @@ class _Dev(Device):
         pass
 
 
-def test_alloc_without_hugepages_names_udrv_hugepages(pool: Path) -> None:
-    if H.hugepage_status(Path("/sys/kernel/mm/hugepages/hugepages-2048kB")).free:
-        pytest.skip("this machine has free hugepages reserved")
+def test_alloc_without_hugepages_names_udrv_hugepages(
+    pool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_hugepage(fd: int) -> mmap.mmap:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")  # hugetlbfs with an empty pool
+
+    monkeypatch.setattr(H, "map_hugepage_file", no_hugepage)
     dev = _Dev()
     dev.dma.set_mask(28)
     with pytest.raises(DmaError, match=r"0 reserved.*run `udrv hugepages 64`"):
         dev.dma.alloc(4096)
     with pytest.raises(DmaError, match="2 MiB hugepage at most"):
         dev.dma.alloc(3 << 20)
+    assert list(H.HUGETLBFS.iterdir()) == []  # the failed buffer's file is gone
 
 
 # -- streaming mappings under UIO (issue 13 item 1) ---------------------------------------
@@ -242,3 +250,109 @@ def test_translating_iommu_group_is_refused(tmp_path: Path) -> None:
     H.HugepageDma(_Dev(), 7, tmp_path)  # passthrough: physical addresses work
     H.HugepageDma(_Dev(), None, tmp_path)  # no IOMMU at all
     H.HugepageDma(_Dev(), 8, tmp_path)  # no type file (kernels before 5.11)
+
+
+# -- a killed driver's DMA memory (issue 13: the guest panic hunt) ------------------------
+#
+# Under UIO a SIGKILLed driver leaves its device with bus mastering and (an e1000) RX on:
+# the kernel frees the process's memory (exit_mm) before it closes /dev/uioN (exit_files,
+# where uio_pci_generic clears Bus Master Enable), so the device may write into pages the
+# kernel hands out again. The buffers are named hugetlbfs files instead: nothing is freed
+# at exit, and the next open frees them only after stopping the device.
+
+FAKE_PHYS = 0x4000_0000
+
+
+class _QuiescedDev(_Dev):
+    """Records Bus Master Enable changes and which buffer files existed at each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bme: list[tuple[bool, list[str]]] = []
+
+    def set_bus_master(self, enable: bool = True) -> None:
+        self.bme.append((enable, sorted(p.name for p in H.HUGETLBFS.iterdir())))
+
+
+@pytest.fixture
+def phys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(H, "virt_to_phys", lambda vaddr, pagemap=None: FAKE_PHYS)
+
+
+def _killed_driver() -> tuple[int, list[str]]:
+    """Fork a 'driver' that allocates two DMA buffers for 0000:00:04.0 and is SIGKILLed with
+    them; (its pid, the files that were there while it lived)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            dev = _Dev()
+            dev.dma.alloc(4096)
+            dev.dma.alloc(8192)
+            os.write(w, b"ok")
+            signal.pause()
+        finally:
+            os._exit(1)
+    os.close(w)
+    assert os.read(r, 2) == b"ok"
+    os.close(r)
+    alive = sorted(p.name for p in H.HUGETLBFS.iterdir())
+    # While it lives, nobody else may take the device's DMA memory, nor free it.
+    with pytest.raises(DmaError, match=rf"another process \(pid {pid}\) owns") as busy:
+        H.DmaFiles("0000:00:04.0")
+    assert busy.value.errno == errno.EBUSY
+    assert H.DmaFiles.reclaim_dead("0000:00:04.0", lambda: pytest.fail("quiesced")) == 0
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return pid, alive
+
+
+def test_a_killed_drivers_buffers_outlive_it_until_the_device_is_stopped(phys: None) -> None:
+    pid, alive = _killed_driver()
+    assert alive == [f"udrv-0000:00:04.0-{pid}-0", f"udrv-0000:00:04.0-{pid}-1"]
+    # Dead: its memory is still allocated (the device may still write into it)...
+    assert sorted(p.name for p in H.HUGETLBFS.iterdir()) == alive
+    # ...until the next open stops the device; only then are the buffers freed.
+    calls: list[list[str]] = []
+    n = H.DmaFiles.reclaim_dead(
+        "0000:00:04.0", lambda: calls.append(sorted(p.name for p in H.HUGETLBFS.iterdir()))
+    )
+    assert n == 2 and calls == [alive]
+    assert list(H.HUGETLBFS.iterdir()) == []
+
+
+def test_a_device_that_cannot_be_stopped_keeps_the_memory(phys: None) -> None:
+    _killed_driver()
+
+    def fails() -> None:
+        raise DmaError("config space gone")
+
+    with pytest.raises(DmaError, match="config space gone"):
+        H.DmaFiles.reclaim_dead("0000:00:04.0", fails)
+    assert len(list(H.HUGETLBFS.iterdir())) == 2  # leaked, not handed back under the device
+
+
+def test_first_alloc_after_a_killed_driver_clears_bus_mastering_first(phys: None) -> None:
+    """Without the backend's open-time reclaim (any Device with HugepageDma), the first
+    alloc claims the files: Bus Master Enable goes off while the dead driver's files still
+    exist, and they are gone afterwards."""
+    _, alive = _killed_driver()
+    dev = _QuiescedDev()
+    buf = dev.dma.alloc(4096)
+    assert dev.bme == [(False, alive)]
+    assert [p.name for p in H.HUGETLBFS.iterdir()] == [f"udrv-0000:00:04.0-{os.getpid()}-0"]
+    buf.close()
+    dev.close()
+
+
+def test_a_closed_buffer_frees_its_file_and_close_stops_dma_first(phys: None) -> None:
+    dev = _QuiescedDev()
+    a = dev.dma.alloc(4096)
+    dev.dma.alloc(4096)
+    assert a.iova == FAKE_PHYS and len(list(H.HUGETLBFS.iterdir())) == 2
+    a.close()
+    assert len(list(H.HUGETLBFS.iterdir())) == 1
+    dev.close()  # the other buffer: bus mastering off while it still existed, then freed
+    assert dev.bme == [(False, [f"udrv-0000:00:04.0-{os.getpid()}-1"])]
+    assert list(H.HUGETLBFS.iterdir()) == []
+    H.DmaFiles("0000:00:04.0").close()  # the claim was given up

@@ -106,3 +106,54 @@ def test_a_clean_log_has_no_report() -> None:
     boot = "[    0.0] Linux version 6.12\n[    1.0] BUGS are not reported here\nWARNING no colon\n"
     assert find_oops(boot) is None
     assert find_oops("") is None
+
+
+#: What `slub_debug=FZPU` prints when a freed kmalloc object was written to (mm/slub.c
+#: slab_bug, check_bytes_and_report, print_trailer, slab_fix; 6.12 format), mid-log.
+SLUB_POISON = (
+    "[   40.000000] udrv0: link up\n"
+    f"[   40.100000] {'=' * 77}\n"
+    "[   40.100001] BUG kmalloc-2k (Not tainted): Poison overwritten\n"
+    f"[   40.100002] {'-' * 77}\n"
+    "[   40.100003] \n"
+    "[   40.100004] 0xffff888004a20400-0xffff888004a205bf @offset=1024. First byte 0x45 instead "
+    "of 0x6b\n"
+    "[   40.100005] Allocated in __alloc_skb+0x8e/0x1d0 age=12 cpu=0 pid=301\n"
+    "[   40.100006]  __kmalloc_node_track_caller_noprof+0x1a3/0x440\n"
+    "[   40.100007]  kmalloc_reserve+0x66/0xf0\n"
+    "[   40.100008] Freed in skb_release_data+0x13d/0x190 age=5 cpu=0 pid=0\n"
+    "[   40.100009]  kfree+0x1ed/0x3a0\n"
+    + "".join(f"[   40.1001{i:02d}] Object   ffff888004a2{i:04x}: 6b 6b 6b 6b\n" for i in range(90))
+    + "[   40.100200] CPU: 0 UID: 0 PID: 301 Comm: iperf3 Tainted: G    B   6.12.117+deb12\n"
+    "[   40.100201] Call Trace:\n"
+    "[   40.100202]  check_bytes_and_report+0x7d/0x130\n"
+    "[   40.100203] FIX kmalloc-2k: Restoring Poison 0xffff888004a20400-0xffff888004a205bf=0x6b\n"
+    "[   40.100204] FIX kmalloc-2k: Marking all objects used\n"
+    "[   41.000000] udrv0: link down\n"
+)
+
+
+def test_a_slub_poison_report_is_found_with_the_bytes_and_both_call_traces() -> None:
+    oops = find_oops(SLUB_POISON)
+    assert oops is not None
+    assert oops.title == "BUG kmalloc-2k (Not tainted): Poison overwritten"
+    lines = oops.text.splitlines()
+    assert lines[0].endswith("=" * 77) and oops.first_line == 2
+    assert "First byte 0x45 instead of 0x6b" in oops.text
+    assert "Allocated in __alloc_skb" in oops.text and "Freed in skb_release_data" in oops.text
+    # The object dump does not push the call trace and the FIX line out of the excerpt.
+    assert "check_bytes_and_report" in oops.text
+    assert lines[-1].endswith(
+        "FIX kmalloc-2k: Restoring Poison 0xffff888004a20400-0xffff888004a205bf=0x6b"
+    )
+    assert "link down" not in oops.text
+
+
+def test_page_poison_corruption_is_a_report() -> None:
+    log = (
+        "[    9.0] ok\n[   10.0] pagealloc: memory corruption\n"
+        "[   10.1] 00000000: 45 00 05 dc 6b 6b\n[   10.2] CPU: 0 PID: 7 Comm: ksoftirqd/0\n"
+    )
+    oops = find_oops(log)
+    assert oops is not None and oops.title == "pagealloc: memory corruption"
+    assert oops.first_line == 2 and "45 00 05 dc" in oops.text

@@ -15,8 +15,8 @@ from udrv.backends.vfio_user import VfioUserDevice
 from udrv.dma import Direction
 from udrv.drivers.edu import Edu
 from udrv.drivers.edu import regs as R
-from udrv.drivers.edu.driver import EduError
-from udrv.errors import PollTimeout, RegionError, VfioUserError
+from udrv.drivers.edu.driver import EduError, EduRemovedError
+from udrv.errors import DeviceRemovedError, PollTimeout, RegionError, VfioUserError
 from udrv.models.edu import EduModel
 
 from .vfio_user_helpers import served
@@ -230,19 +230,78 @@ def test_server_gone_is_a_clear_error() -> None:
         dev.close()
 
 
-def test_surprise_removal_reads_all_ones(edu: tuple[EduModel, VfioUserDevice]) -> None:
+@pytest.mark.parametrize("interrupts", ["msi", None])
+def test_surprise_removal_is_reported_as_removal(
+    edu: tuple[EduModel, VfioUserDevice], interrupts: str | None
+) -> None:
+    """After a surprise removal every read is all-ones: each operation says the device is
+    gone (not busy, not slow), with an error that is both an EduError and the generic
+    DeviceRemovedError."""
     model, dev = edu
-    with Edu(dev, interrupts="msi", timeout=0.3) as e:
+    with Edu(dev, interrupts=interrupts, timeout=0.3) as e:
+        assert e.factorial(5) == 120
         model.surprise_remove()
         assert dev.bar(0).read32(R.IDENT) == 0xFFFF_FFFF
-        with pytest.raises(PollTimeout, match="no factorial interrupt"):
+        with pytest.raises(EduRemovedError, match=r"factorial of 5: the device is gone"):
             e.factorial(5)
-        # DMA_CMD reads all-ones, START included: the driver refuses to start a transfer
-        # (it takes the device for busy; it does not yet say "removed").
-        with pytest.raises(EduError, match="already running"):
+        # DMA_CMD reads all-ones, START included: gone, not "a transfer is already running".
+        with pytest.raises(EduRemovedError, match="starting a DMA transfer: the device is gone"):
             e.dma_to_device(b"x")
-    with pytest.raises(EduError, match="is ffff:ffff, not an edu"):
+        with pytest.raises(DeviceRemovedError, match="gone"):
+            e.dma_from_device(16)
+        with pytest.raises(EduRemovedError, match="liveness check"):
+            e.check_liveness()
+    with pytest.raises(EduRemovedError, match="config space reads all-ones: the device is gone"):
         Edu(dev)
+
+
+class RemovedMidTransfer(EduModel):
+    """edu that disappears the moment a DMA transfer is started (before it completes)."""
+
+    def mmio_write(self, offset: int, width: int, value: int) -> None:
+        super().mmio_write(offset, width, value)
+        if offset == R.DMA_CMD and value & R.DMA_CMD_START:
+            self.surprise_remove()
+
+
+def test_removal_during_a_dma_transfer() -> None:
+    """Removed while the transfer runs: the completion never comes; the timeout is reported
+    as the removal it is."""
+    with served(RemovedMidTransfer()) as (_, path):
+        dev = udrv.open(f"vfio-user:{path}")
+        try:
+            e = Edu(dev, interrupts="msi", timeout=0.3)
+            with pytest.raises(EduRemovedError, match=r"DMA of 8 bytes: the device is gone"):
+                e.dma_to_device(b"12345678")
+            e.close()
+        finally:
+            dev.close()
+
+
+class StuckTransfer(EduModel):
+    """edu whose DMA engine never finishes: DMA_CMD.START stays set."""
+
+    def mmio_write(self, offset: int, width: int, value: int) -> None:
+        if offset == R.DMA_CMD and value & R.DMA_CMD_START:
+            self.dma_cmd = value  # started, never run
+            return
+        super().mmio_write(offset, width, value)
+
+
+def test_a_busy_device_is_still_busy() -> None:
+    """A live device whose transfer never ends: a timeout, then busy; never "removed"."""
+    with served(StuckTransfer()) as (_, path):
+        dev = udrv.open(f"vfio-user:{path}")
+        try:
+            with Edu(dev, interrupts=None, timeout=0.2) as e:
+                with pytest.raises(PollTimeout) as timeout:
+                    e.dma_to_device(b"x")
+                with pytest.raises(EduError, match="already running") as busy:
+                    e.dma_to_device(b"x")
+                for err in (timeout.value, busy.value):
+                    assert not isinstance(err, DeviceRemovedError)
+        finally:
+            dev.close()
 
 
 def test_interrupt_storm_does_not_confuse_the_driver(edu: tuple[EduModel, VfioUserDevice]) -> None:

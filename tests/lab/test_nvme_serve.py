@@ -62,6 +62,14 @@ def nvme(bound: Bind) -> Iterator[str]:
     subprocess.run(["umount", "/mnt"], capture_output=True)
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (proc(5) ``/proc/PID/task/TID/children``)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        out += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return out
+
+
 def fio(dev: str, *args: str, timeout: float = 300) -> dict:  # type: ignore[type-arg]
     out = sh(f"fio --name=v --filename={dev} --direct=1 --ioengine=libaio --output-format=json "
              + " ".join(args), timeout=timeout)  # fmt: skip
@@ -83,6 +91,44 @@ def files_round_trip(dev: str) -> None:
     sh("umount /mnt")
 
 
+def write_acknowledged(dev: str) -> bytes:
+    """4 MiB of random data at the start of ``dev``, written and flushed (fsync)."""
+    data = os.urandom(4 << 20)
+    with open(dev, "r+b", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())  # acknowledged: FLUSH done
+    return data
+
+
+def busy_fio(dev: str, depth: int) -> subprocess.Popen[str]:
+    """fio keeping ``depth`` random 4k reads and writes in flight past the first 8 MiB."""
+    return subprocess.Popen(
+        ["fio", "--name=busy", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+         "--rw=randrw", "--bs=4k", "--offset=8M", "--size=16M", f"--iodepth={depth}",
+         "--time_based", "--runtime=120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_reads(dev: str, job: subprocess.Popen[str], reads: int = 500) -> None:
+    """Until ``reads`` reads of ``dev`` completed (/sys/block/NAME/stat), fio still running."""
+    stat = Path(f"/sys/block/{os.path.basename(dev)}/stat")
+    deadline = time.monotonic() + 120
+    while int(stat.read_text().split()[0]) < reads:
+        assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
+        time.sleep(0.02)
+
+
+def assert_reads_back(data: bytes, *server_args: str) -> None:
+    """A new `udrv nvme serve SERVER_ARGS` reads ``data`` at the start of the disk."""
+    again = Server(*server_args)
+    try:
+        with open(again.path, "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+    finally:
+        again.stop()
+
+
 def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
     srv = Server(nvme, "--queues", "2", "--depth", "16")
     try:
@@ -91,6 +137,7 @@ def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
         assert int(Path(f"/sys/block/{name}/size").read_text()) * 512 == SIZE
         assert Path(f"/sys/block/{name}/queue/logical_block_size").read_text().strip() == "512"
         assert len(os.listdir(f"/sys/block/{name}/mq")) == 2  # two hardware queues
+        assert len(children(srv.proc.pid)) == 2  # served by a worker process each
         files_round_trip(srv.path)
         r = fio(srv.path, "--rw=randwrite --bs=4k --size=8M --iodepth=16 --numjobs=2",
                 "--offset_increment=12M --verify=crc32c --verify_fatal=1 --group_reporting")  # fmt: skip
@@ -130,33 +177,16 @@ def test_stop_under_load_releases_the_disk_and_keeps_acknowledged_data(nvme: str
     them, removes the disk and shuts the controller down; fio ends (with errors), and a
     new driver reads back what was written and acknowledged before."""
     srv = Server(nvme, "--depth", "16")
-    data = os.urandom(4 << 20)
-    with open(srv.path, "r+b", buffering=0) as f:
-        f.write(data)
-        os.fsync(f.fileno())  # acknowledged: FLUSH done
-    job = subprocess.Popen(
-        ["fio", "--name=busy", f"--filename={srv.path}", "--direct=1", "--ioengine=libaio",
-         "--rw=randrw", "--bs=4k", "--offset=8M", "--size=16M", "--iodepth=16",
-         "--time_based", "--runtime=120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    stat = Path(f"/sys/block/{os.path.basename(srv.path)}/stat")
+    data = write_acknowledged(srv.path)
+    job = busy_fio(srv.path, 16)
     try:
-        deadline = time.monotonic() + 120
-        while int(stat.read_text().split()[0]) < 500:  # reads completed
-            assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
-            time.sleep(0.02)
+        wait_for_reads(srv.path, job)
     finally:
         err = srv.stop()
     assert "udrv: stopped" in err
     job.communicate(timeout=60)  # the disk went away under it: fio ends, it does not hang
     assert not os.path.exists(srv.path)
-    again = Server(nvme, "--depth", "16")
-    try:
-        with open(again.path, "rb", buffering=0) as f:
-            assert f.read(len(data)) == data
-    finally:
-        again.stop()
+    assert_reads_back(data, nvme, "--depth", "16")
 
 
 def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
@@ -188,6 +218,54 @@ def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
         assert job.returncode == 0, err
         r = json.loads(out[out.index("{") :])["jobs"][0]
         assert r["error"] == 0 and r["read"]["total_ios"] == 4096  # every block verified
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("victim", ["worker", "server"])
+def test_two_queues_killed_worker_or_server_recovers_and_fio_verify_passes(
+    nvme: str, victim: str
+) -> None:
+    """Two queues, a worker process each; fio writes through both. SIGKILL one worker (the
+    server then kills the other and exits, leaving the disk quiesced) or the server (its
+    workers die with it: PR_SET_PDEATHSIG); --recover resumes the disk with two new
+    workers, the kernel re-issues what was held, and every block verifies."""
+    srv = Server(nvme, "--queues", "2", "--depth", "16")
+    dev_id = int(srv.path.removeprefix("/dev/ublkb"))
+    workers = children(srv.proc.pid)
+    assert len(workers) == 2
+    job = subprocess.Popen(
+        ["fio", "--name=k", f"--filename={srv.path}", "--direct=1", "--ioengine=libaio",
+         "--rw=randwrite", "--bs=4k", "--size=8M", "--offset_increment=16M", "--numjobs=2",
+         "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--group_reporting",
+         "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stat = Path(f"/sys/block/{os.path.basename(srv.path)}/stat")
+    deadline = time.monotonic() + 120
+    try:  # kill a quarter into the write phase
+        while int(stat.read_text().split()[4]) < 1024:  # writes completed
+            assert job.poll() is None and time.monotonic() < deadline, "fio ended or stalled"
+            time.sleep(0.02)
+    finally:
+        os.kill(workers[1] if victim == "worker" else srv.proc.pid, signal.SIGKILL)
+    _, err = srv.proc.communicate(timeout=60)
+    if victim == "worker":
+        assert srv.proc.returncode == 1, err
+        assert "was killed by SIGKILL" in err and f"--recover {dev_id}" in err, err
+        assert "Traceback" not in err, err
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its server"
+        time.sleep(0.05)
+    assert os.path.exists(srv.path)  # the disk stays, quiesced, its I/O held
+    again = Server(nvme, "--recover", str(dev_id), "--queues", "2", "--depth", "16")
+    try:
+        assert again.path == srv.path and len(children(again.proc.pid)) == 2
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err
+        r = json.loads(out[out.index("{") :])["jobs"][0]
+        assert r["error"] == 0 and r["read"]["total_ios"] == 2 * 2048  # every block verified
     finally:
         again.stop()
 

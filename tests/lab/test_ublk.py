@@ -8,7 +8,9 @@ import errno
 import json
 import mmap
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,3 +259,64 @@ def test_nbd_device_two_connections_and_clean_stop(ram: CountingRam) -> None:
     r = subprocess.run(["dd", f"if={nbd.path}", "of=/dev/null", "bs=4k", "count=1", "iflag=direct"],
                        capture_output=True, text=True)  # fmt: skip
     assert "0+0 records in" in r.stderr and ram.calls == calls  # an empty disk, driver untouched
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (proc(5) ``/proc/PID/task/TID/children``)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        out += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return out
+
+
+def test_a_process_per_queue_fio_verify_over_both_queues(ram: CountingRam) -> None:
+    """workers="processes": each queue is served by a forked worker of its own (the parent
+    only waits); the RAM disk's MAP_SHARED data is one disk for both; stop() ends them."""
+    with Ublk(ram, queues=2, depth=16, workers="processes") as u:
+        assert u.mode == "processes"
+        pids = [q.pid for q in u._queues]
+        assert sorted(children(os.getpid())) == sorted(pids) and os.getpid() not in pids
+        for q, pid in enumerate(pids):  # each on its queue's CPUs
+            cpus = Path(f"/sys/block/{os.path.basename(u.path)}/mq/{q}/cpu_list").read_text()
+            assert os.sched_getaffinity(pid) == {int(c) for c in cpus.replace(",", " ").split()}
+        assert {frozenset(os.sched_getaffinity(pid)) for pid in pids} == {
+            frozenset({0}),
+            frozenset({1}),
+        }  # two CPUs, two queues: one each
+        job = fio_verify(u.path, extra="--numjobs=2 --offset_increment=12M --group_reporting")
+        assert job["read"]["total_ios"] == 2 * 2048
+        sh(f"blkdiscard -o 0 -l 1M {u.path}")
+        assert ram._view[: 1 << 20] == bytes(1 << 20)  # a worker's discard, seen here
+        per_queue = list(u._counts)
+        assert all(n > 0 for n in per_queue) and sum(per_queue) >= 4 * 2048, per_queue
+        assert ram.calls == 0  # every request was served in a worker, not this process
+        path = u.path
+    assert not os.path.exists(path) and not os.path.exists(path.replace("ublkb", "ublkc"))
+    assert not children(os.getpid())  # reaped
+
+
+def test_ramdisk_serve_two_queues_sigint_stops_every_worker() -> None:
+    """`udrv ramdisk serve --queues 2`: processes by default; SIGINT (which a terminal sends
+    to the whole process group, workers included) stops the device and every worker."""
+    proc = subprocess.Popen([sys.executable, "-m", "udrv", "ramdisk", "serve", "32M", "--queues",
+                             "2", "--depth", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None
+    path = proc.stdout.readline().strip()
+    try:
+        assert path.startswith("/dev/ublkb"), proc.communicate(timeout=30)[1]
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        fio_verify(path, extra="--numjobs=2 --offset_increment=12M --group_reporting")
+        # One process group: a terminal's ^C reaches the server and both workers, as here.
+        assert {os.getpgid(pid) for pid in workers} == {os.getpgid(proc.pid)}
+        for pid in [proc.pid, *workers]:
+            os.kill(pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "udrv: stopped (signal)" in err, err
+    assert not os.path.exists(path) and not os.path.exists(path.replace("ublkb", "ublkc"))
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived the server"

@@ -10,23 +10,32 @@ clearing Interrupt Disable in the command register (the kernel set it when the l
 No IOMMU: DMA needs physical addresses (``dev.dma``: hugepages, see :mod:`udrv.dma.hugepage`),
 and is refused when an IOMMU translates the device's addresses. Reset only where the kernel
 offers sysfs ``reset``.
+
+Opening a device frees the DMA buffers a driver that died left behind (they are kept past
+its death so that the device, which may still be writing into them, cannot corrupt memory
+the kernel has reused): Bus Master Enable is cleared and the device reset where the kernel
+can, then the buffers go (:meth:`udrv.dma.hugepage.DmaFiles.reclaim_dead`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 from pathlib import Path
 
 from udrv.backends.sysfs import SysfsDevice
 from udrv.core.dma import Dma
 from udrv.core.interrupts import Interrupts
-from udrv.dma.hugepage import HugepageDma
-from udrv.errors import DeviceBusyError, UioError
+from udrv.dma.hugepage import DmaFiles, HugepageDma
+from udrv.errors import BackendError, DeviceBusyError, DmaError, UioError
 from udrv.irq.uio import UioInterrupts
 from udrv.pci.sysfs import PciDeviceInfo
 
 DEV = Path("/dev")
+
+log = logging.getLogger(__name__)
 
 
 def uio_name(info: PciDeviceInfo) -> str:
@@ -81,6 +90,21 @@ class UioDevice(SysfsDevice):
                 f"cannot open {path} for {info.address}; {hint}", errno=exc.errno
             ) from None
         self._fds.append(self.uio_fd)
+        try:
+            DmaFiles.reclaim_dead(self.address, self._quiesce)
+        except DmaError as exc:  # no lock without root: dev.dma will say so if it is used
+            log.debug("%s: leftover DMA buffers not checked: %s", self.address, exc)
+        except BaseException:
+            self.close()
+            raise
+
+    def _quiesce(self) -> None:
+        """Stop a device a dead driver left running: no more DMA (Bus Master Enable off;
+        PCI 3.0 §6.2.2), then a reset where the kernel has a method, so that RX rings and
+        the like are off too before the next driver enables bus mastering again."""
+        self.set_bus_master(False)
+        with contextlib.suppress(BackendError):
+            self.reset()
 
     def _open_interrupts(self) -> Interrupts:
         return UioInterrupts(self, self.uio_fd, self.uio_name)

@@ -58,6 +58,11 @@ class BlockDriver(abc.ABC):
     """Implement this to be served as /dev/ublkbN or /dev/nbdN (or an NBD export)."""
 
     geometry: BlockGeometry
+    #: The driver's state lives where a forked process sees the same thing: memory mapped
+    #: MAP_SHARED (an anonymous ``mmap.mmap(-1, n)`` is), a device, files. Then the ublk
+    #: frontend may serve each queue from a process of its own (``Ublk(workers=...)``), past
+    #: the GIL; a driver with a plain Python dict or ``bytearray`` for its data must not say so.
+    multiprocess: bool = False
 
     @abc.abstractmethod
     def read(self, offset: int, buf: memoryview) -> Awaitable[None] | None:

@@ -1,7 +1,8 @@
 """A RAM-backed block driver: the "null" driver for frontend tests and benchmarks.
 
-With ``backing=None`` it keeps its data in an anonymous mapping (reads of untouched blocks
-return zeros; memory is committed only where written). Use ``discard`` to drop ranges.
+It keeps its data in an anonymous shared mapping (reads of untouched blocks return zeros;
+memory is committed only where written; forked queue workers share it). ``discard`` drops
+ranges.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from udrv.block.driver import BlockDriver, BlockGeometry
 
 
 class RamDisk(BlockDriver):
+    multiprocess = True  # the data is a MAP_SHARED mapping: forked queue workers share it
+
     def __init__(self, size: int, *, block_size: int = 512, discard: bool = True) -> None:
         if size <= 0 or size % block_size:
             raise ValueError(f"size {size} must be a positive multiple of {block_size}")
@@ -36,7 +39,9 @@ class RamDisk(BlockDriver):
         page = mmap.PAGESIZE
         start, end = -(-offset // page) * page, (offset + length) // page * page
         if end > start:
-            self._mem.madvise(mmap.MADV_DONTNEED, start, end - start)
+            # MADV_REMOVE frees a shared mapping's pages (MADV_DONTNEED only unmaps them
+            # from this process: madvise(2)); they read back as zeros.
+            self._mem.madvise(mmap.MADV_REMOVE, start, end - start)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.discard(offset, length)

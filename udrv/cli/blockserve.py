@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser, *, default_depth: int = 64) -> Non
         "--queues", type=int, default=1, help="hardware queues (ublk) or connections (nbd)"
     )
     p.add_argument("--depth", type=int, default=default_depth, help="requests in flight per queue")
+    p.add_argument("--workers", choices=["auto", "threads", "processes"], default="auto",
+                   help="ublk: serve each queue from a thread or a forked process (auto: "
+                        "processes for several queues unless Python runs without the GIL)")  # fmt: skip
     p.add_argument("--recover", type=int, metavar="DEV_ID",
                    help="ublk: resume /dev/ublkbDEV_ID left by a driver that died")  # fmt: skip
     p.add_argument("--listen", metavar="SOCKET|HOST:PORT",
@@ -49,11 +52,11 @@ def _frontend(driver: BlockDriver, args: argparse.Namespace) -> Any:
             raise FrontendError("--listen is for --frontend nbd")
         from udrv.frontends.ublk import Ublk
 
+        workers = getattr(args, "workers", "auto")
         if args.recover is not None:
-            return Ublk(
-                driver, queues=args.queues, depth=args.depth, dev_id=args.recover, recover=True
-            )
-        return Ublk(driver, queues=args.queues, depth=args.depth)
+            return Ublk(driver, queues=args.queues, depth=args.depth, dev_id=args.recover,
+                        recover=True, workers=workers)  # fmt: skip
+        return Ublk(driver, queues=args.queues, depth=args.depth, workers=workers)
     if args.recover is not None:
         raise FrontendError("--recover is for --frontend ublk (NBD has no recovery protocol)")
     from udrv.frontends.nbd import NbdDevice, NbdServer, tls_context
@@ -75,8 +78,9 @@ def _frontend(driver: BlockDriver, args: argparse.Namespace) -> Any:
         if tls != "off":
             ctx = tls_context(args.tls_certificates, verify_peer=args.tls_verify_peer)
         return NbdServer(driver, address, tls=ctx, tls_required=tls == "require",
-                         insecure=getattr(args, "insecure", False))  # fmt: skip
-    return NbdDevice(driver, connections=args.queues)
+                         insecure=getattr(args, "insecure", False), queues=args.queues,
+                         depth=args.depth)  # fmt: skip
+    return NbdDevice(driver, connections=args.queues, depth=args.depth)
 
 
 def serve(driver: BlockDriver, args: argparse.Namespace, *, what: str) -> int:

@@ -73,6 +73,14 @@ def register(sub: Any) -> None:
     )
     run.add_argument("--trace-file", default=None, metavar="FILE", help="where trace events go")
     run.add_argument("--keep", action="store_true", help="keep the session dir (console log)")
+    run.add_argument(
+        "--kernel-arg",
+        action="append",
+        default=None,
+        metavar="PARAM",
+        help="extra guest kernel parameter, e.g. slub_debug=FZPU (repeat for more; default: "
+        "$UDRV_LAB_KERNEL_ARGS)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     run.set_defaults(func=cmd_run)
 
@@ -108,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace=args.trace,
         trace_file=args.trace_file,
         keep=args.keep,
+        kernel_args=args.kernel_arg,
     )
     # SIGTERM (e.g. from a CI timeout) ends the guest like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -53,10 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import udrv
     from udrv.drivers.nvme import Nvme, NvmeError
 
-    # One NVMe queue pair per frontend queue. ublk: max(depth, 4) requests plus a spare tag
-    # (udrv.frontends.ublk), one command each, in a queue that keeps an entry empty (4.1.2).
-    # NBD: the queue holds depth - 1 commands; the last request waits for a slot.
-    qdepth = max(args.depth, 4) + 2 if args.frontend == "ublk" else args.depth
+    # One NVMe queue pair per frontend queue, one command per tag, in a queue that keeps an
+    # entry empty (4.1.2). ublk: max(depth, 4) requests plus a spare tag (udrv.frontends.ublk);
+    # NBD: depth tags per connection.
+    qdepth = max(args.depth, 4) + 2 if args.frontend == "ublk" else args.depth + 1
     with udrv.open(args.address) as dev:
         try:
             nvme = Nvme(dev, queues=args.queues, depth=qdepth, nsid=args.nsid,

@@ -106,7 +106,11 @@ class VfioDma(Dma):
         # mmap aligns to the CPU's page; when the IOMMU's is larger, over-allocate and start
         # the buffer at the first IOMMU page boundary.
         extra = page - mmap.PAGESIZE if page > mmap.PAGESIZE else 0
-        mem = mmap.mmap(-1, span + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # MAP_SHARED: a forked process (a ublk queue worker) must see the very pages the
+        # IOMMU pinned. A pinned MAP_PRIVATE page is copied for the child at fork (6.x
+        # mm/memory.c copy_present_pte: folio_try_dup_anon_rmap_pte refuses a page that
+        # folio_needs_cow_for_dma), so the child's writes and the device's would part.
+        mem = mmap.mmap(-1, span + extra, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         vaddr = np.frombuffer(mem, dtype=np.uint8).ctypes.data
         offset = -vaddr % page
         try:

@@ -39,10 +39,13 @@ import inspect
 import logging
 import mmap
 import os
+import select
+import signal
 import struct
+import sys
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -138,8 +141,44 @@ def _alive(pid: int) -> bool:
     return pid > 0
 
 
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+_libc = ctypes.CDLL(None, use_errno=True)
+WORKERS = ("threads", "processes", "auto")
+
+
+def free_threaded() -> bool:
+    """This interpreter runs Python threads in parallel (a free-threaded build with the GIL
+    off: ``sys._is_gil_enabled()`` is False, Python 3.13+)."""
+    gil = getattr(sys, "_is_gil_enabled", None)
+    return gil is not None and not gil()
+
+
+def _become_worker(parent: int) -> None:
+    """In a forked queue worker: die with the parent (PR_SET_PDEATHSIG, prctl(2): a server
+    killed with SIGKILL must not leave workers serving a disk that nobody can stop, and
+    recovery needs every worker gone), leave SIGINT to the parent (a terminal sends it to
+    the whole process group; the parent stops the device, which ends the workers), SIGTERM
+    back to its default (the parent's Python handler must not run here)."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise UblkError("prctl(PR_SET_PDEATHSIG) failed", errno=ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before prctl: nobody to serve for
+        raise UblkError(f"the server process {parent} died while its workers started")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 class _Queue:
-    """One hardware queue: a thread with its ring, descriptors, buffers and event loop."""
+    """One hardware queue: its descriptors, buffers, ring and serving loop.
+
+    :meth:`prepare` runs in the process that opened the char device: the kernel lets only
+    the first mm that maps a queue's descriptors map any other (``ublk_ch_mmap``), and a
+    driver's hardware queue allocates its DMA memory there, before any fork. :meth:`run`
+    runs in the queue's worker (a thread, or a forked process): the task that submits the
+    queue's FETCHes becomes its ``ubq_daemon``, the only one whose commands the kernel
+    accepts from then on (``__ublk_ch_uring_cmd``)."""
+
+    ring: IoUring  # made by the worker (:meth:`_start`)
 
     def __init__(self, ublk: Ublk, q_id: int) -> None:
         self.ublk, self.q_id = ublk, q_id
@@ -147,83 +186,45 @@ class _Queue:
         self.geometry = g = ublk.driver.geometry
         self.disk_size, self.bs_mask = g.size, g.block_size - 1
         self.tags, self.buf_size = ublk.tags, ublk.max_io
+        self.counts = ublk._counts  # requests served, one slot per queue, shared across fork
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.served = 0
         self.aborted: set[int] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.hwq: HardwareQueue | None = None
-        self.thread = threading.Thread(target=self._run, name=f"ublk{ublk.dev_id}q{q_id}",
-                                       daemon=True)  # fmt: skip
+        self.thread: threading.Thread | None = None  # the worker, in thread mode
+        self.pid = 0  # the worker, in process mode
+        self.pidfd = self.ready_fd = -1
+        self.status: int | None = None  # the worker process's wait status, once reaped
         self._flush_scheduled = False
         self._irq_count = ctypes.c_uint64()  # where the interrupt eventfd's READ puts its count
 
-    def _run(self) -> None:
-        try:
-            self._setup()
-        except BaseException as exc:
-            log.debug("ublk%d queue %d setup failed", self.ublk.dev_id, self.q_id, exc_info=True)
-            self.error = exc
-            self.ready.set()
-            return
-        try:
-            self.ready.set()
-            if self.hwq is not None:
-                self._serve_hardware_queue()
-            elif self.loop is None:
-                self._serve_blocking()
-            else:
-                self.loop.add_reader(self.ring.fd, self._on_completions)
-                self.loop.run_forever()
-        except BaseException as exc:
-            self.error = exc
-            log.exception("ublk%d queue %d failed", self.ublk.dev_id, self.q_id)
-        finally:
-            self.ready.set()
-            try:
-                self._teardown()
-            finally:
-                self.ublk._queue_done.set()
+    # -- in the process that opened /dev/ublkcN --------------------------------------------------
 
-    def _setup(self) -> None:
+    def prepare(self) -> None:
+        """Map the descriptors, get the driver's hardware queue (or buffers of our own)."""
         self.hwq = hwq = self.driver.hardware_queue(self.q_id, self.tags)
-        if hwq is None and not _is_sync(self.driver):
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-        self.ring = IoUring(self.tags + 2, sqe128=True)  # + the IRQ read and the TICK
-        fd = self.ublk.cdev_fd
-        self.descs = mmap.mmap(fd, U.cmd_buf_size(self.tags), mmap.MAP_SHARED, mmap.PROT_READ,
-                               offset=U.cmd_buf_offset(self.q_id))  # fmt: skip
+        self.descs = mmap.mmap(self.ublk.cdev_fd, U.cmd_buf_size(self.tags), mmap.MAP_SHARED,
+                               mmap.PROT_READ, offset=U.cmd_buf_offset(self.q_id))  # fmt: skip
         if hwq is not None:
             if hwq.tags < self.tags or hwq.buffer_size < self.buf_size:
                 raise UblkError(f"the driver's hardware queue {self.q_id} has {hwq.tags} tags of "
                                 f"{hwq.buffer_size} bytes; ublk needs {self.tags} of "
                                 f"{self.buf_size}")  # fmt: skip
             self.addrs = [hwq.address(t) for t in range(self.tags)]
-            if hwq.fileno() >= 0:
-                self._read_irq(hwq.fileno())
-            self.ring.timeout(1.0, TICK)
         else:
+            # An anonymous mmap is MAP_SHARED: a forked worker's buffers are these pages.
             self.bufs = mmap.mmap(-1, self.tags * self.buf_size)
             whole = memoryview(self.bufs)
             size = self.buf_size
             self.views = [whole[t * size : (t + 1) * size] for t in range(self.tags)]
             base = ctypes.addressof(ctypes.c_char.from_buffer(self.bufs))
             self.addrs = [base + t * size for t in range(self.tags)]
-        for tag in range(self.tags):
-            self.ring.uring_cmd(fd, U.UBLK_U_IO_FETCH_REQ,
-                                IO_CMD.pack(self.q_id, tag, 0, self.addrs[tag]), tag)  # fmt: skip
-        self.ring.submit()
 
-    def _teardown(self) -> None:
-        # The ring first: closing it cancels our commands in the kernel, which is what lets
-        # the char device go (DEL_DEV waits for that).
-        ring = getattr(self, "ring", None)
-        if ring is not None:
-            ring.close()
-        if self.loop is not None:
-            self.loop.close()
-        if self.hwq is not None:
+    def release(self, *, keep_hwq: bool = False) -> None:
+        """Give back what :meth:`prepare` took. ``keep_hwq``: the worker died with requests
+        possibly still at the device; its hardware queue (DMA memory) is left alone."""
+        if self.hwq is not None and not keep_hwq:
             self.hwq.close()
         for v in getattr(self, "views", []):
             v.release()
@@ -235,6 +236,88 @@ class _Queue:
                 except BufferError:  # a driver kept a view of a buffer: the GC unmaps it
                     log.warning("ublk%d queue %d: a buffer is still referenced; leaving it to "
                                 "the garbage collector", self.ublk.dev_id, self.q_id)  # fmt: skip
+
+    # -- in the worker ---------------------------------------------------------------------------
+
+    def run(self, ready: Callable[[BaseException | None], None]) -> None:
+        """Make the ring, FETCH every tag, call ``ready`` (with the error if that failed) and
+        serve until the kernel aborts every tag (STOP_DEV, or the device quiesced)."""
+        try:
+            self._start()
+        except BaseException as exc:
+            log.debug("ublk%d queue %d setup failed", self.ublk.dev_id, self.q_id, exc_info=True)
+            self.error = exc
+            ready(exc)
+            return
+        ready(None)
+        try:
+            if self.hwq is not None:
+                self._serve_hardware_queue()
+            elif self.loop is None:
+                self._serve_blocking()
+            else:
+                self.loop.add_reader(self.ring.fd, self._on_completions)
+                self.loop.run_forever()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("ublk%d queue %d failed", self.ublk.dev_id, self.q_id)
+
+    def _start(self) -> None:
+        if self.hwq is None and not _is_sync(self.driver):
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+        self.ring = ring = IoUring(self.tags + 2, sqe128=True)  # + the IRQ read and the TICK
+        if self.hwq is not None:
+            if self.hwq.fileno() >= 0:
+                self._read_irq(self.hwq.fileno())
+            ring.timeout(1.0, TICK)
+        fd = self.ublk.cdev_fd
+        for tag in range(self.tags):
+            ring.uring_cmd(fd, U.UBLK_U_IO_FETCH_REQ, IO_CMD.pack(self.q_id, tag, 0, self.addrs[tag]),
+                           tag)  # fmt: skip
+        ring.submit()
+
+    def close_ring(self) -> None:
+        """Closing the ring cancels our commands in the kernel, which is what lets the char
+        device go (DEL_DEV waits for that)."""
+        ring = self.__dict__.pop("ring", None)
+        if ring is not None:
+            ring.close()
+        if self.loop is not None:
+            self.loop.close()
+
+    def thread_main(self) -> None:
+        """The worker thread: :meth:`run`, then the queue's teardown."""
+        try:
+            self.run(lambda exc: self.ready.set())
+        finally:
+            self.ready.set()
+            try:
+                self.close_ring()
+                self.release()
+            finally:
+                self.ublk._queue_done.set()
+
+    def process_main(self, ready_fd: int, parent: int) -> None:
+        """The forked worker: :meth:`run`, close the ring, ``os._exit``. Never returns: the
+        parent's objects (the device, its DMA mappings, atexit hooks) are the parent's to
+        close; a worker closing a DMA buffer would unmap it from the shared container."""
+        code = 2
+        try:
+            _become_worker(parent)
+
+            def ready(exc: BaseException | None) -> None:
+                msg = b"ok" if exc is None else f"{exc}".encode(errors="replace")[:4000]
+                os.write(ready_fd, msg or type(exc).__name__.encode())
+                os.close(ready_fd)
+
+            self.run(ready)
+            self.close_ring()
+            code = 0 if self.error is None else 1
+        except BaseException:
+            log.exception("ublk%d queue %d: worker failed", self.ublk.dev_id, self.q_id)
+        finally:
+            os._exit(code)
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -391,7 +474,7 @@ class _Queue:
         return -int(code)
 
     def _commit(self, tag: int, result: int) -> None:
-        self.served += 1
+        self.counts[self.q_id] += 1
         self.ring.put(IO_SQE, IORING_OP_URING_CMD, 0, 0, self.ublk.cdev_fd,
                       U.UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0, 0, 0, 0, tag, 0, 0, 0,
                       self.q_id, tag, result, self.addrs[tag])  # fmt: skip
@@ -400,22 +483,40 @@ class _Queue:
 class Ublk:
     """``driver`` as ``/dev/ublkbN`` (context manager). ``modprobe ublk_drv`` first.
 
+    Each queue is served by a worker of its own: a thread, or a forked process, which gets
+    past the GIL (see ``docs/block-device-in-python.md``, "Several queues"). In process mode
+    this object's process opens the device, maps every queue's descriptors, asks the driver
+    for its hardware queues (DMA memory, interrupt eventfds) and then forks one worker per
+    queue; each worker makes its own io_uring and serves one queue. Call :meth:`start` from a
+    thread that lives as long as the device (the main thread): the workers die with it
+    (PR_SET_PDEATHSIG).
+
     Args:
         driver: the block driver; an ``async`` one gets an event loop per queue.
-        queues: hardware queues (threads); blk-mq maps CPUs onto them.
+        queues: hardware queues; blk-mq maps CPUs onto them (the kernel allows one per CPU).
         depth: requests in flight per queue, 4..4095 (4: the block layer's least nr_requests).
         dev_id: the device number; -1: the kernel picks.
         recover: attach to the quiesced ``/dev/ublkbDEV_ID`` whose driver died, instead of
             adding a device; its queues and depth are the ones it was created with.
+        workers: ``"threads"``; ``"processes"`` (the driver must say it can be served from
+            forked processes: :attr:`BlockDriver.multiprocess
+            <udrv.block.driver.BlockDriver.multiprocess>`); ``"auto"``: processes when there
+            are several queues, the driver allows it and the GIL is on, else threads.
     """
 
     def __init__(self, driver: BlockDriver, *, queues: int = 1, depth: int = 64,
-                 dev_id: int = -1, recover: bool = False) -> None:  # fmt: skip
+                 dev_id: int = -1, recover: bool = False, workers: str = "threads") -> None:  # fmt: skip
         if not 1 <= depth < U.UBLK_MAX_QUEUE_DEPTH or queues < 1:
             raise UblkError(f"queues={queues}, depth={depth}: need queues >= 1 and depth 1..4095")
         if recover and dev_id < 0:
             raise UblkError("recover=True needs the dev_id of the device to resume")
-        self.driver, self.queues = driver, queues
+        if workers not in WORKERS:
+            raise UblkError(f"workers={workers!r}: choose one of {', '.join(WORKERS)}")
+        if workers == "processes" and not driver.multiprocess:
+            raise UblkError(f"workers='processes': {type(driver).__name__} keeps its state in "
+                            "this process's memory (multiprocess is False), so forked workers "
+                            "would each see a copy; use workers='threads'")  # fmt: skip
+        self.driver, self.queues, self.workers = driver, queues, workers
         self.depth = max(depth, BLKDEV_MIN_RQ)
         self.tags = self.depth + 1  # the kernel's queue_depth: one FETCH always outstanding
         self.dev_id, self.recover = dev_id, recover
@@ -423,9 +524,13 @@ class Ublk:
         self.max_io = g.max_transfer
         self.path = ""
         self.cdev_fd = -1
+        self.mode = "threads"  # what start() chose
         self._ctl: Control | None = None
         self._queues: list[_Queue] = []
+        self._counts = memoryview(bytearray(8)).cast("Q")  # requests served, per queue
         self._queue_done = threading.Event()  # a queue ended, or stop(): wait() returns
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)  # stop() wakes a process-mode wait()
+        self._reap_lock = threading.Lock()  # wait() and stop() may both reap a worker
         self._stop = threading.Event()
         self._stop_lock = threading.Lock()
         self._added = False  # the device is this object's to stop and delete
@@ -439,14 +544,17 @@ class Ublk:
                 self._start_recovery(ctl)
             else:
                 self._add(ctl)
+            self.mode = self._choose_mode()
+            # MAP_SHARED (an anonymous mmap's default): what forked workers count shows here.
+            self._counts = memoryview(mmap.mmap(-1, 8 * self.queues)).cast("Q")
             self._open_cdev()
             self._queues = [_Queue(self, q) for q in range(self.queues)]
             for q in self._queues:
-                q.thread.start()
-            for q in self._queues:
-                q.ready.wait()
-                if q.error is not None:
-                    raise UblkError(f"ublk{self.dev_id} queue {q.q_id}: {q.error}")
+                q.prepare()
+            if self.mode == "processes":
+                self._fork_workers()
+            else:
+                self._start_threads()
             pid = os.getpid()
             if self.recover:
                 ctl.command(U.UBLK_U_CMD_END_USER_RECOVERY, self.dev_id, data=pid,
@@ -461,10 +569,77 @@ class Ublk:
                     raise UblkError(f"{self.path} did not appear")
                 time.sleep(0.01)
             self._limit_requests()
+            if self.mode == "processes":
+                self._pin_workers()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _pin_workers(self) -> None:
+        """Each worker on its queue's CPUs, as ublksrv pins its queue threads: blk-mq sends
+        a CPU's requests to that CPU's queue, and the task work that hands a request to the
+        worker then runs where it was submitted, instead of waking the worker on the other
+        CPU (lab, RAM disk, two queues, two fio jobs of QD32: 1833 IOPS pinned, 1073 not;
+        one queue 839). The CPUs: ``/sys/block/ublkbN/mq/Q/cpu_list`` (blk-mq-sysfs.c)."""
+        for q in self._queues:
+            path = Path(f"/sys/block/ublkb{self.dev_id}/mq/{q.q_id}/cpu_list")
+            try:
+                cpus = {int(c) for c in path.read_text().replace(",", " ").split()}
+                os.sched_setaffinity(q.pid, cpus)
+            except (OSError, ValueError) as exc:
+                log.info("ublk%d queue %d: worker not pinned to its CPUs: %s", self.dev_id,
+                         q.q_id, exc)  # fmt: skip
+
+    def _choose_mode(self) -> str:
+        if self.workers == "auto":
+            many = self.queues > 1 and self.driver.multiprocess
+            return "processes" if many and not free_threaded() else "threads"
+        return self.workers
+
+    def _start_threads(self) -> None:
+        for q in self._queues:
+            q.thread = threading.Thread(target=q.thread_main, name=f"ublk{self.dev_id}q{q.q_id}",
+                                        daemon=True)  # fmt: skip
+            q.thread.start()
+        for q in self._queues:
+            q.ready.wait()
+            if q.error is not None:
+                raise UblkError(f"ublk{self.dev_id} queue {q.q_id}: {q.error}")
+
+    def _fork_workers(self) -> None:
+        """One worker process per queue. SIGINT and SIGTERM stay blocked across the forks,
+        so that none reaches a child before it has set its own dispositions."""
+        parent = os.getpid()
+        sigs = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            for q in self._queues:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                pid = os.fork()
+                if pid == 0:
+                    os.close(r)
+                    q.process_main(w, parent)  # never returns
+                os.close(w)
+                q.pid, q.ready_fd, q.pidfd = pid, r, os.pidfd_open(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for q in self._queues:
+            self._await_ready(q)
+
+    def _await_ready(self, q: _Queue) -> None:
+        """The worker's first message: ``ok`` once its FETCHes are in, else why it failed.
+        START_DEV waits (uninterruptibly but for signals) for every queue's FETCHes, so it
+        must not be sent before every worker said ``ok``."""
+        ready, _, _ = select.select([q.ready_fd], [], [], 60)
+        msg = os.read(q.ready_fd, 4096) if ready else b""
+        os.close(q.ready_fd)
+        q.ready_fd = -1
+        if msg != b"ok":
+            why = msg.decode(errors="replace") or (
+                "its worker did not report within 60 s" if not ready else "its worker died"
+            )
+            raise UblkError(f"ublk{self.dev_id} queue {q.q_id} (worker pid {q.pid}): {why}")
 
     def _add(self, ctl: Control) -> None:
         flags = U.UBLK_F_USER_RECOVERY | U.UBLK_F_USER_RECOVERY_REISSUE | U.UBLK_F_CMD_IOCTL_ENCODE
@@ -580,7 +755,16 @@ class Ublk:
     # -- running and teardown --------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Until :meth:`stop` (e.g. from a signal handler's thread) or a queue fails."""
+        """Until :meth:`stop` (e.g. from a signal handler's thread) or a queue ends.
+
+        Raises:
+            UblkError: a queue failed (its driver raised; :meth:`stop` then deletes the
+                device), or a worker process was killed: the device is left quiesced, its
+                I/O held, for ``Ublk(..., recover=True)`` in a new process.
+        """
+        if self.mode == "processes":
+            self._wait_processes()
+            return
         # One event that stop() and an ending queue both set: no periodic wake-up (a 0.2 s
         # poll here took the GIL from the queue threads five times a second for nothing).
         # A signal still interrupts the wait on the main thread and runs its handler.
@@ -589,10 +773,55 @@ class Ublk:
         if failed and not self._stop.is_set():
             raise UblkError(f"ublk{self.dev_id} queue {failed[0].q_id} failed: {failed[0].error}")
 
+    def _wait_processes(self) -> None:
+        """Sleep in select(2) on the workers' pidfds (readable when the process ends) and the
+        pipe :meth:`stop` writes to; a signal runs its handler on the way (PEP 475)."""
+        by_fd = {q.pidfd: q for q in self._queues if q.pidfd >= 0}
+        ready, _, _ = select.select([self._wake_r, *by_fd], [], [])
+        if self._stop.is_set() or self._wake_r in ready:
+            return
+        q = by_fd[ready[0]]
+        status = self._reap(q)
+        # Killed: leave the disk for recovery. Ended by itself with status 0: the kernel
+        # aborted its commands, which it does on its own only when it quiesces the disk
+        # after another worker died (ublk_quiesce_work_fn): recovery too.
+        if os.WIFSIGNALED(status) or (status == 0 and recoverable(self.dev_id)):
+            self._abandon()
+            how = (f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+                   if os.WIFSIGNALED(status) else "ended: the kernel quiesced the disk")  # fmt: skip
+            raise UblkError(f"/dev/ublkb{self.dev_id}: the worker of queue {q.q_id} (pid {q.pid}) "
+                            f"{how}; the disk stays, quiesced, its I/O held: resume it with "
+                            f"recover=True (udrv ... serve --recover {self.dev_id})")  # fmt: skip
+        raise UblkError(f"ublk{self.dev_id} queue {q.q_id} failed: its worker (pid {q.pid}) "
+                        f"exited with status {os.waitstatus_to_exitcode(status)}; its log is above")  # fmt: skip
+
+    def _reap(self, q: _Queue, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` seconds for ``q``'s worker process to end, SIGKILL it if
+        it has not, and return its wait status."""
+        with self._reap_lock:
+            if q.status is None:
+                if timeout is not None and not select.select([q.pidfd], [], [], timeout)[0]:
+                    log.warning("ublk%d queue %d: worker pid %d did not end in %g s; killing "
+                                "it", self.dev_id, q.q_id, q.pid, timeout)  # fmt: skip
+                    signal.pidfd_send_signal(q.pidfd, signal.SIGKILL)
+                q.status = os.waitpid(q.pid, 0)[1]
+                os.close(q.pidfd)
+                q.pidfd = -1
+            return q.status
+
+    def _abandon(self) -> None:
+        """A worker was killed: end the others the same way and leave the device to the
+        kernel, which quiesces it (ublk_quiesce_work_fn) for a new server's recovery; a
+        STOP_DEV here would fail the held I/O instead."""
+        self._added = False
+        for q in self._queues:
+            if q.status is None and q.pidfd >= 0:
+                signal.pidfd_send_signal(q.pidfd, signal.SIGKILL)
+
     @property
     def served(self) -> int:
         """Requests completed so far."""
-        return sum(q.served for q in self._queues)
+        return sum(self._counts)
 
     def stop(self) -> None:
         """STOP_DEV (the disk goes; the kernel aborts the queues' commands), join, DEL_DEV.
@@ -602,7 +831,15 @@ class Ublk:
         self._stop.set()
         self._queue_done.set()  # wake wait()
         with self._stop_lock:
-            self._stop_locked()
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
+            try:
+                self._stop_locked()
+            finally:
+                for fd in (self._wake_r, self._wake_w):
+                    if fd >= 0:
+                        os.close(fd)
+                self._wake_r = self._wake_w = -1
 
     def _stop_locked(self) -> None:
         ctl = self._ctl
@@ -619,10 +856,7 @@ class Ublk:
         try:
             teardown_command(U.UBLK_U_CMD_STOP_DEV, "STOP_DEV")
             for q in self._queues:
-                q.thread.join(10)
-                if q.thread.is_alive() and q.loop is not None:
-                    q.loop.call_soon_threadsafe(q.loop.stop)
-                    q.thread.join(10)
+                self._end_worker(q)
             if self.cdev_fd >= 0:
                 os.close(self.cdev_fd)
                 self.cdev_fd = -1
@@ -630,6 +864,28 @@ class Ublk:
         finally:
             self._ctl = None
             ctl.close()
+
+    def _end_worker(self, q: _Queue) -> None:
+        """Join ``q``'s worker (after STOP_DEV aborted its commands) and release the queue."""
+        if q.thread is not None:
+            q.thread.join(10)
+            if q.thread.is_alive() and q.loop is not None:
+                q.loop.call_soon_threadsafe(q.loop.stop)
+                q.thread.join(10)
+            return  # the thread released its queue
+        if q.ready_fd >= 0:
+            os.close(q.ready_fd)
+            q.ready_fd = -1
+        if q.pid:
+            status = self._reap(q, timeout=10)
+            clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            if not clean and q.hwq is not None:
+                log.warning("ublk%d queue %d: its worker ended with status %#x; its hardware "
+                            "queue's memory stays mapped until the driver closes", self.dev_id,
+                            q.q_id, status)  # fmt: skip
+            q.release(keep_hwq=not clean)
+        else:  # prepared, never started
+            q.release()
 
     def __enter__(self) -> Ublk:
         return self.start()

@@ -50,6 +50,10 @@ def nbd_ioctl(fd: int, request: int, arg: int = 0, *, path: str) -> int:
     return ioctl(fd, request, arg, what=f"{IOCTL_NAMES[request]} on {path}", error=FrontendError)
 
 
+#: socket(7) SO_SNDBUFFORCE (asm-generic/socket.h), which Python's socket module lacks: the
+#: send buffer of the socket handed to the kernel, past net.core.wmem_max (root only).
+SO_SNDBUFFORCE = 32
+
 # -- transmission flags (nbd.h; proto.md "Transmission flags") --------------------------------
 NBD_FLAG_HAS_FLAGS = 1 << 0
 NBD_FLAG_READ_ONLY = 1 << 1
@@ -101,6 +105,7 @@ NBD_OPT_STARTTLS = 5  # "Option types"
 NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT = 9, 10
 NBD_REP_META_CONTEXT = 4  # "Option reply types"
 NBD_REP_ERR_TLS_REQD = NBD_REP_ERR | 5
+NBD_REP_ERR_SHUTDOWN = NBD_REP_ERR | 7
 NBD_FLAG_SEND_DF = 1 << 7  # "Transmission flags" (not offered: reads are never fragmented)
 NBD_CMD_BLOCK_STATUS = 7  # "Request types"
 NBD_CMD_FLAG_REQ_ONE = 1 << 3  # "Command flags"

@@ -9,6 +9,10 @@
    vanish from the archive, so the newest available name is resolved at install time; the
    unpacked tree is cached under the lab directory.
 3. An initramfs: busybox, the 9p/overlay modules (decompressed) and ``init.sh``.
+4. That kernel's headers (``linux-headers-<release>``, its ``-common`` half and
+   ``linux-kbuild``), unpacked under the lab directory, so that out-of-tree modules (bench/irq's
+   kernel reference) build on the host for the guest: ``make -C $(headers_dir(release))
+   M=... modules``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ APT_PACKAGES = {
     "gcc": "/usr/bin/gcc",
     "dmsetup": "/usr/sbin/dmsetup",  # tests/lab/test_bind_safety.py: a dm target on an NVMe
     "strace": "/usr/bin/strace",  # bench.block: system calls per I/O of the driver process
+    # The lab kernel's headers build modules with it (CC in their .kernelvariables).
+    "gcc-12": "/usr/bin/x86_64-linux-gnu-gcc-12",
+    "make": "/usr/bin/make",
 }
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)-unsigned$")
 
@@ -200,12 +207,75 @@ def build_initramfs(release: str, root: Path, report: Report) -> Path:
     return out
 
 
+def headers_packages(release: str) -> list[str]:
+    """The Debian packages that hold the headers of kernel ``release``.
+
+    ``linux-headers-6.12.117+deb12-amd64`` (the flavour's config, Module.symvers, generated
+    headers) depends on ``linux-headers-6.12.117+deb12-common`` (the source headers and
+    Makefiles) and ``linux-kbuild-6.12.117+deb12`` (modpost, fixdep and the kbuild scripts).
+    """
+    base, _, flavour = release.rpartition("-")
+    if not base or not flavour:
+        raise LabSetupError(f"kernel release {release!r} has no flavour (like -amd64)")
+    return [f"linux-headers-{release}", f"linux-headers-{base}-common", f"linux-kbuild-{base}"]
+
+
+def headers_root(release: str) -> Path:
+    """Where the headers packages of ``release`` are unpacked (their ``/`` )."""
+    return lab_dir() / "headers" / release
+
+
+def headers_dir(release: str) -> Path:
+    """The kbuild directory for ``release``: ``make -C`` this with ``M=`` a module's source."""
+    return headers_root(release) / "usr" / "src" / f"linux-headers-{release}"
+
+
+def install_headers(release: str, report: Report = print) -> Path:
+    """Download and unpack the headers of kernel ``release``, unless they are there already.
+
+    The packages are unpacked (``dpkg-deb -x``), not installed: installing them would pull the
+    kernel image into the host's /boot. Their one absolute reference, the flavour Makefile's
+    ``include /usr/src/linux-headers-<base>-common/Makefile``, is pointed at the unpacked copy;
+    the other links between them are relative.
+
+    Returns:
+        :func:`headers_dir` of ``release``.
+
+    Raises:
+        LabSetupError: a package cannot be downloaded or unpacked.
+    """
+    build = headers_dir(release)
+    if (build / "Module.symvers").exists():
+        report(f"kernel headers {release}: cached in {headers_root(release)}")
+        return build
+    packages = headers_packages(release)
+    report(f"downloading {', '.join(packages)}")
+    root = headers_root(release)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        _run(["apt-get", "download", *packages], f"downloading the headers of {release}", Path(tmp))
+        staging = Path(tmp) / "root"
+        for deb in sorted(Path(tmp).glob("*.deb")):
+            _run(["dpkg-deb", "-x", str(deb), str(staging)], f"unpacking {deb.name}")
+        makefile = staging / build.relative_to(root) / "Makefile"
+        try:
+            text = makefile.read_text()
+        except OSError as exc:
+            raise LabSetupError(f"linux-headers-{release} has no Makefile: {exc}") from None
+        makefile.write_text(text.replace("include /usr/src/", f"include {root}/usr/src/"))
+        if root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+    return build
+
+
 def setup(report: Report = print) -> Installed:
     """Install everything the lab needs; cheap when it is all there already."""
     lab_dir().mkdir(parents=True, exist_ok=True)
     install_packages(report)
     package, release, root = install_kernel(report)
     initramfs = ensure_initramfs(release, root, report)
+    install_headers(release, report)
     inst = Installed(kernel_release=release, package=package, root=root, initramfs=initramfs)
     save_state(inst)
     installed()  # re-check what we wrote

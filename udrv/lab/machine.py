@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -66,6 +67,15 @@ KERNEL_CMDLINE = (
     "console=ttyS0 quiet loglevel=5 panic=-1 intel_iommu=on iommu=pt mitigations=off "
     "no_timer_check tsc=reliable 8250.nr_uarts=1 rdinit=/init"
 )
+#: Extra kernel parameters for every guest this process boots (space-separated), so that a
+#: benchmark that builds its own Lab can be run with debugging on, e.g.
+#: ``UDRV_LAB_KERNEL_ARGS="slub_debug=FZPU page_poison=1" python -m bench.net``.
+KERNEL_ARGS_ENV = "UDRV_LAB_KERNEL_ARGS"
+#: What a kernel parameter may contain here: no spaces or quotes (one word on the command
+#: line), enough for ``slub_debug=FZPU,kmalloc-*`` or ``trace_event=net:*``.
+_KERNEL_ARG = re.compile(r"[A-Za-z0-9_.,:;=*+/@-]+")
+#: Parameters the lab itself depends on (the console it reads, the init that runs commands).
+_LAB_OWNED = ("console=", "rdinit=", "init=")
 QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 
@@ -100,6 +110,33 @@ class LabResult:
         return self
 
 
+def kernel_cmdline(iommu: bool = True, extra: Sequence[str] = ()) -> str:
+    """The guest kernel's command line: :data:`KERNEL_CMDLINE` (without ``intel_iommu=on``
+    when there is no IOMMU) and then ``extra`` (a later parameter wins over an earlier one).
+
+    Args:
+        iommu: the guest has the emulated Intel IOMMU.
+        extra: kernel parameters, one word each (e.g. ``slub_debug=FZPU``, ``page_poison=1``:
+            Documentation/admin-guide/kernel-parameters.txt).
+
+    Raises:
+        LabError: a parameter is not one plain word, or would replace one the lab needs.
+    """
+    base = KERNEL_CMDLINE if iommu else KERNEL_CMDLINE.replace("intel_iommu=on", "")
+    for arg in extra:
+        if not _KERNEL_ARG.fullmatch(arg):
+            raise LabError(
+                f"kernel parameter {arg!r} is not one word of letters, digits and _.,:;=*+/@-; "
+                "pass each parameter separately (e.g. 'slub_debug=FZPU' 'page_poison=1')"
+            )
+        if arg.startswith(_LAB_OWNED):
+            raise LabError(
+                f"kernel parameter {arg!r} would replace the lab's own ({', '.join(_LAB_OWNED)}"
+                "...): the lab reads the serial console and runs its agent as init"
+            )
+    return " ".join([base, *extra])
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
     # No QEMU outlives a killed host process.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -120,6 +157,9 @@ class Lab:
         boot_timeout: seconds to wait for the guest to come up.
         keep: keep the session directory (console log, scratch images) after close. It is
             kept anyway when the guest dies or does not boot, and the error says where.
+        kernel_args: extra guest kernel parameters (see :func:`kernel_cmdline`), e.g.
+            ``["slub_debug=FZPU", "page_poison=1"]`` to catch memory corruption where it
+            happens; None: from the environment variable ``UDRV_LAB_KERNEL_ARGS``.
 
     Raises:
         LabSetupError: QEMU or the lab kernel is missing (run `udrv lab setup`).
@@ -140,7 +180,12 @@ class Lab:
         boot_timeout: float = 90.0,
         keep: bool = False,
         qemu_args: Sequence[str] = (),
+        kernel_args: Sequence[str] | None = None,
     ) -> None:
+        if kernel_args is None:
+            kernel_args = shlex.split(os.environ.get(KERNEL_ARGS_ENV, ""))
+        self.kernel_args = list(kernel_args)
+        kernel_cmdline(iommu, self.kernel_args)  # bad parameters fail here, before booting
         specs = [d if isinstance(d, DeviceSpec) else DeviceSpec.parse(d) for d in devices]
         self.placed: list[PlacedDevice] = place(specs)
         self.devices: dict[str, str] = {d.name: d.address for d in self.placed}
@@ -191,7 +236,7 @@ class Lab:
             "-initrd",
             str(ensure_initramfs(inst.kernel_release, inst.root)),
             "-append",
-            KERNEL_CMDLINE if self.iommu else KERNEL_CMDLINE.replace("intel_iommu=on", ""),
+            kernel_cmdline(self.iommu, self.kernel_args),
         ]
         if self.iommu:
             # Before any PCI device, so every device is behind it.
@@ -219,6 +264,9 @@ class Lab:
             out = self.trace_file or self.session / "trace.log"
             # QEMU 7.2 takes the trace file from the last -trace option: name it on each.
             cmd += [a for p in self.trace for a in ("-trace", f"enable={p},file={out}")]
+            # Each line gets QEMU's "PID@SEC.USEC:" prefix (host time): udrv trace qemu
+            # puts the accesses on a timeline with it.
+            cmd += ["-msg", "timestamp=on"]
         return cmd + self.extra_qemu_args
 
     def start(self) -> Lab:
@@ -247,6 +295,9 @@ class Lab:
             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in session_env.items())
         )
         cmd = self.qemu_command()
+        if self.trace_file is not None:
+            # QEMU appends to an existing trace file: one file, one session.
+            self.trace_file.unlink(missing_ok=True)
         with open(self.qemu_log, "wb") as log:
             self._proc = subprocess.Popen(
                 cmd,

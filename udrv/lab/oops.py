@@ -12,6 +12,14 @@ fault`` (arch/x86/kernel/traps.c), ``Kernel panic - not syncing`` (kernel/panic.
 printed just before a BUG_ON or WARN_ON belongs to the report. A report ends with the kernel's
 ``---[ end trace ... ]---`` / ``---[ end Kernel panic ... ]---`` line, or where the log ends
 (with ``panic=-1`` the guest resets before printing the panic's end line).
+
+Two debugging reports the kernel prints only when asked to (``slub_debug=FZPU``,
+``page_poison=1``: :func:`udrv.lab.machine.kernel_cmdline`) are found as well, because they
+catch memory corruption where it happens, not where it later crashes: SLUB's ``BUG
+kmalloc-2k (Not tainted): Poison overwritten`` (mm/slub.c ``slab_bug``, between two rules of
+``=`` and ``-``; it names the bytes written, the object's allocation and free call traces, and
+ends with the ``FIX kmalloc-2k: Restoring ...`` line of ``slab_fix``), and the page allocator's
+``pagealloc: memory corruption`` (mm/page_poison.c ``check_poison_mem``).
 """
 
 from __future__ import annotations
@@ -23,12 +31,17 @@ from dataclasses import dataclass
 TIMESTAMP_RE = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 START_RE = re.compile(
     r"^(BUG:|kernel BUG at |Oops\b|general protection fault|Kernel panic - not syncing|"
-    r"WARNING:)"
+    r"WARNING:|BUG [\w.:-]+ \(.*\): |pagealloc: (memory corruption|single bit error))"
 )
 CUT_HERE = "------------[ cut here ]------------"
-END_RE = re.compile(r"^---\[ end (trace|Kernel panic)\b.*\]---")
+#: The rule SLUB prints before its report's ``BUG <cache> (...)`` line (mm/slub.c slab_bug).
+SLAB_RULE = "=" * 77
+END_RE = re.compile(r"^(---\[ end (trace|Kernel panic)\b.*\]---|FIX [\w.:-]+: )")
 #: Enough for a report with registers and a deep call trace, not a whole log.
 MAX_LINES = 120
+#: A SLUB report also dumps the object (up to 256 lines for a 4 KiB one) between its call
+#: traces: room for the allocation and free traces and the first of it.
+SLAB_MAX_LINES = 200
 
 
 @dataclass(frozen=True)
@@ -71,8 +84,9 @@ def find_oops(console: str) -> Oops | None:
         # No end line (a panic with panic=-1 resets first): stop where a new report is cut.
         end = next((s - 1 for s in starts[1:] if bare[s - 1] == CUT_HERE), end)
     title = bare[first]
-    if first > 0 and bare[first - 1] == CUT_HERE:
+    slab = title.startswith("BUG ") and not title.startswith("BUG:")
+    if first > 0 and bare[first - 1] in (CUT_HERE, SLAB_RULE):
         first -= 1
     later = tuple(bare[s] for s in starts if s >= end)
-    end = min(end, first + MAX_LINES)
+    end = min(end, first + (SLAB_MAX_LINES if slab else MAX_LINES))
     return Oops(first + 1, "\n".join(lines[first:end]), title, later)

@@ -305,6 +305,17 @@ class E1000Regs(RegisterMap):
     MANC = Register(0x5820, 4, doc="Management Control (table 13-2)")
 
 
+class E1000IoRegs(RegisterMap):
+    """SDM 13.3, the I/O BAR (BAR1 on the 82540EM): a window onto the BAR0 registers. The
+    offset of a register written to IOADDR selects it; IODATA then reads or writes it."""
+
+    IOADDR = Register(0x00, 4, doc="13.3.1 IOADDR: offset of the register IODATA reaches")
+    IODATA = Register(0x04, 4, doc="13.3.2 IODATA: the register IOADDR selects")
+    #: (address register, data register, the map the window reaches), for tools that name
+    #: the accesses (udrv.trace).
+    WINDOW = ("IOADDR", "IODATA", E1000Regs)
+
+
 _CTRL, _RCTL, _TCTL = E1000Regs.CTRL.fields, E1000Regs.RCTL.fields, E1000Regs.TCTL.fields
 
 CTRL = E1000Regs.CTRL.offset  # 13.4.1 Device Control

@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from udrv.drivers.edu import uapi
-from udrv.drivers.edu.driver import Edu, EduError
+from udrv.drivers.edu.driver import Edu, EduError, EduRemovedError
 from udrv.errors import PollTimeout
 from udrv.frontends.cuse import CharDevice, Ioctl, IoctlRetry, Request
 
@@ -41,6 +41,8 @@ class EduCharDevice(CharDevice):
         (n,) = struct.unpack("<I", data)
         try:
             handle.result = struct.pack("<I", self.edu.factorial(n))
+        except EduRemovedError as exc:
+            raise OSError(errno.ENODEV, str(exc)) from None
         except (EduError, PollTimeout) as exc:
             raise OSError(errno.EIO, str(exc)) from None
         self.factorials += 1
@@ -55,6 +57,8 @@ class EduCharDevice(CharDevice):
     def ioctl(self, req: Request, handle: Any, call: Ioctl) -> tuple[int, bytes]:
         try:
             return self._ioctl(call)
+        except EduRemovedError as exc:
+            raise OSError(errno.ENODEV, str(exc)) from None
         except EduError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None
         except PollTimeout as exc:

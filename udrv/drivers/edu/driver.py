@@ -14,12 +14,22 @@ from udrv.core.device import Device
 from udrv.dma import DmaBuffer
 from udrv.drivers.edu import regs
 from udrv.drivers.edu.regs import DmaDirection, EduRegs
-from udrv.errors import DriverError, PollTimeout
+from udrv.errors import DeviceRemovedError, DriverError, PollTimeout
 from udrv.irq import Vector
+
+#: What every read of a PCI function that no longer answers returns (PCI 3.0 §6.1: a read
+#: of a non-existent function completes with all ones; Linux's pci_device_is_present).
+ALL_ONES = 0xFFFF_FFFF
+_DMA_CMD_ALL_ONES = (1 << 8 * EduRegs.DMA_CMD.width) - 1  # DMA_CMD is 64 bits wide
 
 
 class EduError(DriverError):
     """The edu device misbehaves or a request cannot be done on it."""
+
+
+class EduRemovedError(EduError, DeviceRemovedError):
+    """The edu device is gone (its registers read all-ones): surprise removal, e.g. QEMU's
+    ``device_del``. Open it again once it is back."""
 
 
 class Edu:
@@ -50,6 +60,11 @@ class Edu:
         self._lock = threading.Lock()  # one factorial / DMA at a time: the device has one unit
         cfg = device.config
         vendor, dev_id = cfg.read16(0x00), cfg.read16(0x02)
+        if vendor == dev_id == 0xFFFF:
+            raise EduRemovedError(
+                f"{device.address}: config space reads all-ones: the device is gone (removed "
+                "or powered off); nothing answers at this address"
+            )
         if (vendor, dev_id) != (regs.VENDOR_ID, regs.DEVICE_ID):
             raise EduError(f"{device.address} is {vendor:04x}:{dev_id:04x}, not an edu (1234:11e8)")
         ident = self.regs.IDENT.decode()
@@ -78,10 +93,33 @@ class Edu:
 
     # -- basics ----------------------------------------------------------------------------
 
+    def check_removed(self, what: str) -> None:
+        """Raise :class:`EduRemovedError` if the device is gone: IDENT, whose magic byte is
+        0xed on a live edu, reads all-ones. Called when an operation went wrong (a register
+        reading all-ones, a missing interrupt), so a removal is not reported as a busy or
+        slow device.
+
+        Args:
+            what: the operation that went wrong, for the message.
+        """
+        if self.bar.read32(regs.IDENT) == ALL_ONES:
+            raise EduRemovedError(
+                f"{self.dev.address}: {what}: the device is gone (its registers read "
+                "all-ones: removed, e.g. by QEMU device_del, or powered off); open it again "
+                "once it is back"
+            )
+
     def check_liveness(self, value: int = 0x12345678) -> bool:
-        """Write ``value`` to the liveness register; the device must return its inversion."""
+        """Write ``value`` to the liveness register; the device must return its inversion.
+
+        Raises:
+            EduRemovedError: the device is gone.
+        """
         self.regs.LIVENESS.write(value)
-        return self.regs.LIVENESS.read() == (~value & 0xFFFF_FFFF)
+        if self.regs.LIVENESS.read() == (~value & 0xFFFF_FFFF):
+            return True
+        self.check_removed("liveness check")
+        return False
 
     def factorial(self, n: int, *, use_irq: bool | None = None) -> int:
         """n! modulo 2**32, computed by the device.
@@ -92,22 +130,30 @@ class Edu:
 
         Raises:
             PollTimeout: the device did not finish within the timeout.
+            EduRemovedError: the device is gone.
         """
         if not 0 <= n <= 0xFFFF_FFFF:
             raise ValueError(f"factorial input {n} does not fit the 32-bit register")
         irq = self.irq is not None if use_irq is None else use_irq
         with self._lock:
-            if irq:
-                if self.irq is None:
-                    raise EduError(f"{self.dev.address}: interrupts are not set up")
-                self.regs.STATUS.write_fields(IRQFACT=1)
-                self.regs.FACTORIAL.write(n)
-                self._wait_irq(regs.INTR_FACTORIAL, "factorial")
-            else:
-                self.regs.STATUS.write_fields(IRQFACT=0)
-                self.regs.FACTORIAL.write(n)
-                self.regs.STATUS.poll(COMPUTING=0, timeout=self.timeout)
-            return self.regs.FACTORIAL.read()
+            try:
+                if irq:
+                    if self.irq is None:
+                        raise EduError(f"{self.dev.address}: interrupts are not set up")
+                    self.regs.STATUS.write_fields(IRQFACT=1)
+                    self.regs.FACTORIAL.write(n)
+                    self._wait_irq(regs.INTR_FACTORIAL, "factorial")
+                else:
+                    self.regs.STATUS.write_fields(IRQFACT=0)
+                    self.regs.FACTORIAL.write(n)
+                    self.regs.STATUS.poll(COMPUTING=0, timeout=self.timeout)
+            except PollTimeout:
+                self.check_removed(f"factorial of {n}")
+                raise
+            result = self.regs.FACTORIAL.read()
+            if result == ALL_ONES:  # never a factorial: n! is 1 or even
+                self.check_removed(f"factorial of {n}")
+            return result
 
     # -- interrupts -------------------------------------------------------------------------
 
@@ -175,16 +221,23 @@ class Edu:
 
     def _transfer(self, src: int, dst: int, length: int, direction: DmaDirection) -> None:
         # edu.rst "DMA controller": source, destination, count, then start (+ IRQ when done).
-        if self.regs.DMA_CMD.get("START"):
+        cmd = self.regs.DMA_CMD.read()
+        if cmd == _DMA_CMD_ALL_ONES:  # START reads 1 too, but a live edu has bits 63:3 clear
+            self.check_removed("starting a DMA transfer")
+        if cmd & regs.DMA_CMD_START:
             raise EduError(f"{self.dev.address}: a DMA transfer is already running (device busy)")
         self.regs.DMA_SRC.write(src)
         self.regs.DMA_DST.write(dst)
         self.regs.DMA_COUNT.write(length)
         irq = self.irq is not None
         self.regs.DMA_CMD.write_fields(START=1, DIRECTION=direction, IRQ=int(irq))
-        if irq:
-            self._wait_irq(regs.INTR_DMA, "DMA completion")
-        self.regs.DMA_CMD.poll(START=0, timeout=self.timeout)
+        try:
+            if irq:
+                self._wait_irq(regs.INTR_DMA, "DMA completion")
+            self.regs.DMA_CMD.poll(START=0, timeout=self.timeout)
+        except PollTimeout:
+            self.check_removed(f"DMA of {length} bytes")
+            raise
 
     def close(self) -> None:
         """Release what the driver enabled, in reverse order: the interrupt, bus mastering,

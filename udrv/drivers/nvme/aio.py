@@ -231,6 +231,10 @@ class AsyncNvme(BlockDriver):
         timeout: seconds before a command's request fails.
     """
 
+    #: ublk's forked queue workers each drive one queue pair through :meth:`hardware_queue`
+    #: (made, with its DMA memory, before the fork); the admin queue stays with the parent.
+    multiprocess = True
+
     def __init__(self, nvme: Nvme, *, timeout: float = 30.0) -> None:
         self.nvme = nvme
         self.timeout = timeout

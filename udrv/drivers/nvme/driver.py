@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import threading
 import time
 from types import TracebackType
@@ -272,6 +273,7 @@ class Nvme(BlockDriver):
         self.bar = device.bar(0)
         self.timeout, self.admin_timeout, self.retries = timeout, admin_timeout, retries
         self.failed: str | None = None
+        self.owner = os.getpid()  # the process whose admin queue state this object holds
         device.set_bus_master()  # queues and data are DMA: undone by close()
         self.dma = device.dma
         # Base §3.5.1 Initialization, through the register map (Base 2.0 §3.1.3).
@@ -398,7 +400,16 @@ class Nvme(BlockDriver):
         Returns:
             True if it will complete the command with "Command Abort Requested", False if it
             did not abort it (it may still complete normally).
+
+        Raises:
+            NvmeError: called in a forked process (a ublk queue worker): the admin queue's
+                tail, head and phase live in the process that made the controller, and a
+                second submitter would corrupt it. The caller escalates as when an Abort
+                fails: a command still out a timeout later gets the controller disabled.
         """
+        if os.getpid() != self.owner:
+            raise NvmeError(f"{self.dev.address}: the admin queue belongs to process "
+                            f"{self.owner}; process {os.getpid()} cannot send an Abort")  # fmt: skip
         return not self.admin.submit(C.abort(sqid, cid)) & 1
 
     def shutdown(self) -> None:
