@@ -204,3 +204,38 @@ def test_flow_control_registers_hold_the_manuals_values() -> None:
     # PAUSE frames: to 01:80:C2:00:00:01, type 0x8808 (802.3 Annex 31B); high water 90 % of
     # the 48 KiB receive buffer in 8-byte units, low 8 bytes under it with XON enabled.
     assert got == [0x00C28001, 0x0100, 0x8808, 0xFFFF, 44232, 44224 | 1 << 31]
+
+
+def test_small_and_large_batches_leave_the_same_rings() -> None:
+    """Up to SMALL_BATCH descriptors go one at a time (no numpy), more through numpy: the
+    same frames must give the same descriptors, buffers, counters and checksum verdicts."""
+    from udrv.drivers.e1000.driver import SMALL_BATCH
+
+    frames = [bytes([i]) * (60 + 37 * i) for i in range(20)]
+    one, many = fake_nic(32), fake_nic(32)
+    for f in frames:
+        assert one.tx_batch([f]) == 1
+    assert many.tx_batch(frames) == 20 > SMALL_BATCH
+    assert bytes(one.tx.view(np.uint8)) == bytes(many.tx.view(np.uint8))
+    assert bytes(one.tx_bufs.reshape(-1)) == bytes(many.tx_bufs.reshape(-1))
+    assert one.bar.read32(R.TDT) == many.bar.read32(R.TDT) == 20
+    assert (one.stats.tx_packets, one.stats.tx_bytes) == (
+        many.stats.tx_packets,
+        many.stats.tx_bytes,
+    )
+    csum = R.RXD_STAT_TCPCS
+    for nic in (one, many):
+        nic_writes(nic, [(frame(60 + i, i), DONE | (csum if i % 3 else 0), 0) for i in range(20)])
+    got_one, valid_one = [], []
+    while batch := one.rx_batch(3):
+        got_one += [bytes(f) for f in batch]
+        valid_one += one.rx_csum_valid()
+    got_many = [bytes(f) for f in many.rx_batch(64)]
+    assert got_one == got_many == [bytes([i]) * (60 + i) for i in range(20)]
+    assert valid_one == many.rx_csum_valid() == [bool(i % 3) for i in range(20)]
+    assert (one.stats.rx_packets, one.stats.rx_bytes) == (
+        many.stats.rx_packets,
+        many.stats.rx_bytes,
+    )
+    assert one.rx_next == many.rx_next == 20
+    assert not one.rx["status"].any() and not many.rx["status"].any()  # all handed back

@@ -16,14 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from udrv.frontends.tap import FramePort, ServeStats, serve
-from udrv.net import Frame, Link, Nic, NicStats
+from udrv.frontends.tap import HDR_DATA_VALID, HDR_NONE, FramePort, ServeStats, serve
+from udrv.kernel import tun as T
+from udrv.net import Frame, Link, Nic, NicStats, Offload, TxOffload
 
 
 class FakeNic(Nic):
     """A NIC whose transmit ring holds ``ring`` frames until :meth:`complete`."""
 
-    def __init__(self, ring: int = 4) -> None:
+    def __init__(self, ring: int = 4, offloads: Offload = Offload.NONE) -> None:
         self.name, self.mac, self.mtu, self.stats = (
             "fake NIC",
             bytes.fromhex("020000000001"),
@@ -38,6 +39,10 @@ class FakeNic(Nic):
         self.rx: deque[bytes] = deque()
         self.up = True
         self.offers = 0  # tx_batch calls
+        self.offloads = offloads
+        self.tx_offloads: list[TxOffload | None] = []  # per frame taken, as offered
+        self.rx_valid: deque[bool] = deque()  # the checksum verdict of each frame in rx
+        self.last_valid: list[bool] = []
 
     def _event(self) -> None:
         os.eventfd_write(self.efd, 1)
@@ -49,9 +54,10 @@ class FakeNic(Nic):
             self.in_ring = []
         self._event()
 
-    def deliver(self, frame: bytes) -> None:
+    def deliver(self, frame: bytes, csum_valid: bool = False) -> None:
         with self.lock:
             self.rx.append(frame)
+            self.rx_valid.append(csum_valid)
         self._event()
 
     def set_link(self, up: bool) -> None:
@@ -62,13 +68,20 @@ class FakeNic(Nic):
     def rx_batch(self, max_frames: int = 64) -> list[memoryview]:
         with self.lock:
             n = min(max_frames, len(self.rx))
+            self.last_valid = [self.rx_valid.popleft() for _ in range(n)]
             return [memoryview(self.rx.popleft()) for _ in range(n)]
 
-    def tx_batch(self, frames: Sequence[Frame]) -> int:
+    def rx_csum_valid(self) -> list[bool]:
+        return self.last_valid
+
+    def tx_batch(
+        self, frames: Sequence[Frame], offloads: Sequence[TxOffload | None] | None = None
+    ) -> int:
         with self.lock:
             self.offers += 1
             take = frames[: self.ring - len(self.in_ring)]
             self.in_ring += [bytes(f) for f in take]
+            self.tx_offloads += list(offloads[: len(take)]) if offloads else [None] * len(take)
             return len(take)
 
     def link(self) -> Link:
@@ -90,9 +103,9 @@ class FakeNic(Nic):
 class SocketPort(FramePort):
     """The loop's end of a SOCK_SEQPACKET pair; records the carrier it is given."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, vnet_hdr: bool = False) -> None:
         sock.setblocking(False)
-        super().__init__(sock.detach(), "sock0")
+        super().__init__(sock.detach(), "sock0", vnet_hdr=vnet_hdr)
         self.carrier: list[bool] = []
 
     def set_carrier(self, up: bool) -> None:
@@ -107,12 +120,12 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
 
 
 class Served:
-    def __init__(self, nic: FakeNic) -> None:
+    def __init__(self, nic: FakeNic, vnet_hdr: bool = False) -> None:
         self.nic = nic
         kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.kernel = kernel
         self.kernel.settimeout(5)
-        self.port = SocketPort(ours)
+        self.port = SocketPort(ours, vnet_hdr)
         self.stop = threading.Event()
         self.result: ServeStats | None = None
         self.thread = threading.Thread(target=self._run)
@@ -203,3 +216,50 @@ def test_frames_the_kernel_refuses_are_counted_by_errno(served: Served) -> None:
     served.nic.deliver(b"\x02" * 60)
     wait_for(lambda: served.port.dropped["EPIPE"] == 2, "2 refused frames")
     assert served.finish().to_kernel == 2
+
+
+def vnet_hdr(
+    flags: int = 0, gso: int = 0, gso_size: int = 0, start: int = 0, off: int = 0
+) -> bytes:
+    """A struct virtio_net_hdr as the kernel writes it (hdr_len is a hint the loop ignores)."""
+    return bytes(T.virtio_net_hdr(flags, gso, 54, gso_size, start, off))
+
+
+def test_offloads_from_the_virtio_net_hdr_reach_the_nic_and_checksum_verdicts_go_back() -> None:
+    """A TAP with IFF_VNET_HDR: each frame from the kernel starts with a virtio_net_hdr. A
+    TCPv4 super-frame and a checksum-partial frame reach the NIC with their TxOffload, a
+    plain one with None, an unsupported GSO kind (UDP fragmentation) is dropped and counted.
+    Frames to the kernel get a header: DATA_VALID exactly where the NIC verified the sum."""
+    s = Served(FakeNic(ring=16, offloads=Offload.TX_CSUM | Offload.TSO4 | Offload.RX_CSUM),
+               vnet_hdr=True)  # fmt: skip
+    try:
+        tso, csum, plain, ufo = b"T" * 9000, b"C" * 100, b"P" * 60, b"U" * 3000
+        s.kernel.send(vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_TCPV4,
+                               1448, 34, 16) + tso)  # fmt: skip
+        s.kernel.send(vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6) + csum)
+        s.kernel.send(vnet_hdr() + plain)
+        s.kernel.send(vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_UDP,
+                               1472, 34, 6) + ufo)  # fmt: skip
+        wait_for(lambda: len(s.nic.in_ring) == 3, "3 frames in the TX ring")
+        assert s.nic.in_ring == [tso, csum, plain]
+        assert s.nic.tx_offloads == [TxOffload(34, 16, 1448), TxOffload(34, 6, 0), None]
+        assert s.port.dropped == {"gso_type": 1}
+        s.nic.deliver(b"\x01" * 60, csum_valid=True)
+        s.nic.deliver(b"\x02" * 60, csum_valid=False)
+        got = [s.kernel.recv(4096) for _ in range(2)]
+        assert got == [HDR_DATA_VALID + b"\x01" * 60, HDR_NONE + b"\x02" * 60]
+        assert HDR_DATA_VALID[0] == T.VIRTIO_NET_HDR_F_DATA_VALID and len(HDR_NONE) == 10
+    finally:
+        s.close()
+
+
+def test_without_vnet_hdr_frames_go_through_untouched() -> None:
+    s = Served(FakeNic(ring=16, offloads=Offload.RX_CSUM))
+    try:
+        s.kernel.send(b"\x00" * 60)  # a zero first byte is not a header here
+        wait_for(lambda: len(s.nic.in_ring) == 1, "the frame in the TX ring")
+        assert s.nic.in_ring == [b"\x00" * 60] and s.nic.tx_offloads == [None]
+        s.nic.deliver(b"\x03" * 60, csum_valid=True)
+        assert s.kernel.recv(4096) == b"\x03" * 60
+    finally:
+        s.close()

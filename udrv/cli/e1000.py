@@ -22,6 +22,8 @@ def register(sub: Any) -> None:
     s.add_argument("--polling", action="store_true", help="no interrupts: poll the rings")
     s.add_argument("--promiscuous", action="store_true")
     s.add_argument("--itr-us", type=int, default=50, help="interrupt throttling interval")
+    s.add_argument("--no-offload", action="store_true",
+                   help="no checksum/TSO offloads: the kernel checksums and segments")  # fmt: skip
     s.add_argument("--inject-tx-stall", type=int, metavar="N",
                    help="fault injection: wedge the TX unit after N frames (tests the watchdog)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
@@ -30,7 +32,9 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import udrv
     from udrv.drivers.e1000 import E1000
+    from udrv.drivers.e1000.driver import OFFLOADS
     from udrv.frontends.tap import Tap, serve
+    from udrv.net import Offload
 
     logging.basicConfig(level=logging.INFO, format="udrv e1000: %(message)s")
     stop = threading.Event()
@@ -39,9 +43,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with udrv.open(args.address) as dev:
         nic = E1000(dev, rx_ring=args.rx_ring, tx_ring=args.tx_ring, itr_us=args.itr_us,
                     interrupts=None if args.polling else "intx",
-                    promiscuous=args.promiscuous)  # fmt: skip
+                    promiscuous=args.promiscuous,
+                    offloads=Offload.NONE if args.no_offload else OFFLOADS)  # fmt: skip
         nic.inject_tx_stall_after = args.inject_tx_stall
-        with nic, Tap(args.tap, mac=nic.mac, mtu=args.mtu or nic.mtu) as tap:
+        with nic, Tap(args.tap, mac=nic.mac, mtu=args.mtu or nic.mtu, offloads=nic.offloads) as tap:
             print(f"{tap.name}: {nic.describe()}; Ctrl-C to stop", flush=True)
             served = serve(nic, tap, stop)
             hw = nic.update_stats()

@@ -13,6 +13,11 @@ device. Everything is in batches, because in Python the per-call cost dominates:
   means the transmit ring is full: the caller keeps the rest and offers them again after the
   next event (completions free slots). Nothing is dropped for lack of room; what a NIC does
   drop (a runt, an oversize frame) it counts in :attr:`Nic.stats` under a reason.
+- Offloads (:class:`Offload`): a NIC that can checksum or segment TCP itself says so in
+  :attr:`Nic.offloads`; a frontend that can hand it such frames (a TAP with
+  ``IFF_VNET_HDR``) passes one :class:`TxOffload` per frame to :meth:`Nic.tx_batch`, and
+  calls :meth:`Nic.rx_csum_valid` after :meth:`Nic.rx_batch` to tell the stack which
+  checksums the NIC already verified.
 - :meth:`Nic.fileno` is an fd that polls readable when there is work (a received frame, a
   transmit completion, a link change): the device's interrupt. :meth:`Nic.service` consumes
   it and re-arms it. A NIC without one returns -1 and is polled.
@@ -21,11 +26,12 @@ device. Everything is in batches, because in Python the per-call cost dominates:
 from __future__ import annotations
 
 import abc
+import enum
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import NamedTuple, Self
 
 Frame = bytes | bytearray | memoryview
 
@@ -33,6 +39,30 @@ Frame = bytes | bytearray | memoryview
 def format_mac(mac: bytes) -> str:
     """``b"RT\\x00\\x124\\x04"`` -> ``"52:54:00:12:34:04"``."""
     return ":".join(f"{b:02x}" for b in mac)
+
+
+class Offload(enum.Flag):
+    """Work a NIC can take off the host's stack (Linux's netdev features of the same names)."""
+
+    NONE = 0
+    TX_CSUM = enum.auto()  # insert a TCP/UDP checksum from TxOffload.csum_start/csum_offset
+    TSO4 = enum.auto()  # cut a TCP/IPv4 super-frame into gso_size segments (implies TX_CSUM)
+    RX_CSUM = enum.auto()  # verify received TCP/UDP checksums (Nic.rx_csum_valid)
+
+
+class TxOffload(NamedTuple):
+    """What the NIC must do to one frame before it goes out: Linux's CHECKSUM_PARTIAL and
+    GSO, as ``struct virtio_net_hdr`` carries them.
+
+    The checksum over ``frame[csum_start:]`` goes to ``csum_start + csum_offset``; the field
+    holds the pseudo-header sum (with the length) as the stack left it. With ``gso_size``,
+    the frame is a TCP super-frame (IPv4 with ``tso4``) to be cut into segments of at most
+    ``gso_size`` payload bytes, each with its own headers and checksums.
+    """
+
+    csum_start: int
+    csum_offset: int
+    gso_size: int = 0  # 0: not a super-frame
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,8 @@ class Nic(abc.ABC):
     mac: bytes
     mtu: int
     stats: NicStats
+    #: What the NIC can do for the stack; a frontend asks for no more than this.
+    offloads: Offload = Offload.NONE
 
     @abc.abstractmethod
     def rx_batch(self, max_frames: int = 64) -> list[memoryview]:
@@ -100,9 +132,21 @@ class Nic(abc.ABC):
         ``stats.rx_dropped``.
         """
 
+    def rx_csum_valid(self) -> list[bool]:
+        """One flag per frame the last :meth:`rx_batch` returned: True where the NIC
+        verified its TCP/UDP checksum (:attr:`Offload.RX_CSUM`), so the stack need not."""
+        return []
+
     @abc.abstractmethod
-    def tx_batch(self, frames: Sequence[Frame]) -> int:
+    def tx_batch(
+        self, frames: Sequence[Frame], offloads: Sequence[TxOffload | None] | None = None
+    ) -> int:
         """Queue ``frames`` for transmission, one doorbell for all; the data is copied.
+
+        Args:
+            frames: Ethernet frames without FCS.
+            offloads: None, or one entry per frame: None, or what the NIC must do to it
+                (only what :attr:`offloads` announces).
 
         Returns:
             How many of ``frames`` (from the start) were consumed: queued, or dropped and

@@ -5,6 +5,14 @@ done per batch: one scan of the status column finds every finished descriptor, o
 write hands a whole batch back. Received frames go out as views of the receive buffers
 (no copy); per-packet Python work is one slice per frame.
 
+Offloads (SDM 3.3.5-3.3.7, 3.5, 3.2.5): a frame the stack left for the NIC to checksum, or a
+TCP/IPv4 super-frame of up to 64 KiB to cut into segments (TSO), costs one TCP/IP context
+descriptor and as many data descriptors as it has 2 KiB buffers; the NIC inserts the
+checksums and writes every segment's headers. Received TCP/UDP checksums are verified by
+the NIC (RXCSUM) and reported per frame (:meth:`E1000.rx_csum_valid`). QEMU's e1000 models
+the transmit side but not the receive side: it sets RDESC.STATUS.IXSM ("ignore checksum
+indication") on every frame it delivers.
+
 :class:`E1000` implements :class:`udrv.net.Nic`, so any network frontend serves it
 (``udrv e1000 serve`` connects it to a TAP interface through :func:`udrv.frontends.tap.serve`).
 
@@ -44,7 +52,7 @@ from udrv.drivers.e1000.phy import Phy
 from udrv.drivers.e1000.regs import E1000Regs, Speed
 from udrv.errors import DriverError
 from udrv.irq import Vector
-from udrv.net.nic import Frame, Link, Nic, NicStats, format_mac
+from udrv.net.nic import Frame, Link, Nic, NicStats, Offload, TxOffload, format_mac
 from udrv.pci.capabilities import CapId
 from udrv.pci.config import decode as decode_config
 
@@ -90,8 +98,31 @@ _DD = np.uint64(R.RXD_STAT_DD << 32)
 _EOP = np.uint64(R.RXD_STAT_EOP << 32)
 _EOP_ERR = np.uint64((R.RXD_STAT_EOP << 32) | (RXD_FRAME_ERRORS << 40))
 _LEN = np.uint64(0xFFFF)
+_NO_WORDS = np.zeros(0, np.uint64)
+_FCS = np.uint64(ETH_FCS_LEN)
 _MIN_LEN = np.uint64(ETH_HLEN + ETH_FCS_LEN)
 _LEN_SPAN = np.uint64(MAX_FRAME_VLAN + ETH_FCS_LEN - (ETH_HLEN + ETH_FCS_LEN))
+# The RX checksum verdict from RDESC (3.2.3.1/3.2.3.2, 3.2.5): TCPCS set, IXSM clear, TCPE clear.
+CSUM_BITS = ((R.RXD_STAT_IXSM | R.RXD_STAT_TCPCS) << 32) | (R.RXD_ERR_TCPE << 40)
+CSUM_GOOD = R.RXD_STAT_TCPCS << 32
+_CSUM_BITS, _CSUM_GOOD = np.uint64(CSUM_BITS), np.uint64(CSUM_GOOD)
+# The same tests on one descriptor's second quadword as a Python int (the small-batch path).
+DD_BIT = R.RXD_STAT_DD << 32
+EOP_BIT = R.RXD_STAT_EOP << 32
+EOP_ERR_BITS = EOP_BIT | RXD_FRAME_ERRORS << 40
+MIN_FRAME = ETH_HLEN  # without FCS
+#: Batches up to this many descriptors are handled one at a time, without numpy.
+SMALL_BATCH = 8
+_ZEROS_Q = memoryview(bytes(8 * (SMALL_BATCH + 1))).cast("Q")
+# Legacy transmit descriptor of a whole frame: EOP, insert FCS, report status (DD).
+TX_LEGACY_HI = R.tx_legacy_desc_hi(0, R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS)
+_TX_LEGACY_HI = np.uint64(TX_LEGACY_HI)
+ETH_P_IP, IPPROTO_TCP = 0x0800, 6  # linux/if_ether.h, netinet/in.h
+TSO_MAX = 0x10000  # bytes of a super-frame (the stack's GSO limit; PAYLEN has 20 bits)
+#: What the 8254x does for the stack: checksum insertion and TCP/IPv4 segmentation on
+#: transmit (3.3.5-3.3.7, 3.5), TCP/UDP checksum verification on receive (3.2.5).
+OFFLOADS = Offload.TX_CSUM | Offload.TSO4 | Offload.RX_CSUM
+LINK_RECHECK = 1.0  # s: STATUS is read again at least this often without an LSC interrupt
 ITR_PROBE = 0x1234  # written before a reset through the I/O BAR; ITR resets to 0
 EEPROM_RELOAD = 0.005  # s after CTRL.RST for the EEPROM auto-read (Linux e1000_reset_hw)
 PCIX_MMRBC_MASK, PCIX_MMRBC_2048 = 0x000C, 2  # PCI-X Command bits 3:2; 2 = 2048 bytes
@@ -141,6 +172,8 @@ class E1000(Nic):
         promiscuous: receive every frame.
         link_timeout: seconds to wait for auto-negotiation at start (no link is not an
             error: the link may come later, reported through :meth:`link`).
+        offloads: what the NIC does for the stack (:attr:`offloads`): checksum insertion
+            and TCP segmentation on transmit, checksum verification on receive.
 
     Raises:
         E1000Error: not a supported 8254x, bad ring sizes, the reset did not complete.
@@ -148,7 +181,8 @@ class E1000(Nic):
 
     def __init__(self, device: Device, *, rx_ring: int = 256, tx_ring: int = 256,
                  interrupts: str | None = "intx", itr_us: int = 50, promiscuous: bool = False,
-                 link_timeout: float = LINK_TIMEOUT) -> None:  # fmt: skip
+                 link_timeout: float = LINK_TIMEOUT,
+                 offloads: Offload = OFFLOADS) -> None:  # fmt: skip
         self.dev = device
         vendor, dev_id = device.config.read16(0), device.config.read16(2)
         if vendor != R.VENDOR_ID or dev_id not in MODELS:
@@ -179,9 +213,14 @@ class E1000(Nic):
         self.inject_tx_stall_after: int | None = None
         self.phy = Phy(self.bar, self.name)
         self.irq: Vector | None = None
+        self.offloads = offloads
         self._link_up = False
+        self._link = Link(False)
+        self._link_checked = -LINK_RECHECK  # monotonic time STATUS was last read
+        self._txdw_armed = False  # TXDW in IMS: only while frames wait for room
         self.dma = device.dma
         self.reset()
+        self.clear_stats()
         device.set_bus_master()  # the rings are DMA: undone by close()
         self._cap_mmrbc()
         self.mac = self.read_mac()
@@ -198,8 +237,25 @@ class E1000(Nic):
             self.irq = device.irq.enable_or_poll(interrupts)  # None: a shared, unmaskable INTx
         if self.irq is not None:
             self.regs.ITR.write_fields(INTERVAL=max(1, itr_us * 1000 // 256))  # 256 ns units
-            self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1, TXDW=1)
+            # No TXDW: transmit completions are collected when the next frames are queued;
+            # an interrupt per transmitted batch would cost a wake-up (and hold the next
+            # interrupt back by the throttling interval). It is armed only while frames
+            # wait for room in a full ring (tx_batch).
+            self.regs.IMS.write_fields(RXT0=1, RXO=1, RXDMT0=1, LSC=1)
         self._start_link(link_timeout)
+
+    @property
+    def offloads(self) -> Offload:
+        """What the NIC does for the stack (a subset of :data:`OFFLOADS`)."""
+        return self._offloads
+
+    @offloads.setter
+    def offloads(self, value: Offload) -> None:
+        self._offloads = value & OFFLOADS
+        # as plain bools: a Flag operation costs microseconds on the per-frame path
+        self._tx_csum_on = bool(value & Offload.TX_CSUM)
+        self._tso_on = bool(value & Offload.TSO4)
+        self._rx_csum_on = bool(value & Offload.RX_CSUM)
 
     def _attach_rings(self) -> None:
         """Numpy views of the descriptor rings and buffers in ``_rx_mem``/``_tx_mem``."""
@@ -219,6 +275,15 @@ class E1000(Nic):
         (self.rx, self.rx_bufs, self._rx_iovas, self._rx_base) = parts[0]
         (self.tx, self.tx_bufs, self._tx_iovas, self._tx_base) = parts[1]
         self._rx_hi = self.rx.view(np.uint64).reshape(-1, 2)[:, 1]
+        # The rings as flat quadwords for scalar access ([2i]: address, [2i + 1]: the rest).
+        self._rx_q = self.rx.view(np.uint64).data.cast("B").cast("Q")
+        self._tx_q = self.tx.view(np.uint64).data.cast("B").cast("Q")
+        self._rx_words: Any = self._rx_hi[:0]  # the second quadwords of the last batch
+        tx64 = self.tx.view(np.uint64).reshape(-1, 2)
+        self._tx_lo, self._tx_hi = tx64[:, 0], tx64[:, 1]
+        self._tx_iova_list: list[int] = self._tx_iovas.tolist()
+        self._tx_offsets = [(i % self.ntx) * BUF_SIZE for i in range(2 * self.ntx)]
+        self._rx_offsets = [(i % self.nrx) * BUF_SIZE for i in range(2 * self.nrx)]
         self._rx_bufs_mv = memoryview(self.rx_bufs.reshape(-1).data)
         self._tx_bufs_mv = memoryview(self.tx_bufs.reshape(-1).data)
         # Ring positions from any start without a modulo per call.
@@ -323,6 +388,10 @@ class E1000(Nic):
         self._rx_held = 0  # descriptors whose buffers the last rx_batch() lent out
         self._rx_in_chain = False  # the last descriptor seen had no EOP
         self.regs.RDTR.write(0)
+        # 3.2.5: the NIC verifies IPv4 header and TCP/UDP checksums (written while RCTL.EN is
+        # still 0, as 13.4 asks).
+        rx_csum = self._rx_csum_on
+        self.regs.RXCSUM.write_fields(IPOFLD=int(rx_csum), TUOFLD=int(rx_csum))
         # VLAN tags stay in the frames (the stack untags them), so VME must be off. CTRL is
         # written, not assumed: QEMU's CTRL.RST does not reset CTRL, and the previous driver
         # (Linux's e1000 strips tags) may have left VME set.
@@ -345,6 +414,7 @@ class E1000(Nic):
         self.regs.TDH.write(0)
         self.regs.TDT.write(0)
         self.tx_tail = self.tx_clean = 0  # next to fill; oldest the NIC may still own
+        self._tx_csum_ctx: tuple[int, int] | None = None  # (TUCSS, TUCSO) the NIC holds
         self._tx_progress = time.monotonic()
         self.regs.TIPG.write_fields(IPGT=10, IPGR1=8, IPGR2=6)  # 802.3 copper (14.5)
         # 14.5: collision threshold 0Fh, collision distance 40h (full duplex).
@@ -398,15 +468,27 @@ class E1000(Nic):
     # -- link --------------------------------------------------------------------------------
 
     def link(self) -> Link:
-        """The link from STATUS (SDM 13.4.2); flow control is resolved again when it comes up."""
+        """The link from STATUS (SDM 13.4.2); flow control is resolved again when it comes up.
+
+        With interrupts, STATUS is read only after a link status change (ICR.LSC, seen by
+        :meth:`service`) and at least every ``LINK_RECHECK`` s: a register read per call
+        would cost the serving loop a bus access per wake-up.
+        """
+        now = time.monotonic()
+        if self.irq is not None and now - self._link_checked < LINK_RECHECK:
+            return self._link
+        self._link_checked = now
         status = self.bar.read32(R.STATUS)
         if not status & R.STATUS_LU:
             self._link_up = False
-            return Link(False)
+            self._link = Link(False)
+            return self._link
         if not self._link_up:
             self._link_up = True
             self._resolve_flow_control()
-        return Link(True, _MBPS[Speed(_STATUS_SPEED.get(status))], bool(_STATUS_FD.get(status)))
+        speed = _MBPS[Speed(_STATUS_SPEED.get(status))]
+        self._link = Link(True, speed, bool(_STATUS_FD.get(status)))
+        return self._link
 
     @property
     def link_up(self) -> bool:
@@ -415,6 +497,7 @@ class E1000(Nic):
     def set_link(self, up: bool) -> None:
         """Force the link up (CTRL.SLU) or down (clear SLU; QEMU reports the link down)."""
         self.bar.modify(R.CTRL, R.CTRL_SLU, R.CTRL_SLU if up else 0)
+        self._link_checked = -LINK_RECHECK  # read STATUS at the next link()
 
     # -- data path ---------------------------------------------------------------------------
 
@@ -435,35 +518,90 @@ class E1000(Nic):
             self.bar.write32(R.RDT, (self.rx_next - 1) % n)
             self._rx_held = 0
         start = self.rx_next
-        order = self._rx_order[start : start + min(max_frames, n - 1)]
+        # A batch stops at the end of the ring (the next call goes on from slot 0), so that
+        # it is a slice of the ring, not a gather.
         # Each descriptor's second quadword: length 15:0, csum 31:16, status 39:32,
         # errors 47:40, special 63:48 (SDM 3.2.3).
-        hi = self._rx_hi
-        done = hi[order] & _DD
+        limit = min(max_frames, n - 1, n - start)
+        # A few frames (a ping, an ACK, the empty call that ends a drain) are cheaper one
+        # descriptor at a time than through numpy, whose every call costs more than a
+        # frame's worth of scalar work.
+        q = self._rx_q
+        count = 0
+        while count < limit and count <= SMALL_BATCH and q[2 * (start + count) + 1] & DD_BIT:
+            count += 1
+        if count == 0:
+            self._rx_words = _NO_WORDS
+            return []
+        if count <= SMALL_BATCH and not self._rx_in_chain:
+            frames = self._rx_few(start, count)
+            if frames is not None:
+                return frames
+        hi = self._rx_hi[start : start + limit]
+        done = hi & _DD
         count = len(done) if done.all() else int(np.argmin(done))
         if count == 0:
+            self._rx_words = _NO_WORDS
             return []
         dma_rmb()  # DD seen: only now read the length and errors written with it
-        idx = order[:count]
-        words = hi[idx]
+        hi = hi[:count]
+        idx = self._rx_order[start : start + count]
+        words = hi.copy()
         lengths = words & _LEN
         # Good: EOP and no frame error, and 18 <= length <= 1522 (one unsigned compare).
         ok = ((words & _EOP_ERR) == _EOP) & (lengths - _MIN_LEN <= _LEN_SPAN)
         if ok.all() and not self._rx_in_chain:
-            idx_l, len_l = idx.tolist(), lengths.tolist()
+            offs = self._rx_offsets[start : start + count]
+            len_l = (lengths - _FCS).tolist()
+            self._rx_words = words
         else:
             idx_l, len_l = self._rx_slow(idx, words, lengths, ok)
+            offs = [i * BUF_SIZE for i in idx_l]
+            len_l = [ln - ETH_FCS_LEN for ln in len_l]
+            self._rx_words = words[np.isin(idx, idx_l)]
         mv = self._rx_bufs_mv
-        frames = [
-            mv[i * BUF_SIZE : i * BUF_SIZE + ln - ETH_FCS_LEN]
-            for i, ln in zip(idx_l, len_l, strict=True)
-        ]
+        frames = [mv[off : off + ln] for off, ln in zip(offs, len_l, strict=True)]
         self.stats.rx_packets += len(frames)
-        self.stats.rx_bytes += sum(len_l) - ETH_FCS_LEN * len(len_l)
-        hi[idx] = 0  # DD cleared for the NIC's next write-back
+        self.stats.rx_bytes += sum(len_l)
+        hi[:] = 0  # DD cleared for the NIC's next write-back
         self.rx_next = (start + count) % n
         self._rx_held = count
         return frames
+
+    def _rx_few(self, start: int, count: int) -> list[memoryview] | None:
+        """rx_batch() for ``count`` <= SMALL_BATCH finished descriptors, one at a time; None
+        if one of them is not a good frame (the batch then takes the general path)."""
+        dma_rmb()  # DD seen: only now read the length and errors written with it
+        q, mv = self._rx_q, self._rx_bufs_mv
+        words = q[2 * start + 1 : 2 * (start + count) + 1 : 2].tolist()
+        frames = []
+        nbytes = 0
+        off = start * BUF_SIZE
+        for w in words:
+            ln = (w & 0xFFFF) - ETH_FCS_LEN
+            if (w & EOP_ERR_BITS) != EOP_BIT or not MIN_FRAME <= ln <= MAX_FRAME_VLAN:
+                return None
+            frames.append(mv[off : off + ln])
+            nbytes += ln
+            off += BUF_SIZE
+        q[2 * start + 1 : 2 * (start + count) + 1 : 2] = _ZEROS_Q[:count]  # DD cleared
+        self._rx_words = words
+        self.stats.rx_packets += count
+        self.stats.rx_bytes += nbytes
+        self.rx_next = (start + count) % self.nrx
+        self._rx_held = count
+        return frames
+
+    def rx_csum_valid(self) -> list[bool]:
+        """Per frame of the last :meth:`rx_batch`: True where the NIC computed the TCP/UDP
+        checksum and found it good (RDESC.STATUS.TCPCS set, IXSM clear, ERRORS.TCPE clear;
+        SDM 3.2.3, 3.2.5), as Linux's e1000_rx_checksum decides CHECKSUM_UNNECESSARY."""
+        words = self._rx_words
+        if not self._rx_csum_on:
+            return [False] * len(words)
+        if isinstance(words, list):
+            return [(w & CSUM_BITS) == CSUM_GOOD for w in words]
+        return ((words & _CSUM_BITS) == _CSUM_GOOD).tolist()
 
     def _rx_slow(self, idx: Any, words: Any, lengths: Any, ok: Any) -> tuple[list[int], list[int]]:
         """The batch has a bad descriptor: find which, count each drop under its reason, and
@@ -499,58 +637,291 @@ class E1000(Nic):
             else:
                 drops["oversize"] += 1
 
-    def tx_batch(self, frames: Sequence[Frame]) -> int:
-        """Queue frames (one descriptor each, one doorbell per batch); returns how many of
-        ``frames`` were consumed: queued, or dropped and counted (``runt``: shorter than an
-        Ethernet header; ``oversize``: over 1514 bytes, 1518 with an 802.1Q tag). Fewer than
-        ``len(frames)``: the ring is full; offer the rest again later."""
-        n = self.ntx
+    def tx_batch(
+        self, frames: Sequence[Frame], offloads: Sequence[TxOffload | None] | None = None
+    ) -> int:
+        """Queue frames (one doorbell per batch); returns how many of ``frames`` were
+        consumed: queued, or dropped and counted. Fewer than ``len(frames)``: the ring is
+        full; offer the rest again later.
+
+        A plain frame takes one legacy descriptor. With ``offloads``, a frame with a
+        :class:`TxOffload` takes a TCP/IP context descriptor (unless the NIC holds the same
+        checksum context already) and one data descriptor per 2 KiB buffer it fills.
+
+        Dropped (``stats.tx_dropped``): ``runt`` (shorter than an Ethernet header),
+        ``oversize`` (over 1514 bytes, 1518 with an 802.1Q tag; a super-frame over 64 KiB,
+        or whose segments would be), ``bad_offload`` (a super-frame that is not TCP/IPv4
+        with headers where its offload says, or an offload the NIC was not asked to do).
+        """
         self._tx_reclaim()
+        if offloads is not None:
+            return self._tx_offload(frames, offloads)
+        n = self.ntx
         tail = self.tx_tail
         room = (self.tx_clean - tail - 1) % n
         mv = self._tx_bufs_mv
-        lengths: list[int] = []
-        consumed = 0
-        for frame in frames:
-            if len(lengths) == room:
-                break
-            consumed += 1
-            size = len(frame)
-            if not ETH_HLEN <= size <= MAX_FRAME:
-                limit = MAX_FRAME_VLAN if bytes(frame[12:14]) == TPID_8021Q else MAX_FRAME
-                if not ETH_HLEN <= size <= limit:
-                    self.stats.tx_dropped["runt" if size < ETH_HLEN else "oversize"] += 1
-                    self.tx_dropped_sizes = [*self.tx_dropped_sizes[-15:], size]
+        offs = self._tx_offsets  # byte offset of each ring slot's buffer, from tail on
+        if len(frames) <= min(room, SMALL_BATCH):  # a few frames: no numpy
+            q, iovas, slot, nbytes = self._tx_q, self._tx_iova_list, tail, 0
+            for frame in frames:
+                size = len(frame)
+                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
                     continue
-            off = ((tail + len(lengths)) % n) * BUF_SIZE
-            mv[off : off + size] = frame
-            lengths.append(size)
+                off = offs[slot]
+                mv[off : off + size] = frame
+                q[2 * slot] = iovas[slot]
+                q[2 * slot + 1] = size | TX_LEGACY_HI
+                slot = (slot + 1) % n
+                nbytes += size
+            if slot != tail:
+                self._tx_queued((slot - tail) % n, nbytes)
+            return len(frames)
+        batch = frames[:room] if len(frames) > room else frames
+        lengths = list(map(len, batch))
+        consumed = len(lengths)
+        if lengths and min(lengths) >= ETH_HLEN and max(lengths) <= MAX_FRAME:
+            for off, size, frame in zip(offs[tail : tail + consumed], lengths, batch, strict=True):
+                mv[off : off + size] = frame
+        else:  # a frame to drop, or a tagged one: one at a time
+            lengths = []
+            consumed = 0
+            for frame in frames:
+                if len(lengths) == room:
+                    break
+                consumed += 1
+                size = len(frame)
+                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                    continue
+                off = offs[tail + len(lengths)]
+                mv[off : off + size] = frame
+                lengths.append(size)
         if lengths:
-            idx = self._tx_order[tail : tail + len(lengths)]
-            self.tx["length"][idx] = lengths
-            self.tx["cmd"][idx] = R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS
-            self.tx["status"][idx] = 0
-            if self.tx_clean == tail:
-                self._tx_progress = time.monotonic()  # the watchdog's clock starts now
-            self.tx_tail = (tail + len(lengths)) % n
-            wmb()  # descriptors and data are in memory before TDT makes the NIC read them
-            self.bar.write32(R.TDT, self.tx_tail)
-            self.stats.tx_packets += len(lengths)
-            self.stats.tx_bytes += sum(lengths)
-            if (
-                self.inject_tx_stall_after is not None
-                and self.stats.tx_packets >= self.inject_tx_stall_after
-            ):
-                log.warning("%s: fault injection: wedging the TX unit after %d frames", self.name,
-                            self.stats.tx_packets)  # fmt: skip
-                self.bar.write32(R.TCTL, 0)
-                self.inject_tx_stall_after = None
+            k = len(lengths)
+            self._write_desc(tail, self._tx_iovas[self._tx_order[tail : tail + k]],
+                             np.array(lengths, np.uint64) | _TX_LEGACY_HI)  # fmt: skip
+            self._tx_queued(k, sum(lengths))
+        if consumed < len(frames):
+            self._arm_txdw()
         return consumed
+
+    def _frame_size_ok(self, frame: Frame, size: int) -> bool:
+        """Whether a frame outside 14..1514 bytes may still go (a tagged frame up to 1518);
+        if not, count it as a runt or oversize drop."""
+        limit = MAX_FRAME_VLAN if bytes(frame[12:14]) == TPID_8021Q else MAX_FRAME
+        if ETH_HLEN <= size <= limit:
+            return True
+        self._tx_drop("runt" if size < ETH_HLEN else "oversize", size)
+        return False
+
+    def _tx_drop(self, reason: str, size: int) -> None:
+        self.stats.tx_dropped[reason] += 1
+        self.tx_dropped_sizes = [*self.tx_dropped_sizes[-15:], size]
+
+    def _write_desc(self, start: int, lo: Any, hi: Any) -> None:
+        """Both quadwords of ``len(lo)`` descriptors from ring slot ``start`` on (wrapping)."""
+        n, k = self.ntx, len(lo)
+        first = min(k, n - start)
+        self._tx_lo[start : start + first] = lo[:first]
+        self._tx_hi[start : start + first] = hi[:first]
+        if first < k:
+            self._tx_lo[: k - first] = lo[first:]
+            self._tx_hi[: k - first] = hi[first:]
+
+    def _tx_queued(self, descriptors: int, nbytes: int, frames: int | None = None) -> None:
+        """Hand ``descriptors`` written from ``tx_tail`` on to the NIC (one TDT write)."""
+        if self.tx_clean == self.tx_tail:
+            self._tx_progress = time.monotonic()  # the watchdog's clock starts now
+        self.tx_tail = (self.tx_tail + descriptors) % self.ntx
+        wmb()  # descriptors and data are in memory before TDT makes the NIC read them
+        self.bar.write32(R.TDT, self.tx_tail)
+        self.stats.tx_packets += descriptors if frames is None else frames
+        self.stats.tx_bytes += nbytes
+        if (
+            self.inject_tx_stall_after is not None
+            and self.stats.tx_packets >= self.inject_tx_stall_after
+        ):
+            log.warning("%s: fault injection: wedging the TX unit after %d frames", self.name,
+                        self.stats.tx_packets)  # fmt: skip
+            self.bar.write32(R.TCTL, 0)
+            self.inject_tx_stall_after = None
+
+    def _arm_txdw(self) -> None:
+        """The ring is full and frames wait: interrupt on the next descriptor written back."""
+        if self.irq is not None and not self._txdw_armed:
+            self._txdw_armed = True
+            self.bar.write32(R.IMS, R.ICR_TXDW)
+
+    def _copy_in(self, slot: int, frame: Frame, size: int) -> None:
+        """Copy ``frame`` into the buffers of consecutive ring slots from ``slot`` on; the
+        buffers are contiguous in memory, so the copy splits only where the ring wraps."""
+        mv, off = self._tx_bufs_mv, slot * BUF_SIZE
+        first = min(size, len(mv) - off)
+        if first == size:
+            mv[off : off + size] = frame
+        else:
+            src = memoryview(frame)
+            mv[off:] = src[:first]
+            mv[: size - first] = src[first:]
+
+    def _tx_offload(self, frames: Sequence[Frame], offloads: Sequence[TxOffload | None]) -> int:
+        """tx_batch() with per-frame offloads: descriptors built as two quadwords each, in
+        slot order from ``tx_tail``, written with one store per column at the end."""
+        n = self.ntx
+        slot = self.tx_tail
+        room = (self.tx_clean - slot - 1) % n
+        iovas = self._tx_iova_list
+        lo: list[int] = []
+        hi: list[int] = []
+        consumed = nbytes = sent = 0
+        for frame, off in zip(frames, offloads, strict=True):
+            size = len(frame)
+            if off is None:
+                if room - len(lo) < 1:
+                    break
+                consumed += 1
+                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                    continue
+                self._copy_in(slot, frame, size)
+                lo.append(iovas[slot])
+                hi.append(size | TX_LEGACY_HI)
+            else:
+                plan = self._plan_offload(frame, size, off)
+                if plan is None:  # dropped and counted
+                    consumed += 1
+                    continue
+                ctx, ndata, dcmd, popts = plan
+                if room - len(lo) < ndata + (ctx is not None):
+                    break
+                consumed += 1
+                if off.gso_size:  # a TSO context replaces the checksum context (3.3.6)
+                    self._tx_csum_ctx = None
+                elif popts:
+                    self._tx_csum_ctx = (off.csum_start, off.csum_start + off.csum_offset)
+                if ctx is not None:
+                    lo.append(ctx[0])
+                    hi.append(ctx[1])
+                    slot = (slot + 1) % n
+                self._copy_in(slot, frame, size)
+                if off.gso_size:
+                    self._tso_headers(slot, frame, off.csum_start)
+                elif not popts:
+                    self._sw_checksum(slot, size, off)
+                for j in range(ndata - 1):  # full buffers; the last one ends the packet
+                    lo.append(iovas[(slot + j) % n])
+                    hi.append(R.tx_data_desc_hi(BUF_SIZE, dcmd, popts))
+                slot = (slot + ndata - 1) % n
+                lo.append(iovas[slot])
+                last = size - (ndata - 1) * BUF_SIZE
+                hi.append(R.tx_data_desc_hi(last, dcmd | R.TXD_CMD_EOP, popts))
+            slot = (slot + 1) % n
+            nbytes += size
+            sent += 1
+        if lo:
+            self._write_desc(self.tx_tail, np.array(lo, np.uint64), np.array(hi, np.uint64))
+            self._tx_queued(len(lo), nbytes, sent)
+        if consumed < len(frames):
+            self._arm_txdw()
+        return consumed
+
+    def _plan_offload(
+        self, frame: Frame, size: int, off: TxOffload
+    ) -> tuple[tuple[int, int] | None, int, int, int] | None:
+        """How a frame with an offload goes out: (context descriptor quadwords or None when
+        the NIC holds the right context already, data descriptors, DCMD, POPTS); POPTS 0
+        means the driver checksums it itself. None: dropped and counted."""
+        dcmd = R.TXD_CMD_IFCS | R.TXD_CMD_RS
+        tucss, tucso = off.csum_start, off.csum_start + off.csum_offset
+        if not off.gso_size:
+            if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                return None
+            if tucso + 2 > size or tucss >= size:
+                self._tx_drop("bad_offload", size)
+                return None
+            if not self._tx_csum_on or tucso > 0xFF:  # TUCSS/TUCSO: 8 bits
+                return None, 1, dcmd, 0
+            ctx = None
+            if self._tx_csum_ctx != (tucss, tucso):
+                # 3.3.6: checksum from TUCSS to the end of the packet (TUCSE 0), stored at
+                # TUCSO; the field holds the pseudo-header sum the stack put there.
+                ctx = R.tx_context_desc(ipcss=0, ipcso=0, ipcse=0, tucss=tucss, tucso=tucso,
+                                        tucse=0, paylen=0, tucmd=R.TXD_CMD_RS, hdrlen=0,
+                                        mss=0)  # fmt: skip
+            return ctx, 1, dcmd, R.TXD_POPTS_TXSM
+        # A TCP/IPv4 super-frame (3.5): Ethernet (maybe 802.1Q), IPv4, TCP, payload.
+        ip = ETH_HLEN + (VLAN_HLEN if bytes(frame[12:14]) == TPID_8021Q else 0)
+        hdr = 0
+        if (
+            self._tso_on
+            and size > ip + 20
+            and int.from_bytes(frame[ip - 2 : ip], "big") == ETH_P_IP
+            and frame[ip] >> 4 == 4
+            and frame[ip + 9] == IPPROTO_TCP
+            and tucss == ip + (frame[ip] & 0xF) * 4
+            and off.csum_offset == 16  # struct tcphdr.check
+            and size > tucss + 20
+        ):
+            hdr = tucss + (frame[tucss + 12] >> 4) * 4  # data offset, in 32-bit words
+        if not hdr or hdr > 0xFF or size <= hdr:  # HDRLEN: 8 bits
+            self._tx_drop("bad_offload", size)
+            return None
+        limit = MAX_FRAME_VLAN if ip > ETH_HLEN else MAX_FRAME
+        ndata = -(-size // BUF_SIZE)
+        if size > TSO_MAX + hdr or hdr + off.gso_size > limit or ndata + 2 > self.ntx:
+            self._tx_drop("oversize", size)
+            return None
+        ctx = R.tx_context_desc(
+            ipcss=ip, ipcso=ip + 10, ipcse=tucss - 1,  # IPv4 header checksum
+            tucss=tucss, tucso=tucso, tucse=0,  # TCP checksum to the end of each segment
+            paylen=size - hdr, hdrlen=hdr, mss=off.gso_size,
+            tucmd=R.TXD_CMD_TCP | R.TXD_CMD_IP | R.TXD_CMD_TSE | R.TXD_CMD_RS,
+        )  # fmt: skip
+        return ctx, ndata, dcmd | R.TXD_CMD_TSE, R.TXD_POPTS_IXSM | R.TXD_POPTS_TXSM
+
+    def _tso_headers(self, slot: int, frame: Frame, tucss: int) -> None:
+        """Prepare a super-frame's headers in its first buffer as the NIC expects (3.5; as
+        Linux's e1000_tso does): IPv4 total length and header checksum 0 (the NIC writes
+        them per segment), the TCP checksum field seeded with the pseudo-header sum without
+        the length (the NIC adds each segment's)."""
+        base = slot * BUF_SIZE
+        ip = ETH_HLEN + (VLAN_HLEN if bytes(frame[12:14]) == TPID_8021Q else 0)
+        addrs = int.from_bytes(frame[ip + 12 : ip + 20], "big")  # saddr, daddr
+        total = IPPROTO_TCP
+        for shift in (0, 16, 32, 48):
+            total += (addrs >> shift) & 0xFFFF
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        mv = self._tx_bufs_mv
+        mv[base + ip + 2 : base + ip + 4] = b"\0\0"
+        mv[base + ip + 10 : base + ip + 12] = b"\0\0"
+        mv[base + tucss + 16 : base + tucss + 18] = total.to_bytes(2, "big")
+
+    def _sw_checksum(self, slot: int, size: int, off: TxOffload) -> None:
+        """Insert the checksum of a frame (in one buffer) the NIC cannot place: the 16-bit
+        ones' complement sum from ``csum_start`` on (RFC 1071), the field holding the
+        pseudo-header sum; 0 is sent as 0xFFFF (as Linux's skb_checksum_help)."""
+        buf = self.tx_bufs[slot]
+        data = buf[off.csum_start : size]
+        if len(data) % 2:
+            data = np.append(data, np.uint8(0))
+        total = int(data.view(">u2").sum(dtype=np.uint64))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        csum = (~total & 0xFFFF) or 0xFFFF
+        at = off.csum_start + off.csum_offset
+        buf[at], buf[at + 1] = csum >> 8, csum & 0xFF
 
     def _tx_reclaim(self) -> None:
         """Advance ``tx_clean`` past the descriptors the NIC finished (DD set)."""
         outstanding = (self.tx_tail - self.tx_clean) % self.ntx
         if not outstanding:
+            return
+        if outstanding <= SMALL_BATCH:
+            q, n, clean = self._tx_q, self.ntx, self.tx_clean
+            while clean != self.tx_tail and q[2 * clean + 1] & DD_BIT:  # STA.DD, byte 12
+                clean = (clean + 1) % n
+            if clean != self.tx_clean:
+                self.tx_clean = clean
+                self._tx_progress = time.monotonic()
             return
         order = self._tx_order[self.tx_clean : self.tx_clean + outstanding]
         done = self.tx["status"][order] & R.TXD_STAT_DD
@@ -569,6 +940,9 @@ class E1000(Nic):
         link up (its queued frames are counted as ``tx_dropped["tx_timeout"]``)."""
         if self.irq is not None and self.irq.poll():
             self.ack_interrupts()
+            if self._txdw_armed and not self.tx_pending():
+                self._txdw_armed = False  # the ring drained: no more TXDW interrupts
+                self.bar.write32(R.IMC, R.ICR_TXDW)
         if (
             self.tx_pending()
             and time.monotonic() - self._tx_progress > STUCK_AFTER
@@ -585,10 +959,16 @@ class E1000(Nic):
         self.bar.write32(R.TCTL, 0)
         self._init_tx()
         self.tx_resets += 1
+        if self._txdw_armed:
+            self._txdw_armed = False
+            self.bar.write32(R.IMC, R.ICR_TXDW)
 
     def ack_interrupts(self) -> int:
-        """Read (and so clear) ICR, then re-arm the line; returns the causes."""
+        """Read (and so clear) ICR, then re-arm the line; returns the causes. A link status
+        change (LSC) makes the next :meth:`link` read STATUS."""
         icr = self.bar.read32(R.ICR)
+        if icr & R.ICR_LSC:
+            self._link_checked = -LINK_RECHECK
         if self.irq is not None:
             self.irq.rearm()
         return icr
@@ -601,6 +981,13 @@ class E1000(Nic):
             lo = self.bar.read32(off)
             self.hw_stats[name] += lo | (self.bar.read32(off + 4) << 32)
         return dict(self.hw_stats)
+
+    def clear_stats(self) -> None:
+        """Zero the statistics registers by reading them (clear-on-read), as Linux's
+        e1000_clear_hw_cntrs does at init: a reset does not clear them (QEMU's CTRL.RST
+        resets nothing), so a previous driver's frames would be counted as ours."""
+        self.update_stats()
+        self.hw_stats = dict.fromkeys(self.hw_stats, 0)
 
     def describe(self) -> str:
         """``82540EM at 0000:00:04.0, MAC 52:54:00:12:34:04, link up, 1000 Mbit/s, ...``"""

@@ -291,6 +291,17 @@ class E1000Regs(RegisterMap):
             "AV": Field(31, doc="address valid"),
         },
     )
+    RXCSUM = Register(
+        0x5000,
+        4,
+        reset=0,
+        doc="Receive Checksum Control, 05000h (table 13-2; 3.2.5 receive checksum offloading)",
+        fields={
+            "PCSS": Field(0, 8, doc="packet checksum start (the raw csum field)"),
+            "IPOFLD": Field(8, doc="IP checksum offload enable"),
+            "TUOFLD": Field(9, doc="TCP/UDP checksum offload enable"),
+        },
+    )
     MANC = Register(0x5820, 4, doc="Management Control (table 13-2)")
 
 
@@ -375,8 +386,71 @@ TX_DESC = np.dtype([("addr", "<u8"), ("length", "<u2"), ("cso", "u1"), ("cmd", "
 assert RX_DESC.itemsize == 16 and TX_DESC.itemsize == 16
 RXD_STAT_DD = 1 << 0  # descriptor done
 RXD_STAT_EOP = 1 << 1  # end of packet
+RXD_STAT_IXSM = 1 << 2  # ignore the checksum indications (3.2.3.1): nothing was checked
+RXD_STAT_TCPCS = 1 << 5  # the TCP/UDP checksum was calculated (TCPE says if it was bad)
+RXD_STAT_IPCS = 1 << 6  # the IPv4 header checksum was calculated (IPE says if it was bad)
 RXD_ERR_MASK = 0xFF  # CE, SE, SEQ, CXE, RXE...: any error bit drops the frame
+RXD_ERR_TCPE = 1 << 5  # TCP/UDP checksum error (3.2.3.2)
+RXD_ERR_IPE = 1 << 6  # IPv4 header checksum error
+RXCSUM = E1000Regs.RXCSUM.offset
+RXCSUM_IPOFLD = E1000Regs.RXCSUM.fields["IPOFLD"].mask
+RXCSUM_TUOFLD = E1000Regs.RXCSUM.fields["TUOFLD"].mask
 TXD_CMD_EOP = 1 << 0
 TXD_CMD_IFCS = 1 << 1  # insert FCS
 TXD_CMD_RS = 1 << 3  # report status (sets DD when done)
 TXD_STAT_DD = 1 << 0
+
+# 3.3.5-3.3.7: the extended descriptors (DEXT = 1). A TCP/IP context descriptor (DTYP 0000b)
+# tells the NIC where the IP and TCP/UDP headers and checksums are and, for TCP
+# segmentation (3.5), the payload length, header length and MSS; the data descriptors
+# (DTYP 0001b) that follow carry the frame and say which checksums to insert (POPTS).
+# Both have the status byte (DD) at byte 12, as the legacy descriptor does.
+TX_CTX_DESC = np.dtype([("ipcss", "u1"), ("ipcso", "u1"), ("ipcse", "<u2"), ("tucss", "u1"),
+                        ("tucso", "u1"), ("tucse", "<u2"), ("paylen_dtyp_tucmd", "<u4"),
+                        ("sta", "u1"), ("hdrlen", "u1"), ("mss", "<u2")])  # fmt: skip
+assert TX_CTX_DESC.itemsize == 16
+TXD_DTYP_C, TXD_DTYP_D = 0b0000, 0b0001  # descriptor type, bits 23:20 of the second dword
+TXD_PAYLEN_MASK = 0xFFFFF  # PAYLEN / DTALEN: 20 bits
+# TUCMD (context) and DCMD (data): bits 31:24 of the second dword. EOP, IFCS, RS as above.
+TXD_CMD_TCP = 1 << 0  # TUCMD: the packet is TCP (not UDP)
+TXD_CMD_IP = 1 << 1  # TUCMD: the packet is IPv4 (not IPv6)
+TXD_CMD_TSE = 1 << 2  # TUCMD and DCMD: TCP segmentation enable
+TXD_CMD_DEXT = 1 << 5  # extended descriptor (context or data), not legacy
+TXD_POPTS_IXSM = 1 << 0  # data descriptor POPTS: insert the IP header checksum
+TXD_POPTS_TXSM = 1 << 1  # insert the TCP/UDP checksum
+
+
+def tx_context_desc(
+    *, ipcss: int, ipcso: int, ipcse: int, tucss: int, tucso: int, tucse: int, paylen: int,
+    tucmd: int, hdrlen: int, mss: int,
+) -> tuple[int, int]:  # fmt: skip
+    """A TCP/IP context descriptor (3.3.6) as its two little-endian quadwords (the layout of
+    :data:`TX_CTX_DESC`).
+
+    IPCSS/IPCSO/IPCSE: start, checksum field and (inclusive) end of the IP header checksum;
+    TUCSS/TUCSO/TUCSE: the same for TCP/UDP (TUCSE 0: to the end of the packet); PAYLEN:
+    the TCP payload of the whole super-frame (segmentation only); TUCMD: TCP, IP, TSE, RS
+    (DEXT is added); HDRLEN and MSS: header bytes repeated in every segment and the payload
+    bytes per segment.
+    """
+    lo = ipcss | ipcso << 8 | ipcse << 16 | tucss << 32 | tucso << 40 | tucse << 48
+    hi = (
+        (paylen & TXD_PAYLEN_MASK)
+        | TXD_DTYP_C << 20
+        | (tucmd | TXD_CMD_DEXT) << 24
+        | hdrlen << 40  # STA (byte 12) stays 0: DD clear
+        | mss << 48
+    )
+    return lo, hi
+
+
+def tx_data_desc_hi(length: int, dcmd: int, popts: int) -> int:
+    """The second quadword of a TCP/IP data descriptor (3.3.7): DTALEN 19:0, DTYP 23:20 =
+    0001b, DCMD 31:24 (DEXT added), STA 35:32 = 0 (DD clear), POPTS 47:40, special 63:48."""
+    return (length & TXD_PAYLEN_MASK) | TXD_DTYP_D << 20 | (dcmd | TXD_CMD_DEXT) << 24 | popts << 40
+
+
+def tx_legacy_desc_hi(length: int, cmd: int) -> int:
+    """The second quadword of a legacy transmit descriptor (3.3.3): length 15:0, CSO 23:16 =
+    0, CMD 31:24, STA 35:32 = 0, CSS 47:40 = 0, special 63:48 = 0."""
+    return (length & 0xFFFF) | cmd << 24
