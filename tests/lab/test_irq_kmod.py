@@ -87,6 +87,7 @@ def test_kernel_module_times_every_interrupt_in_its_msi_handler(lab: Any, ko: Pa
     assert not got["loaded_after"] and not got["bound_after"]  # close() unloads and unbinds
 
 
+@pytest.mark.slow  # make soak: `make test` stays under 30 minutes
 def test_interleaved_measurement_runs_every_variant(lab: Any, ko: Path, tmp_path: Path) -> None:
     c_exe = lab.results / "vfio_msi_ref"
     subprocess.run(

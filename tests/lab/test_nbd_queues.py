@@ -70,6 +70,7 @@ def test_two_connections_drive_two_queue_pairs_fio_verify(nvme: str) -> None:  #
     assert int(Path(f"/sys/block/{name}/size").read_text()) == 0  # disconnected
 
 
+@pytest.mark.slow  # make soak: `make test` stays under 30 minutes
 def test_stop_under_load_is_clean_and_keeps_acknowledged_data(nvme: str) -> None:  # noqa: F811
     """SIGINT while fio keeps 32 requests on the NVMe queue: the server answers what the
     device completes, disconnects and exits 0 without a traceback; a new server reads back

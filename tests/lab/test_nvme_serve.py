@@ -222,6 +222,7 @@ def test_killed_driver_recovers_and_fio_verify_passes(nvme: str) -> None:
         again.stop()
 
 
+@pytest.mark.slow  # make soak: `make test` stays under 30 minutes
 @pytest.mark.parametrize("victim", ["worker", "server"])
 def test_two_queues_killed_worker_or_server_recovers_and_fio_verify_passes(
     nvme: str, victim: str
