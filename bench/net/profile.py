@@ -13,6 +13,7 @@ from typing import Any
 import yappi
 
 import udrv.frontends.tap as tap
+from bench.block.profile import top_functions
 from udrv.cli.main import main
 
 _serve = tap.serve
@@ -28,16 +29,8 @@ def _profiled_serve(*args: Any, **kwargs: Any) -> tap.ServeStats:
     finally:
         yappi.stop()
         wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
-        stats = yappi.get_func_stats()
-        stats.sort("tsub")
-        total = sum(s.tsub for s in stats) or 1.0
-        top = [
-            {"function": f"{s.module.rsplit('/', 1)[-1]}:{s.lineno} {s.name}",
-             "calls": s.ncall, "self_s": s.tsub, "share": s.tsub / total}
-            for s in list(stats)[:20]
-        ]  # fmt: skip
         with open(out, "w") as f:
-            json.dump({"wall_s": wall, "cpu_s": cpu, "top": top}, f, indent=1)
+            json.dump({"wall_s": wall, "cpu_s": cpu, "top": top_functions()}, f, indent=1)
 
 
 def run() -> int:
