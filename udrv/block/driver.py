@@ -120,3 +120,9 @@ async def call(result: T | Awaitable[T]) -> T:
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+def is_sync(driver: BlockDriver) -> bool:
+    """No ``async def`` among the driver's I/O methods: frontends call it inline."""
+    names = ("read", "write", "flush", "discard", "write_zeroes")
+    return not any(inspect.iscoroutinefunction(getattr(driver, n)) for n in names)

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from udrv.block.driver import BlockDriver
+from udrv.block.driver import BlockDriver, is_sync
 from udrv.block.queue import HardwareQueue, Op
 from udrv.errors import FrontendError
 from udrv.kernel import ublk as U
@@ -123,12 +123,6 @@ def recoverable(dev_id: int) -> bool:
             return bool(ctl.dev_info(dev_id).state == U.UBLK_S_DEV_QUIESCED)
         except UblkError:
             return False
-
-
-def _is_sync(driver: BlockDriver) -> bool:
-    """No ``async def`` among the driver's I/O methods."""
-    names = ("read", "write", "flush", "discard", "write_zeroes")
-    return not any(inspect.iscoroutinefunction(getattr(driver, n)) for n in names)
 
 
 def _alive(pid: int) -> bool:
@@ -263,7 +257,7 @@ class _Queue:
             log.exception("ublk%d queue %d failed", self.ublk.dev_id, self.q_id)
 
     def _start(self) -> None:
-        if self.hwq is None and not _is_sync(self.driver):
+        if self.hwq is None and not is_sync(self.driver):
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
         self.ring = ring = IoUring(self.tags + 2, sqe128=True)  # + the IRQ read and the TICK

@@ -27,19 +27,13 @@ import threading
 from collections.abc import Awaitable
 from typing import Any
 
-from udrv.block.driver import BlockDriver
+from udrv.block.driver import BlockDriver, is_sync
 from udrv.block.queue import HardwareQueue, Op
 from udrv.errors import FrontendError
 
 log = logging.getLogger(__name__)
 READ, WRITE, FLUSH, DISCARD, WRITE_ZEROES = map(int, (Op.READ, Op.WRITE, Op.FLUSH, Op.DISCARD,
                                                       Op.WRITE_ZEROES))  # fmt: skip
-
-
-def _is_sync(driver: BlockDriver) -> bool:
-    """No ``async def`` among the driver's I/O methods."""
-    names = ("read", "write", "flush", "discard", "write_zeroes")
-    return not any(inspect.iscoroutinefunction(getattr(driver, n)) for n in names)
 
 
 def result_errno(exc: BaseException) -> int:
@@ -70,7 +64,7 @@ class DriverQueue(HardwareQueue):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # An async driver's completions come from another thread: this eventfd tells.
-        self._fd = -1 if _is_sync(driver) else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fd = -1 if is_sync(driver) else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.out = 0  # requests on the event loop
 
     def address(self, tag: int) -> int:
