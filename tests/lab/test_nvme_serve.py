@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from udrv.irq.affinity import find_irq, vfio_irq_name
+
 pytestmark = pytest.mark.lab("nvme:size=32M,serial=udrvtest1", "edu", cpus=2)
 Bind = Callable[[str, "str | None"], str]
 SIZE = 32 << 20
@@ -68,6 +70,15 @@ def children(pid: int) -> list[int]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         out += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
     return out
+
+
+def cpu_set(text: str) -> frozenset[int]:
+    """CPUs from a kernel CPU list: ``0-1``, ``0, 1``, ``0,2-3``."""
+    out: set[int] = set()
+    for part in text.replace(" ", "").strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
 
 
 def fio(dev: str, *args: str, timeout: float = 300) -> dict:  # type: ignore[type-arg]
@@ -138,6 +149,15 @@ def test_ublk_filesystem_and_fio_verify(nvme: str) -> None:
         assert Path(f"/sys/block/{name}/queue/logical_block_size").read_text().strip() == "512"
         assert len(os.listdir(f"/sys/block/{name}/mq")) == 2  # two hardware queues
         assert len(children(srv.proc.pid)) == 2  # served by a worker process each
+        # Each queue's worker runs on the CPU blk-mq maps to its queue, and so does the
+        # kernel's handler of its completion vector (I/O queue q + 1 has MSI-X vector q + 1).
+        workers = {frozenset(os.sched_getaffinity(pid)) for pid in children(srv.proc.pid)}
+        for q in range(2):
+            cpus = cpu_set(Path(f"/sys/block/{name}/mq/{q}/cpu_list").read_text())
+            assert cpus in workers, (q, cpus, workers)
+            irq = find_irq(vfio_irq_name("msix", q + 1, nvme))
+            assert irq is not None, Path("/proc/interrupts").read_text()
+            assert cpu_set(Path(f"/proc/irq/{irq}/smp_affinity_list").read_text()) == cpus
         files_round_trip(srv.path)
         r = fio(srv.path, "--rw=randwrite --bs=4k --size=8M --iodepth=16 --numjobs=2",
                 "--offset_increment=12M --verify=crc32c --verify_fatal=1 --group_reporting")  # fmt: skip

@@ -73,6 +73,12 @@ class HardwareQueue(abc.ABC):
         resets itself), or -1: the frontend polls :meth:`complete` while requests are out."""
         return -1
 
+    def steer_interrupt(self, cpus: set[int]) -> bool:
+        """The frontend serves this queue on ``cpus`` only: have the completion interrupt
+        handled there too (see :mod:`udrv.irq.affinity`). Returns whether it was steered;
+        the default, for a queue without an interrupt, steers nothing."""
+        return False
+
     def expire(self) -> list[tuple[int, int]]:
         """Called about once a second: requests to fail because they took too long."""
         return []

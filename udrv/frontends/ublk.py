@@ -52,7 +52,7 @@ from typing import Any
 
 from udrv.block.driver import BlockDriver, is_sync
 from udrv.block.queue import HardwareQueue, Op
-from udrv.errors import FrontendError
+from udrv.errors import FrontendError, UdrvError
 from udrv.kernel import ublk as U
 from udrv.kernel.io_uring import (
     IORING_OP_READ,
@@ -584,6 +584,15 @@ class Ublk:
             except (OSError, ValueError) as exc:
                 log.info("ublk%d queue %d: worker not pinned to its CPUs: %s", self.dev_id,
                          q.q_id, exc)  # fmt: skip
+                continue
+            # The completion interrupt too, or every completion wakes the worker from the
+            # other CPU (udrv.irq.affinity).
+            try:
+                if q.hwq is not None:
+                    q.hwq.steer_interrupt(cpus)
+            except UdrvError as exc:
+                log.info("ublk%d queue %d: interrupt not steered to CPUs %s: %s",
+                         self.dev_id, q.q_id, sorted(cpus), exc)  # fmt: skip
 
     def _choose_mode(self) -> str:
         if self.workers == "auto":

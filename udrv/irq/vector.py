@@ -13,9 +13,10 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from udrv.errors import IrqError
+from udrv.irq import affinity
 
 
 class Vector:
@@ -29,6 +30,9 @@ class Vector:
             another reader consumed the event first).
         rearm: re-enables a level interrupt once the driver acknowledged the device (INTx);
             None for edge/message interrupts.
+        irq_name: the name of the kernel's handler that signals ``fd``, as
+            ``/proc/interrupts`` lists it (:mod:`udrv.irq.affinity`); None where no kernel
+            interrupt stands behind the vector (a vfio-user server's).
     """
 
     def __init__(
@@ -38,8 +42,9 @@ class Vector:
         name: str,
         read_count: Callable[[int], int],
         rearm: Callable[[], None] | None = None,
+        irq_name: str | None = None,
     ) -> None:
-        self.fd, self.name = fd, name
+        self.fd, self.name, self.irq_name = fd, name, irq_name
         self._read_count, self._rearm = read_count, rearm
         self._handler: threading.Thread | None = None
         self._stop_fd = -1
@@ -145,6 +150,24 @@ class Vector:
         """
         if self._rearm is not None:
             self._rearm()
+
+    def set_affinity(self, cpus: Iterable[int]) -> bool:
+        """Have the kernel take this interrupt on ``cpus`` (the CPUs the thread that waits
+        for it runs on), so that its eventfd wakes the waiter without an inter-processor
+        interrupt. Returns False where the vector has no kernel interrupt to steer.
+
+        Raises:
+            IrqError: the vector is disabled, or the kernel refused (the message says why).
+        """
+        self._check_open()
+        if self.irq_name is None:
+            return False
+        irq = affinity.find_irq(self.irq_name)
+        if irq is None:
+            raise IrqError(f"{self.name}: no interrupt called {self.irq_name} in "
+                           f"{affinity.PROC_INTERRUPTS}; is the vector still enabled?")  # fmt: skip
+        affinity.set_irq_affinity(irq, cpus, what=self.name)
+        return True
 
     def start_handler(self, handler: Callable[[int], None], *, rearm: bool = True) -> None:
         """Run ``handler(count)`` on a dedicated thread for every interrupt.

@@ -19,6 +19,7 @@ from udrv.core.device import Device
 from udrv.core.interrupts import INTX_BUSY, Interrupts
 from udrv.core.interrupts import KINDS as KIND_NAMES
 from udrv.errors import IrqError
+from udrv.irq.affinity import vfio_irq_name
 from udrv.irq.vector import Vector, eventfd_count
 from udrv.kernel import vfio as V
 from udrv.kernel.ioctl import ioctl
@@ -107,7 +108,13 @@ class VfioInterrupts(Interrupts):
             raise
         rearm = self._unmask_intx if kind == "intx" else None
         return [
-            Vector(fd, name=f"{kind.upper()} {i} of {addr}", read_count=eventfd_count, rearm=rearm)
+            Vector(
+                fd,
+                name=f"{kind.upper()} {i} of {addr}",
+                read_count=eventfd_count,
+                rearm=rearm,
+                irq_name=vfio_irq_name(kind, i, addr),
+            )
             for i, fd in enumerate(self.fds)
         ]
 

@@ -97,6 +97,10 @@ class NvmeHardwareQueue(HardwareQueue):
     def fileno(self) -> int:
         return self._fd
 
+    def steer_interrupt(self, cpus: set[int]) -> bool:
+        """Have the kernel take this queue's MSI-X vector on ``cpus``."""
+        return self.q.vector is not None and self.q.vector.set_affinity(cpus)
+
     def queue_rq(self, tag: int, op: int, offset: int, length: int) -> int | None:
         if self.nvme.failed is not None:
             return -errno.EIO
