@@ -81,6 +81,13 @@ def register(sub: Any) -> None:
         help="extra guest kernel parameter, e.g. slub_debug=FZPU (repeat for more; default: "
         "$UDRV_LAB_KERNEL_ARGS)",
     )
+    run.add_argument(
+        "--cpu",
+        default=None,
+        metavar="MODEL",
+        help="QEMU -cpu model (default: max,-cx16; plain max shows QEMU 7.2's CMPXCHG16B "
+        "flags bug, see udrv/lab/cpu.py)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     run.set_defaults(func=cmd_run)
 
@@ -117,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace_file=args.trace_file,
         keep=args.keep,
         kernel_args=args.kernel_arg,
+        **({"cpu": args.cpu} if args.cpu else {}),
     )
     # SIGTERM (e.g. from a CI timeout) ends the guest like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

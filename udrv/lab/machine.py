@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from udrv.errors import LabError, LabSetupError, LabTimeout
+from udrv.lab.cpu import GUEST_CPU
 from udrv.lab.devices import (
     DeviceSpec,
     PlacedDevice,
@@ -157,6 +158,8 @@ class Lab:
         boot_timeout: seconds to wait for the guest to come up.
         keep: keep the session directory (console log, scratch images) after close. It is
             kept anyway when the guest dies or does not boot, and the error says where.
+        cpu: QEMU ``-cpu`` model; the default, ``max`` without CMPXCHG16B, avoids a TCG bug
+            that killed guests (see :mod:`udrv.lab.cpu`).
         kernel_args: extra guest kernel parameters (see :func:`kernel_cmdline`), e.g.
             ``["slub_debug=FZPU", "page_poison=1"]`` to catch memory corruption where it
             happens; None: from the environment variable ``UDRV_LAB_KERNEL_ARGS``.
@@ -181,6 +184,7 @@ class Lab:
         keep: bool = False,
         qemu_args: Sequence[str] = (),
         kernel_args: Sequence[str] | None = None,
+        cpu: str = GUEST_CPU,
     ) -> None:
         if kernel_args is None:
             kernel_args = shlex.split(os.environ.get(KERNEL_ARGS_ENV, ""))
@@ -189,7 +193,7 @@ class Lab:
         specs = [d if isinstance(d, DeviceSpec) else DeviceSpec.parse(d) for d in devices]
         self.placed: list[PlacedDevice] = place(specs)
         self.devices: dict[str, str] = {d.name: d.address for d in self.placed}
-        self.memory, self.cpus, self.iommu = memory, cpus, iommu
+        self.memory, self.cpus, self.iommu, self.cpu = memory, cpus, iommu, cpu
         self.trace, self.trace_file = list(trace), Path(trace_file) if trace_file else None
         self.boot_timeout, self.keep, self.extra_qemu_args = boot_timeout, keep, list(qemu_args)
         self.session = Path(tempfile.mkdtemp(prefix="udrv-lab-"))
@@ -222,7 +226,7 @@ class Lab:
             "-accel",
             "tcg",
             "-cpu",
-            "max",
+            self.cpu,
             "-smp",
             str(self.cpus),
             "-m",
