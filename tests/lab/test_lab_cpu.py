@@ -4,6 +4,8 @@ CMPXCHG16B so that the guest kernel never executes it. Each test boots its own g
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,11 +40,13 @@ def test_lab_guest_never_sees_wrong_rflags_after_cmpxchg16b(probe: Path) -> None
     assert "not offered" in out and " cx16 " not in flags + " ", (out, flags)
 
 
-def test_plain_max_cpu_shows_the_qemu_bug_the_lab_avoids(probe: Path) -> None:
-    """The reproduction without udrv or any device: plain ``-cpu max`` under this QEMU.
-    The same RFLAGS as the panic's oops (RDI 0xff28445f4ad27000 -> RFLAGS 0x4ad27202). If
-    this fails because RFLAGS are right, the installed QEMU is fixed (8.0 and later translate
-    CMPXCHG16B inline) and the lab could go back to plain ``max``."""
-    rc, out, flags = run_probe(probe, cpu="max")
-    assert " cx16 " in flags + " "
-    assert rc == 1 and "RFLAGS 0x4ad27202" in out, out
+def test_plain_max_cpu_shows_the_qemu_bug_the_lab_avoids() -> None:
+    """The reproduction without udrv or any device, `udrv lab cpu-probe --cpu max` under this
+    QEMU: the same RFLAGS as the panic's oops (RDI 0xff28445f4ad27000 -> RFLAGS 0x4ad27202).
+    If this fails because RFLAGS are right, the installed QEMU is fixed (8.0 and later
+    translate CMPXCHG16B inline) and the lab could go back to plain ``max``."""
+    require_lab()
+    r = subprocess.run([sys.executable, "-m", "udrv", "lab", "cpu-probe", "--cpu", "max"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "-cpu max:" in r.stdout and "failed: RFLAGS 0x4ad27202" in r.stdout, r.stdout

@@ -34,6 +34,14 @@ def register(sub: Any) -> None:
     setup = lsub.add_parser("setup", help="install QEMU, a 6.12 guest kernel and the initramfs")
     setup.set_defaults(func=cmd_setup)
 
+    probe = lsub.add_parser(
+        "cpu-probe",
+        help="check that the guest CPU keeps RFLAGS right after CMPXCHG16B (udrv/lab/cpu.py)",
+    )
+    probe.add_argument("--cpu", default=None, metavar="MODEL",
+                       help="QEMU -cpu model to check (default: the lab's, max,-cx16)")  # fmt: skip
+    probe.set_defaults(func=cmd_cpu_probe)
+
     run = lsub.add_parser(
         "run",
         help="boot a guest with devices and run a command in it",
@@ -104,6 +112,24 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
         setup(report)
     return 0
+
+
+def cmd_cpu_probe(args: argparse.Namespace) -> int:
+    """Build udrv/lab/cx16_flags.c on the host, run it in a guest with ``--cpu``; its exit
+    status is 1 when the emulated CPU shows RFLAGS bits no x86-64 CPU sets."""
+    import tempfile
+    from pathlib import Path
+
+    from udrv.lab.cpu import build_probe
+    from udrv.lab.machine import Lab
+
+    with tempfile.TemporaryDirectory(prefix="udrv-cpu-probe-") as tmp:
+        probe = build_probe(Path(tmp))
+        with Lab(**({"cpu": args.cpu} if args.cpu else {})) as lab:
+            r = lab.run([str(probe)], timeout=120)
+    print(f"-cpu {lab.cpu}:")
+    print(r.stdout, end="")
+    return r.returncode
 
 
 def cmd_run(args: argparse.Namespace) -> int:

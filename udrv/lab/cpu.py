@@ -4,7 +4,7 @@ QEMU 7.2's TCG (Debian bookworm's QEMU) gets RFLAGS wrong after CMPXCHG16B: its 
 computes the flags from condition-code state the translator had not stored yet, so after a
 POPF in one block and a CMP in the next, RFLAGS become the CMP's source operand (low 32
 bits): IOPL, NT, VM and reserved bits included (``cx16_flags.c`` reproduces it in user space,
-without any device: ``udrv lab run --cpu max -- PROBE`` prints ``RFLAGS 0x4ad27202``). Linux's
+without any device: ``udrv lab cpu-probe --cpu max`` prints ``RFLAGS 0x4ad27202``). Linux's
 SLUB allocator uses CMPXCHG16B on every kmalloc fast path (``this_cpu_try_cmpxchg128``) and
 retries after an interrupt freed or allocated on the same CPU; under an interrupt-heavy load
 (UDP floods through an e1000) the corrupted flags reached an interrupt frame and the guest
