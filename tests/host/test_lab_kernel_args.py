@@ -62,8 +62,15 @@ def test_qemu_boots_the_guest_with_them(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr(machine, "ensure_initramfs", lambda release, root: tmp_path / "initrd")
     monkeypatch.setattr(machine.shutil, "which", lambda name: f"/usr/bin/{name}")
     lab = Lab([], kernel_args=["slub_debug=FZPU", "page_poison=1"])
+    plain = Lab([], kernel_cx16=True)
     try:
-        cmd = lab.qemu_command()
+        cmd, plain_cmd = lab.qemu_command(), plain.qemu_command()
     finally:
         lab.close()
-    assert cmd[cmd.index("-append") + 1] == f"{KERNEL_CMDLINE} slub_debug=FZPU page_poison=1"
+        plain.close()
+    # The QEMU 7.2 workaround first (udrv.lab.cpu), then the caller's parameters.
+    assert cmd[cmd.index("-append") + 1] == (
+        f"{KERNEL_CMDLINE} clearcpuid=cx16 slub_debug=FZPU page_poison=1"
+    )
+    assert plain_cmd[plain_cmd.index("-append") + 1] == KERNEL_CMDLINE
+    assert cmd[cmd.index("-cpu") + 1] == "max"

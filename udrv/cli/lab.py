@@ -38,8 +38,9 @@ def register(sub: Any) -> None:
         "cpu-probe",
         help="check that the guest CPU keeps RFLAGS right after CMPXCHG16B (udrv/lab/cpu.py)",
     )
-    probe.add_argument("--cpu", default=None, metavar="MODEL",
-                       help="QEMU -cpu model to check (default: the lab's, max,-cx16)")  # fmt: skip
+    probe.add_argument("--cpu", default="max", metavar="MODEL", help="QEMU -cpu model (max)")
+    probe.add_argument("--kernel-cx16", action="store_true",
+                       help="let the guest kernel use CMPXCHG16B (no clearcpuid=cx16)")  # fmt: skip
     probe.set_defaults(func=cmd_cpu_probe)
 
     run = lsub.add_parser(
@@ -89,12 +90,12 @@ def register(sub: Any) -> None:
         help="extra guest kernel parameter, e.g. slub_debug=FZPU (repeat for more; default: "
         "$UDRV_LAB_KERNEL_ARGS)",
     )
+    run.add_argument("--cpu", default="max", metavar="MODEL", help="QEMU -cpu model (max)")
     run.add_argument(
-        "--cpu",
-        default=None,
-        metavar="MODEL",
-        help="QEMU -cpu model (default: max,-cx16; plain max shows QEMU 7.2's CMPXCHG16B "
-        "flags bug, see udrv/lab/cpu.py)",
+        "--kernel-cx16",
+        action="store_true",
+        help="let the guest kernel use CMPXCHG16B, which QEMU 7.2's TCG gets wrong (the lab "
+        "boots it with clearcpuid=cx16; see udrv/lab/cpu.py)",
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     run.set_defaults(func=cmd_run)
@@ -115,8 +116,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_cpu_probe(args: argparse.Namespace) -> int:
-    """Build udrv/lab/cx16_flags.c on the host, run it in a guest with ``--cpu``; its exit
-    status is 1 when the emulated CPU shows RFLAGS bits no x86-64 CPU sets."""
+    """Build udrv/lab/cx16_flags.c on the host and run it in a guest: does the emulated CPU
+    keep RFLAGS right after CMPXCHG16B, and does the guest kernel use the instruction?
+    Exit status 1 when both go wrong: the guest kernel is exposed."""
     import tempfile
     from pathlib import Path
 
@@ -125,11 +127,14 @@ def cmd_cpu_probe(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="udrv-cpu-probe-") as tmp:
         probe = build_probe(Path(tmp))
-        with Lab(**({"cpu": args.cpu} if args.cpu else {})) as lab:
+        with Lab(cpu=args.cpu, kernel_cx16=args.kernel_cx16) as lab:
             r = lab.run([str(probe)], timeout=120)
-    print(f"-cpu {lab.cpu}:")
+            flags = lab.run(["grep", "-m1", "^flags", "/proc/cpuinfo"], timeout=60).stdout
+    kernel_uses = " cx16 " in flags.rstrip() + " "
+    print(f"-cpu {lab.cpu}, kernel parameters {' '.join(lab.workaround_args) or '(none)'}:")
     print(r.stdout, end="")
-    return r.returncode
+    print(f"guest kernel uses CMPXCHG16B: {'yes' if kernel_uses else 'no'}")
+    return 1 if r.returncode and kernel_uses else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -150,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace_file=args.trace_file,
         keep=args.keep,
         kernel_args=args.kernel_arg,
-        **({"cpu": args.cpu} if args.cpu else {}),
+        cpu=args.cpu,
+        kernel_cx16=args.kernel_cx16,
     )
     # SIGTERM (e.g. from a CI timeout) ends the guest like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

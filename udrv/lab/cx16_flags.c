@@ -11,6 +11,9 @@
  * and AC into the kernel's RFLAGS. Linux's SLUB allocator uses CMPXCHG16B on every kmalloc
  * fast path (this_cpu_try_cmpxchg128), which is how the lab guest died (udrv issue 13).
  *
+ * The lab boots its guest kernel with clearcpuid=cx16 (udrv/lab/cpu.py); this probe runs in
+ * user space, which keeps the instruction, and so shows the bug in every lab guest.
+ *
  * Exit status: 0 when RFLAGS are right or the CPU does not offer CMPXCHG16B, 1 otherwise.
  */
 #include <cpuid.h>

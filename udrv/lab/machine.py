@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from udrv.errors import LabError, LabSetupError, LabTimeout
-from udrv.lab.cpu import GUEST_CPU
+from udrv.lab import cpu as lab_cpu
 from udrv.lab.devices import (
     DeviceSpec,
     PlacedDevice,
@@ -158,8 +158,10 @@ class Lab:
         boot_timeout: seconds to wait for the guest to come up.
         keep: keep the session directory (console log, scratch images) after close. It is
             kept anyway when the guest dies or does not boot, and the error says where.
-        cpu: QEMU ``-cpu`` model; the default, ``max`` without CMPXCHG16B, avoids a TCG bug
-            that killed guests (see :mod:`udrv.lab.cpu`).
+        cpu: QEMU ``-cpu`` model.
+        kernel_cx16: let the guest kernel use CMPXCHG16B. By default it boots with
+            ``clearcpuid=cx16``: QEMU 7.2's TCG corrupts RFLAGS after that instruction, which
+            killed guests (see :mod:`udrv.lab.cpu`); True reproduces that.
         kernel_args: extra guest kernel parameters (see :func:`kernel_cmdline`), e.g.
             ``["slub_debug=FZPU", "page_poison=1"]`` to catch memory corruption where it
             happens; None: from the environment variable ``UDRV_LAB_KERNEL_ARGS``.
@@ -184,7 +186,8 @@ class Lab:
         keep: bool = False,
         qemu_args: Sequence[str] = (),
         kernel_args: Sequence[str] | None = None,
-        cpu: str = GUEST_CPU,
+        cpu: str = "max",
+        kernel_cx16: bool = False,
     ) -> None:
         if kernel_args is None:
             kernel_args = shlex.split(os.environ.get(KERNEL_ARGS_ENV, ""))
@@ -194,6 +197,7 @@ class Lab:
         self.placed: list[PlacedDevice] = place(specs)
         self.devices: dict[str, str] = {d.name: d.address for d in self.placed}
         self.memory, self.cpus, self.iommu, self.cpu = memory, cpus, iommu, cpu
+        self.kernel_cx16 = kernel_cx16
         self.trace, self.trace_file = list(trace), Path(trace_file) if trace_file else None
         self.boot_timeout, self.keep, self.extra_qemu_args = boot_timeout, keep, list(qemu_args)
         self.session = Path(tempfile.mkdtemp(prefix="udrv-lab-"))
@@ -208,6 +212,11 @@ class Lab:
         self._n = 0
         self.monitor_socket = self.session / "monitor.sock"
         self._relay = Relay(self.monitor_socket, self.ctl)
+
+    @property
+    def workaround_args(self) -> list[str]:
+        """Kernel parameters the lab adds for QEMU's sake (:mod:`udrv.lab.cpu`)."""
+        return [] if self.kernel_cx16 else list(lab_cpu.KERNEL_ARGS)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -240,7 +249,7 @@ class Lab:
             "-initrd",
             str(ensure_initramfs(inst.kernel_release, inst.root)),
             "-append",
-            kernel_cmdline(self.iommu, self.kernel_args),
+            kernel_cmdline(self.iommu, [*self.workaround_args, *self.kernel_args]),
         ]
         if self.iommu:
             # Before any PCI device, so every device is behind it.
