@@ -63,6 +63,13 @@ class BlockDriver(abc.ABC):
     #: frontend may serve each queue from a process of its own (``Ublk(workers=...)``), past
     #: the GIL; a driver with a plain Python dict or ``bytearray`` for its data must not say so.
     multiprocess: bool = False
+    #: A flush covers only the writes completed through the queue that carried it (each
+    #: :meth:`hardware_queue` has a cache of its own), not every completed write. The
+    #: default, ``False``, is the durability contract above: :meth:`flush` makes every
+    #: completed write durable, whichever queue or connection it came through. The NBD
+    #: frontends advertise ``NBD_FLAG_CAN_MULTI_CONN`` (a FLUSH on one connection covers
+    #: the writes of all) only when this is ``False`` (or the export is read-only).
+    flush_per_queue: bool = False
 
     @abc.abstractmethod
     def read(self, offset: int, buf: memoryview) -> Awaitable[None] | None:

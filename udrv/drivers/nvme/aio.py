@@ -234,6 +234,9 @@ class AsyncNvme(BlockDriver):
     #: ublk's forked queue workers each drive one queue pair through :meth:`hardware_queue`
     #: (made, with its DMA memory, before the fork); the admin queue stays with the parent.
     multiprocess = True
+    #: Flush (Base 2.0 §7.1) is device-wide: a Flush on one I/O queue pair commits what
+    #: every queue pair's completed writes left in the namespace's volatile write cache.
+    flush_per_queue = False
 
     def __init__(self, nvme: Nvme, *, timeout: float = 30.0) -> None:
         self.nvme = nvme

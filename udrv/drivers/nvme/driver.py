@@ -261,6 +261,10 @@ class Nvme(BlockDriver):
         NvmeRemovedError: the device reads all-ones.
     """
 
+    #: Flush (Base 2.0 §7.1) commits the namespace's volatile write cache: everything the
+    #: controller completed for the namespace before the Flush was submitted, on any queue.
+    flush_per_queue = False
+
     def __init__(self, device: Device, *, queues: int = 1, depth: int = 64, nsid: int = 1,
                  timeout: float = 30.0, admin_timeout: float = 60.0, retries: int = 5,
                  shutdown_timeout: float = 5.0, interrupts: bool = True) -> None:  # fmt: skip
