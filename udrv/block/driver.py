@@ -108,8 +108,16 @@ class BlockDriver(abc.ABC):
 
     def hardware_queue(self, index: int, tags: int) -> HardwareQueue | None:
         """Serve frontend queue ``index`` (requests ``0 .. tags - 1``) with a blk-mq style
-        :class:`~udrv.block.queue.HardwareQueue`, or ``None`` (the default): the frontend
-        calls :meth:`read` and :meth:`write`. Only the ublk frontend asks."""
+        :class:`~udrv.block.queue.HardwareQueue`.
+
+        Both frontends ask, once per queue: ublk for each of its hardware queues, NBD for each
+        worker (one per ``/dev/nbdN`` connection, or per group of NBD server clients).
+
+        Returns:
+            The queue, or ``None`` (the default): the frontend serves the requests with
+            :meth:`read`, :meth:`write` and the other methods instead (NBD through a
+            :class:`~udrv.frontends.nbd.driverqueue.DriverQueue` over them).
+        """
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
