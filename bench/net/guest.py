@@ -4,8 +4,9 @@ Wiring (one QEMU hub): 04.0 udrv e1000 -> TAP udrv0 10.9.0.1 (root namespace);
 05.0 kernel e1000 10.9.0.2 (namespace "peer", the iperf3 server); 06.0 kernel e1000
 10.9.0.3 (namespace "ref", the kernel-to-kernel reference client).
 
-Each measure runs kernel then udrv, alternately ``ROUNDS`` times (ABAB), and keeps the
-median of each, so that a slow moment of the shared host hits both paths. With
+Each measure runs kernel then udrv, alternately ``ROUNDS`` times (ABAB), so that a slow
+moment of the shared host hits both paths, and keeps every round's pair: the host judges
+each goal round by round (``bench.net.__main__.summarize``). With
 ``UDRV_BENCH_PROFILE=1`` the driver then runs once more under yappi and strace for a
 ping series and a TCP stream, and the notes say where its time and system calls go.
 """
@@ -17,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -142,7 +142,7 @@ def profile_run(results: Path) -> list[str]:
 def main() -> int:
     drv = setup()
     paths = {"kernel": "ip netns exec ref ", "udrv": ""}
-    data: dict[str, tuple[float, float, str]] = {}
+    data: dict[str, dict[str, object]] = {}
     meas: list[tuple[str, Callable[[str], float], str]] = [
         ("ping RTT", rtt, "ms"),
         ("UDP 64-byte frames", lambda p: udp_pps(p, 18) / 1e3, "kpps"),
@@ -154,11 +154,12 @@ def main() -> int:
         for _ in range(ROUNDS):
             ks.append(fn(paths["kernel"]))
             us.append(fn(paths["udrv"]))
-        k, u = statistics.median(ks), statistics.median(us)
-        data[name] = (k, u, unit)
-        print(f"{name}: kernel {k:.2f} {unit} {ks}, udrv {u:.2f} {unit} {us}", flush=True)
+        # Round i's pair (ks[i], us[i]) ran back to back: the ratio is taken per round.
+        data[name] = {"unit": unit, "kernel": ks, "udrv": us}
+        pairs = ", ".join(f"{k:.2f}/{u:.2f}" for k, u in zip(ks, us, strict=True))
+        print(f"{name} ({unit}, kernel/udrv per round): {pairs}", flush=True)
     err = stop_driver(drv)
-    notes = [f"each figure: median of {ROUNDS} rounds, kernel and udrv alternating"]
+    notes = [f"each measure: {ROUNDS} rounds, kernel then udrv in each (ABAB)"]
     notes.append("driver counters: " + err.strip().splitlines()[-1][:400] if err.strip() else "")
     results = Path(os.environ["UDRV_LAB_RESULTS"])
     if os.environ.get("UDRV_BENCH_PROFILE"):

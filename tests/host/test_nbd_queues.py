@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.host.nvme_fake import FakeDevice, FakeNvme, Model
 from tests.host.test_nbd_server import connected
+from udrv.block.driver import BlockDriver
 from udrv.block.queue import HardwareQueue, Op
 from udrv.block.ram import RamDisk
+from udrv.drivers.nvme import AsyncNvme, Nvme
 from udrv.frontends.nbd import NbdServer, transmission_flags
 from udrv.kernel import nbd as N
 
@@ -209,6 +212,35 @@ def test_multi_conn_is_advertised_only_where_a_flush_covers_every_connection(
     assert can_multi_conn(private, True)  # nothing to flush: every connection sees the same
     disk.close()
     private.close()
+
+
+@needs_nbdinfo
+def test_an_nvme_export_has_multi_conn_because_its_flush_is_device_wide(tmp_path: Path) -> None:
+    """NVMe's Flush (Base 2.0 §7.1) covers every queue's completed writes: both NVMe block
+    drivers declare it, and an export of one advertises multi-conn; a driver with the same
+    queues that declares a per-queue flush does not get it."""
+    assert BlockDriver.flush_per_queue is False  # the BlockDriver durability contract
+    assert Nvme.flush_per_queue is False and AsyncNvme.flush_per_queue is False
+    assert RamDisk.flush_per_queue is False
+
+    class PerQueueNvme(AsyncNvme):
+        flush_per_queue = True
+
+    def nbdinfo_multi_conn(drv: BlockDriver) -> bool:
+        with NbdServer(drv, str(tmp_path / "n.sock"), queues=2, depth=7) as s:
+            out = subprocess.run(["nbdinfo", "--json", s.uri], capture_output=True, text=True,
+                                 check=True).stdout  # fmt: skip
+        (export,) = json.loads(out)["exports"]
+        return bool(export["can_multi_conn"])
+
+    for cls, want in ((AsyncNvme, True), (PerQueueNvme, False)):
+        nvme = Nvme(FakeDevice(FakeNvme(Model())), queues=2, depth=8, interrupts=False)
+        drv = cls(nvme)
+        assert nbdinfo_multi_conn(drv) is want, cls.__name__
+        drv.close()
+    nvme = Nvme(FakeDevice(FakeNvme(Model())), depth=8, interrupts=False)
+    assert nbdinfo_multi_conn(nvme)
+    nvme.close()
 
 
 @needs_nbdcopy

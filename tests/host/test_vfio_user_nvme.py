@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,19 @@ from udrv.drivers.nvme import AsyncNvme, Nvme
 from udrv.drivers.nvme.command import SF_DNR
 from udrv.drivers.nvme.driver import NvmeError
 from udrv.errors import PollTimeout
-from udrv.models.nvme import SC_LBA_OUT_OF_RANGE, NvmeModel
+from udrv.kernel.vfio import VfioPciRegion
+from udrv.models.nvme import (
+    ACQ,
+    AQA,
+    ASQ,
+    CC,
+    CC_EN,
+    CSTS,
+    CSTS_RDY,
+    SC_LBA_OUT_OF_RANGE,
+    NvmeModel,
+)
+from udrv.models.pci import PCI_COMMAND_MASTER
 
 from .vfio_user_helpers import served
 
@@ -191,3 +204,54 @@ def test_abort_answers_not_aborted() -> None:
     model = NvmeModel(size=1 << 20)
     dw = [0x08] + [0] * 9 + [(7 << 16) | 1] + [0] * 5  # Abort CID 7 on SQ 1
     assert model._admin(0x08, dw) == 1
+
+
+class AccessOrder(NvmeModel):
+    """The model, recording in order what a driver's bring-up does to Bus Master Enable
+    (PCI command register bit 2), CC.EN and CSTS.RDY (Base 2.0 §3.1.4.5, §3.1.4.6)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.events: list[str] = []
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        with self.lock:
+            master = self.config.command & PCI_COMMAND_MASTER
+            super().region_write(index, offset, data)
+            if index == VfioPciRegion.CONFIG and master != self.config.command & PCI_COMMAND_MASTER:
+                self.events.append(f"BME={int(not master)}")
+            elif index == 0 and offset == CC and len(data) == 4:
+                self.events.append(f"CC.EN={int.from_bytes(data, 'little') & CC_EN}")
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        data = super().region_read(index, offset, count)
+        if index == 0 and offset == CSTS and count == 4:
+            self.events.append(f"CSTS.RDY={data[0] & CSTS_RDY}")
+        return data
+
+
+def test_bus_mastering_waits_until_a_controller_left_enabled_is_disabled() -> None:
+    """A driver that died (under UIO, no reset between owners) left the controller enabled,
+    its queues pointing at memory that is no longer its own, and Bus Master Enable cleared
+    (what closing the device does). Until CC.EN = 0 has taken effect (CSTS.RDY = 0) the
+    controller may still fetch from those queues: the new driver must set Bus Master Enable
+    only after that (Base 2.0 §3.5.1: initialisation starts from CSTS.RDY = 0)."""
+    model = AccessOrder(size=1 << 20)
+    # The dead driver's controller: admin queues at addresses it mapped, enabled and ready.
+    model.mmio_write(AQA, 4, (31 << 16) | 31)
+    model.mmio_write(ASQ, 8, 0x7000_0000)
+    model.mmio_write(ACQ, 8, 0x7001_0000)
+    model.mmio_write(CC, 4, CC_EN | (6 << 16) | (4 << 20))
+    assert model.csts & CSTS_RDY and not model.config.command & PCI_COMMAND_MASTER
+    with served(model) as (_, path), udrv.open(f"vfio-user:{path}") as dev:
+        with Nvme(dev, depth=8) as n:
+            assert n.active_namespaces() == [1]
+        ev = model.events
+    assert "BME=1" in ev and "CC.EN=0" in ev, ev
+    disabled = ev.index("CC.EN=0")
+    assert "CSTS.RDY=0" in ev[disabled:], ev
+    not_ready = ev.index("CSTS.RDY=0", disabled)
+    assert ev.index("BME=1") > not_ready, f"Bus Master Enable set before CSTS.RDY = 0: {ev}"
+    # and before the new admin queue is enabled, which needs DMA
+    assert ev.index("BME=1") < ev.index("CC.EN=1", not_ready), ev
+    assert model.faults == []

@@ -63,6 +63,13 @@ class BlockDriver(abc.ABC):
     #: frontend may serve each queue from a process of its own (``Ublk(workers=...)``), past
     #: the GIL; a driver with a plain Python dict or ``bytearray`` for its data must not say so.
     multiprocess: bool = False
+    #: A flush covers only the writes completed through the queue that carried it (each
+    #: :meth:`hardware_queue` has a cache of its own), not every completed write. The
+    #: default, ``False``, is the durability contract above: :meth:`flush` makes every
+    #: completed write durable, whichever queue or connection it came through. The NBD
+    #: frontends advertise ``NBD_FLAG_CAN_MULTI_CONN`` (a FLUSH on one connection covers
+    #: the writes of all) only when this is ``False`` (or the export is read-only).
+    flush_per_queue: bool = False
 
     @abc.abstractmethod
     def read(self, offset: int, buf: memoryview) -> Awaitable[None] | None:
@@ -101,8 +108,16 @@ class BlockDriver(abc.ABC):
 
     def hardware_queue(self, index: int, tags: int) -> HardwareQueue | None:
         """Serve frontend queue ``index`` (requests ``0 .. tags - 1``) with a blk-mq style
-        :class:`~udrv.block.queue.HardwareQueue`, or ``None`` (the default): the frontend
-        calls :meth:`read` and :meth:`write`. Only the ublk frontend asks."""
+        :class:`~udrv.block.queue.HardwareQueue`.
+
+        Both frontends ask, once per queue: ublk for each of its hardware queues, NBD for each
+        worker (one per ``/dev/nbdN`` connection, or per group of NBD server clients).
+
+        Returns:
+            The queue, or ``None`` (the default): the frontend serves the requests with
+            :meth:`read`, :meth:`write` and the other methods instead (NBD through a
+            :class:`~udrv.frontends.nbd.driverqueue.DriverQueue` over them).
+        """
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

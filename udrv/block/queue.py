@@ -13,12 +13,17 @@ with a submission ring and an interrupt) can instead serve each frontend queue w
 - :meth:`~HardwareQueue.expire`, about once a second, fails requests the device forgot.
 
 Requests carry no buffer: the queue owns one DMA-able buffer per tag
-(:meth:`~HardwareQueue.buffer`), which the frontend lends to the kernel, so data moves
-between the device and the kernel's pages without a copy in Python.
+(:meth:`~HardwareQueue.buffer`) and the frontend moves the request's data in and out of it.
+ublk lends it to the kernel (:meth:`~HardwareQueue.address`), which copies the request's
+pages to or from it (no copy in Python); NBD copies a WRITE's payload into it from the bytes received
+on the socket, and sends a READ's reply straight from it with ``sendmsg``.
 
-The ublk frontend uses a driver's hardware queues when
-:meth:`BlockDriver.hardware_queue <udrv.block.driver.BlockDriver.hardware_queue>` returns
-them; NBD (and any other frontend) keeps calling ``read``/``write``.
+Both frontends ask every driver for its hardware queues with
+:meth:`BlockDriver.hardware_queue <udrv.block.driver.BlockDriver.hardware_queue>`: ublk
+for each of its queues, NBD for each worker (a ``/dev/nbdN`` connection, or the clients of
+an NBD server that share it). A driver that has none (``None``) is served through its
+``read``/``write`` methods: ublk calls them itself, NBD wraps them in a
+:class:`~udrv.frontends.nbd.driverqueue.DriverQueue`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from udrv.block.driver import BlockDriver, BlockGeometry
 
 class RamDisk(BlockDriver):
     multiprocess = True  # the data is a MAP_SHARED mapping: forked queue workers share it
+    flush_per_queue = False  # no cache at all: a write is in the one mapping every queue sees
 
     def __init__(self, size: int, *, block_size: int = 512, discard: bool = True) -> None:
         if size <= 0 or size % block_size:

@@ -1,14 +1,21 @@
-"""Many NVMe commands in flight from asyncio: the block driver the frontends serve.
+"""Many NVMe commands in flight: the block driver the frontends serve.
 
 :class:`Nvme`'s own methods submit one command per queue and poll for it, which is what a
 tool like `udrv nvme identify` wants. A block frontend has dozens of requests outstanding,
-so :class:`AsyncNvme` gives each event loop (one per ublk queue thread, or the NBD
-server's) an I/O queue pair of its own and keeps up to depth - 1 commands in it: a command
-is pushed, the request awaits a future, and the completion queue is reaped when its MSI-X
-vector fires (``loop.add_reader`` on the eventfd) or, without interrupts, by a task that
-polls while anything is in flight (4.6: new entries are those whose phase tag matches).
+and :class:`AsyncNvme` serves them two ways, each with I/O queue pairs of its own:
 
-Each command slot owns a bounce buffer of ``max_transfer`` bytes plus a page for its PRP
+- as hardware queues (:meth:`AsyncNvme.hardware_queue`, :mod:`.hwqueue`): what both
+  frontends use, ublk one per queue and NBD one per worker (a ``/dev/nbdN`` connection or a
+  group of NBD server clients); the frontend moves the data straight to and from each
+  tag's DMA buffer;
+- as ``async`` methods (``await drv.read(offset, buf)``...) for asyncio code that calls the
+  driver itself (tests, scripts): each event loop gets a queue pair of its own and keeps up
+  to depth - 1 commands in it; a command is pushed, the request awaits a future, and the
+  completion queue is reaped when its MSI-X vector fires (``loop.add_reader`` on the
+  eventfd) or, without interrupts, by a task that polls while anything is in flight (4.6:
+  new entries are those whose phase tag matches).
+
+On the ``async`` path each command slot owns a bounce buffer of ``max_transfer`` bytes plus a page for its PRP
 list (written once: :class:`~udrv.drivers.nvme.command.PrpTable`); data is copied between it
 and the frontend's buffer. A command that does not complete within ``timeout`` fails its
 request with :class:`PollTimeout` (naming CSTS.CFS if the controller died) and is aborted
@@ -223,17 +230,22 @@ class _LoopQueue:
 
 
 class AsyncNvme(BlockDriver):
-    """An :class:`Nvme` as an ``async`` block driver with a queue pair per event loop.
+    """An :class:`Nvme` as a block driver: a hardware queue per frontend queue, or, called
+    from asyncio, a queue pair per event loop.
 
     Args:
         nvme: an initialised controller with at least as many I/O queues as the frontend
-            has event loops (``Nvme(dev, queues=N)`` for ``Ublk(..., queues=N)``).
+            has queues and callers have event loops (``Nvme(dev, queues=N)`` for
+            ``Ublk(..., queues=N)`` or ``NbdDevice(..., connections=N)``).
         timeout: seconds before a command's request fails.
     """
 
     #: ublk's forked queue workers each drive one queue pair through :meth:`hardware_queue`
     #: (made, with its DMA memory, before the fork); the admin queue stays with the parent.
     multiprocess = True
+    #: Flush (Base 2.0 §7.1) is device-wide: a Flush on one I/O queue pair commits what
+    #: every queue pair's completed writes left in the namespace's volatile write cache.
+    flush_per_queue = False
 
     def __init__(self, nvme: Nvme, *, timeout: float = 30.0) -> None:
         self.nvme = nvme
@@ -249,7 +261,8 @@ class AsyncNvme(BlockDriver):
         self._all: list[_LoopQueue] = []
 
     def hardware_queue(self, index: int, tags: int) -> NvmeHardwareQueue:
-        """I/O queue pair ``index`` as a blk-mq style queue (what the ublk frontend uses)."""
+        """I/O queue pair ``index`` as a blk-mq style queue: what the ublk and NBD
+        frontends serve frontend queue ``index`` with."""
         with self._assign:
             for i in [i for i, hq in self._hw.items() if hq.closed]:
                 del self._hw[i]

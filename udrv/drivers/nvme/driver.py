@@ -261,6 +261,10 @@ class Nvme(BlockDriver):
         NvmeRemovedError: the device reads all-ones.
     """
 
+    #: Flush (Base 2.0 §7.1) commits the namespace's volatile write cache: everything the
+    #: controller completed for the namespace before the Flush was submitted, on any queue.
+    flush_per_queue = False
+
     def __init__(self, device: Device, *, queues: int = 1, depth: int = 64, nsid: int = 1,
                  timeout: float = 30.0, admin_timeout: float = 60.0, retries: int = 5,
                  shutdown_timeout: float = 5.0, interrupts: bool = True) -> None:  # fmt: skip
@@ -274,7 +278,6 @@ class Nvme(BlockDriver):
         self.timeout, self.admin_timeout, self.retries = timeout, admin_timeout, retries
         self.failed: str | None = None
         self.owner = os.getpid()  # the process whose admin queue state this object holds
-        device.set_bus_master()  # queues and data are DMA: undone by close()
         self.dma = device.dma
         # Base §3.5.1 Initialization, through the register map (Base 2.0 §3.1.3).
         self.regs = R.NvmeRegs.for_controller(self.bar)
@@ -296,6 +299,12 @@ class Nvme(BlockDriver):
         self.version = self.bar.read32(R.VS)
         self.sq_heads: dict[int, int] = {}
         self._disable()
+        # Bus Master Enable only now that CSTS.RDY = 0 (Base 2.0 §3.5.1 starts initialisation
+        # there): a controller a dead driver left enabled (UIO does not reset it between
+        # owners) may still fetch from that driver's queues until it is disabled, and
+        # those addresses are no longer its memory. Queues and data are DMA from here on;
+        # close() undoes it.
+        device.set_bus_master()
         self.admin = QueuePair(self, 0, 32)
         self.regs.AQA.write_fields(ASQS=32 - 1, ACQS=32 - 1)  # 0's based
         self.regs.ASQ.write(self.admin.sq_iova)

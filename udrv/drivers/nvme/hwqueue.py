@@ -5,8 +5,10 @@ request ``tag`` becomes one command (command id = tag, plus a 4-bit generation s
 late completion of an expired command is recognised), several go out under one SQ tail
 doorbell write, and the completion queue is reaped when its MSI-X vector fires.
 
-Each tag owns ``max_transfer`` bytes of DMA memory, which the frontend lends to the kernel
-as the request's buffer: the controller reads and writes the kernel's data there directly.
+Each tag owns ``max_transfer`` bytes of DMA memory that the request's data passes through,
+and the controller reads and writes it directly: ublk lends it to the kernel as the
+request's buffer, NBD copies a WRITE's payload into it from the socket's bytes and sends a
+READ's reply straight from it.
 Since a tag's buffer never moves, its PRP list (4.3) is written once, when the queue is
 made; a request of more than two pages points PRP2 at it.
 """

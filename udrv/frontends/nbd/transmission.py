@@ -741,17 +741,18 @@ def transmission_flags(driver: BlockDriver, read_only: bool) -> int:
     holds when a flush covers every completed write, whichever queue it came through: the
     :class:`~udrv.block.driver.BlockDriver` contract for ``flush``, and NVMe's Flush (Base
     2.0 §7.1: it commits what every command completed for the namespace before the Flush
-    was submitted had written, whichever queue carried it). A driver whose hardware queues each have a
-    cache of their own says so with ``flush_per_queue = True`` and is served without the flag
-    (and a read-only export, which nothing can make stale, always has it). Sub-block writes
-    are read-modify-written under one lock per export, so connections do not undo each
-    other's bytes either.
+    was submitted had written, whichever queue carried it). A driver whose hardware queues
+    each have a cache of their own declares
+    :attr:`~udrv.block.driver.BlockDriver.flush_per_queue` true and is served without the
+    flag (and a read-only export, which nothing can make stale, always has it). Sub-block
+    writes are read-modify-written under one lock per export, so connections do not undo
+    each other's bytes either.
     """
     g = driver.geometry
     ro = read_only or g.read_only
     flags = N.NBD_FLAG_HAS_FLAGS | N.NBD_FLAG_SEND_FLUSH | N.NBD_FLAG_SEND_FUA
     flags |= N.NBD_FLAG_SEND_WRITE_ZEROES
-    if ro or not getattr(driver, "flush_per_queue", False):
+    if ro or not driver.flush_per_queue:
         flags |= N.NBD_FLAG_CAN_MULTI_CONN
     if g.discard:
         flags |= N.NBD_FLAG_SEND_TRIM
