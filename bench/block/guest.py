@@ -291,10 +291,15 @@ def main() -> int:
                 if step.kind == "fio":
                     m = fio(dev, step.job, pid, cfg.runtime)
                     reps[rep].setdefault(path, {})[step.job] = m
-                    print(f"  {step.job}: {m['iops']:.0f} IOPS", m, flush=True)
+                    print(
+                        f"  {step.job}: {m['iops']:.0f} IOPS, mean {m['mean_us']:.0f} us, "
+                        f"p99 {m['p99_us']:.0f} us, CPU {m['cpu_us_per_io']:.0f} us/IO",
+                        flush=True,
+                    )
                 elif step.kind == "breakdown":
                     qd1[path] = breakdown(dev, step.job, pid, cfg.runtime)
-                    print(f"  {step.job} per I/O", qd1[path], flush=True)
+                    per_io = ", ".join(f"{k} {v:.2f}" for k, v in qd1[path].items())
+                    print(f"  {step.job}, per I/O: {per_io}", flush=True)
                 else:  # the profile: the server writes it when it stops
                     fio(dev, step.job, None, cfg.runtime)
         # After every session, so that a run that fails later still leaves what it measured.
