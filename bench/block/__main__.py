@@ -7,7 +7,7 @@ RAM disk, nbdkit + nbd-client for the nbdkit plugin); reference and candidate al
 then the candidates), and ratios are taken within a repetition. Every repetition runs the
 jobs a goal or the 1 -> 2 queue scaling compares; the other jobs, the QD1 per-I/O breakdown
 and the yappi profile run once. fio measures ``UDRV_BENCH_RUNTIME`` seconds (4) per job after
-a second of ramp. The estimated duration is printed first: about 20 minutes for everything
+a second of ramp. The estimated duration is printed first: about 16 minutes for everything
 on a quiet 2-core host.
 
 Prints, per path and job, IOPS, MB/s, mean and p99 latency and CPU time per I/O as median

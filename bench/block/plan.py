@@ -238,20 +238,23 @@ def sessions(steps: Sequence[Step]) -> Iterator[tuple[int, str, list[Step]]]:
         yield rep, path, list(group)
 
 
-#: Fixed costs for the estimate, seconds (2 TCG vCPUs on a quiet 2-core host): fio's start,
-#: exit and JSON beyond its ramp and runtime; starting and stopping a server (a Python
-#: process importing udrv) or binding a driver; booting the guest and stopping it; the
-#: strace attach of a breakdown.
-FIO_OVERHEAD_S = 3.0
-SESSION_S = 6.0
-BOOT_S = 90.0
-STRACE_S = 3.0
+#: Fixed costs for the estimate, seconds, measured in two short runs (2 TCG vCPUs, host load
+#: 1-4): fio's start, exit and JSON beyond its ramp and runtime; starting and stopping a
+#: server (a Python process importing udrv, or nbdkit and nbd-client); binding or loading a
+#: kernel driver; booting the guest and stopping it; strace's attach in a breakdown.
+FIO_OVERHEAD_S = 2.0
+SESSION_S = 8.0
+KERNEL_SESSION_S = 2.0
+BOOT_S = 30.0
+STRACE_S = 1.5
 RAMP_S = 1.0
 
 
 def estimate_seconds(steps: Sequence[Step], runtime: float) -> float:
     """What running ``steps`` with fio's ``runtime`` should take on a quiet host."""
-    total = BOOT_S + SESSION_S * sum(1 for _ in sessions(steps))
+    total = BOOT_S
+    for _, path, _ in sessions(steps):
+        total += KERNEL_SESSION_S if path.startswith("kernel") else SESSION_S
     for s in steps:
         if s.kind == "breakdown":  # no ramp; two fio runs where a driver process is traced
             runs = 1 if s.path.startswith("kernel") else 2
