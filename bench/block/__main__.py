@@ -25,8 +25,9 @@ calls and context switches per I/O: counts that host load does not change); wher
 time goes; the host's load average before and after.
 
 ``UDRV_BENCH_ONLY=nvme,ram,nbdkit,queues`` (comma-separated; all by default) picks the
-comparisons: ``nbdkit`` only the nbdkit comparison, ``queues`` only the one- and two-queue
-jobs, and so on. Writes bench/results/block.json (every repetition's figures, the spreads,
+comparisons: ``nbdkit`` the nbdkit comparison (with nbdkit's C memory plugin beside udrv's
+RAM disk), ``queues`` the one- and two-queue jobs, and so on; a goal's reference always runs
+the goal's job (``nbdkit`` brings null_blk for the RAM disk's). Writes bench/results/block.json (every repetition's figures, the spreads,
 the goals with their per-rep ratios, ``met`` and ``met_in``). TCG makes absolute numbers
 meaningless: read the ratios.
 """
