@@ -1,25 +1,28 @@
-"""The lab side of bench.block (runs in the guest): the same fio jobs through every path.
+"""The lab side of bench.block (runs in the guest): :func:`bench.block.plan.schedule`, step by step.
 
-(a) the kernel's nvme driver on QEMU's nvme; (b) udrv's NVMe driver over ublk and (c) over
-NBD, on the same device; (d) the kernel's null_blk (memory-backed) and udrv's RAM disk over
-ublk. For udrv, the driver process's CPU time (utime + stime from /proc/PID/stat) per I/O;
-for the kernel paths, fio's system time per I/O (where the kernel driver's work is billed).
-Then (e) the same nbdkit Python plugin (examples/plugins/ram.py, 64 MiB) under
-``nbdkit python`` + the kernel's NBD client (nbd-client), and under ``udrv plugin serve``
-over ublk and over NBD; and nbdkit's C ``memory`` plugin + nbd-client beside udrv's RAM disk.
-Finally udrv NVMe over ublk runs the 4k QD32 read job under yappi for a profile.
+The paths: (a) the kernel's nvme driver on QEMU's nvme; (b) udrv's NVMe driver over ublk (one
+queue, and two: ``--queues 2``, a worker process per queue pinned to the CPUs blk-mq maps to
+it) and (c) over NBD, on the same device, which goes back to the kernel's nvme at the start
+of every repetition; (d) the kernel's null_blk (memory-backed, ``submit_queues=2``) and udrv's
+RAM disk over ublk (one queue, two); (e) the same nbdkit Python plugin
+(examples/plugins/ram.py, 64 MiB) under ``nbdkit python`` + the kernel's NBD client
+(nbd-client) and under ``udrv plugin serve`` over ublk and over NBD; nbdkit's C ``memory``
+plugin + nbd-client beside udrv's RAM disk. Each repetition runs each group's reference,
+then the udrv paths compared with it (see bench/block/plan.py for the method and which jobs
+run in every repetition).
 
-``UDRV_BENCH_ONLY=nbdkit`` runs only (e) (with udrv's RAM disk beside nbdkit's memory).
+Per fio job: IOPS, MB/s, mean and p99 completion latency, and CPU time per I/O: for udrv
+and nbdkit the serving process's and its children's (utime + stime from /proc/PID/stat), for
+the kernel's drivers fio's system time (where the kernel driver's work is billed).
 
-Several queues: the job ``4k randread QD32 x2`` (two fio jobs of QD32; blk-mq sends each
-job's CPU to its queue) through the kernel's nvme and null_blk (``submit_queues=2``), and
-through udrv's NVMe and RAM disk over ublk with one queue and with two (``--queues 2``: a
-worker process per queue; their CPU time is counted with the server's).
-``UDRV_BENCH_ONLY=queues`` runs only these.
+For the QD1 read job of the paths in ``BREAKDOWN`` (once, in the first repetition), a per-I/O
+breakdown that host load does not change: the serving processes' system calls (``strace -c
+-f``, in a run of its own since strace slows it) and context switches
+(``/proc/PID/task/*/status``), next to their CPU time. Last, udrv NVMe over ublk runs the 4k
+QD32 read job under yappi for a profile.
 
-For the QD1 read job on each udrv ublk path, a per-I/O breakdown that host load does not
-change: the driver process's system calls (``strace -c -f``, in a run of its own since strace
-slows it) and its context switches (``/proc/PID/task/*/status``), next to its CPU time.
+Writes ``block.json`` (``reps``: per repetition path -> job -> figures; ``qd1``: the
+breakdowns) to the results directory after every session, and ``block-profile.json``.
 """
 
 from __future__ import annotations
@@ -33,27 +36,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench import sh
+from bench.block.plan import JOBS, PROFILE_PATH, schedule, sessions, settings
 from udrv.lab.pytest_plugin import bind
 
-JOBS = {  # name: fio arguments
-    "4k randread QD1": "--rw=randread --bs=4k --iodepth=1",
-    "4k randread QD32": "--rw=randread --bs=4k --iodepth=32",
-    "4k randwrite QD1": "--rw=randwrite --bs=4k --iodepth=1",
-    "4k randwrite QD32": "--rw=randwrite --bs=4k --iodepth=32",
-    "128k seqread QD8": "--rw=read --bs=128k --iodepth=8",
-}
-NULL_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD32")
-#: Two fio jobs of QD32 each (blk-mq maps each job's CPU to a queue): for 1 -> 2 queues.
-QUEUES_JOB = "4k randread QD32 x2"
-JOBS[QUEUES_JOB] = "--rw=randread --bs=4k --iodepth=32 --numjobs=2 --group_reporting"
-RUNTIME = float(os.environ.get("UDRV_BENCH_RUNTIME", "5"))
 TICK = os.sysconf("SC_CLK_TCK")
-ONLY = set(filter(None, os.environ.get("UDRV_BENCH_ONLY", "nvme,ram,nbdkit,queues").split(",")))
 RAM_PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "ram.py"
-NBDKIT_JOBS = ("4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32")
 
 
 def tree(pid: int) -> list[int]:
@@ -80,15 +72,17 @@ def cpu_seconds(pid: int) -> float:
     return total / TICK
 
 
-def fio(dev: str, job: str, pid: int | None, ramp: float = 1.0) -> dict[str, float]:
+def fio(dev: str, job: str, pid: int | None, runtime: float, ramp: float = 1.0) -> dict[str, float]:
+    """fio's ``job`` on ``dev`` for ``runtime`` s after ``ramp`` s; ``pid``: the serving
+    process (None: a kernel driver). Returns the figures of the measured part."""
     before = cpu_seconds(pid) if pid else 0.0
     out = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio --time_based "
-             f"--runtime={RUNTIME:g} --ramp_time={ramp:g} --size=48M --output-format=json "
+             f"--runtime={runtime:g} --ramp_time={ramp:g} --size=48M --output-format=json "
              f"{JOBS[job]}",
-             timeout=RUNTIME * 10 + 60)  # fmt: skip
+             timeout=runtime * 10 + 60)  # fmt: skip
     # The driver's CPU time spans fio's ramp too, its I/O count does not: take the measured
     # part's share (the rate is steady by then).
-    used = (cpu_seconds(pid) - before) * RUNTIME / (RUNTIME + ramp) if pid else 0.0
+    used = (cpu_seconds(pid) - before) * runtime / (runtime + ramp) if pid else 0.0
     j = json.loads(out[out.index("{") :])["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
     ios = max(side["total_ios"], 1)
@@ -132,12 +126,12 @@ def syscalls(summary: str) -> dict[str, int]:
     return out
 
 
-def breakdown(dev: str, job: str, pid: int | None) -> dict[str, float]:
+def breakdown(dev: str, job: str, pid: int | None, runtime: float) -> dict[str, float]:
     """Per I/O of ``job`` on ``dev`` (no ramp: the counts cover exactly fio's I/Os): fio's
     context switches, and the serving process's (``pid``) CPU us, context switches and
     system calls (the last in a second run under ``strace -c -f``)."""
     before = switches(pid) if pid else 0
-    m = fio(dev, job, pid, ramp=0)
+    m = fio(dev, job, pid, runtime, ramp=0)
     out = {"iops": m["iops"], "fio_switches_per_io": m["fio_switches_per_io"]}
     if not pid:
         return out
@@ -145,9 +139,12 @@ def breakdown(dev: str, job: str, pid: int | None) -> dict[str, float]:
     out["switches_per_io"] = (switches(pid) - before) / m["ios"]
     if shutil.which("strace"):
         log = Path(f"/tmp/strace-{pid}.txt")
-        tracer = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(log), "-p", str(pid)])
+        # Every process of the server (ublk's queue workers are its children): -f follows
+        # only the threads and the children started from now on.
+        attach = [arg for p in tree(pid) for arg in ("-p", str(p))]
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(log), *attach])
         time.sleep(1)  # attached to every thread
-        traced = fio(dev, job, None, ramp=0)
+        traced = fio(dev, job, None, runtime, ramp=0)
         tracer.send_signal(signal.SIGINT)
         tracer.wait(60)
         calls = syscalls(log.read_text())
@@ -202,115 +199,112 @@ def nbdkit_stop(proc: subprocess.Popen[bytes], dev: str) -> None:
         time.sleep(0.05)
 
 
+class Paths:
+    """Opens each path of the schedule: binds QEMU's nvme to the kernel's driver or to
+    vfio-pci, loads null_blk, starts udrv's servers and nbdkit.
+
+    Args:
+        addr: the nvme device's PCI address.
+        results: the results directory (the yappi profile goes there).
+    """
+
+    def __init__(self, addr: str, results: Path) -> None:
+        self.addr, self.results = addr, results
+        self.null_blk = False
+        self.sock, self.nbd_dev = Path("/tmp/nbdkit.sock"), "/dev/nbd7"  # udrv takes nbd0 on
+
+    @contextmanager
+    def open(self, path: str) -> Iterator[tuple[str, int | None]]:
+        """``path`` set up for fio: yields its block device and the serving process's pid
+        (None for the kernel's drivers: their CPU time is fio's system time)."""
+        if path == "kernel nvme":
+            yield self._kernel_nvme(), None
+        elif path == "kernel null_blk":
+            if not self.null_blk:  # memory-backed, like the RAM disk; a queue per CPU as 2q
+                sh("modprobe null_blk nr_devices=1 gb=1 memory_backed=1 queue_mode=2 irqmode=0 "
+                   "submit_queues=2")  # fmt: skip
+                self.null_blk = True
+            yield "/dev/nullb0", None
+        elif path.startswith("nbdkit"):
+            plugin = (
+                ["python", str(RAM_PLUGIN), "size=64M"] if "python" in path else ["memory", "64M"]
+            )
+            kit = nbdkit(plugin, self.sock, self.nbd_dev)
+            try:
+                yield self.nbd_dev, kit.pid
+            finally:
+                nbdkit_stop(kit, self.nbd_dev)
+        else:
+            with self._udrv(path) as served:
+                yield served
+
+    def _kernel_nvme(self) -> str:
+        sh("modprobe nvme")  # here, not before: loaded, it takes the device if it is free
+        bind(self.addr, "nvme")
+        ctrl = os.listdir(f"/sys/bus/pci/devices/{self.addr}/nvme")[0]
+        for _ in range(100):
+            if os.path.exists(f"/dev/{ctrl}n1"):
+                break
+            time.sleep(0.1)
+        return f"/dev/{ctrl}n1"
+
+    @contextmanager
+    def _udrv(self, path: str) -> Iterator[tuple[str, int | None]]:
+        """``udrv nvme|ram|plugin / ublk|nbd [2q]`` (and PROFILE_PATH) served by udrv."""
+        what, front = path.split(" (")[0].split(" / ")
+        front, _, two = front.partition(" ")
+        args = ["--frontend", front, "--depth", "32", "--queues", "2" if two == "2q" else "1"]
+        if what == "udrv nvme":
+            bind(self.addr, "vfio-pci")  # from the kernel's nvme, in each repetition
+            args = ["nvme", "serve", self.addr, *args]
+        elif what == "udrv ram":
+            args = ["ramdisk", "serve", "64M", *args]
+        elif what == "udrv plugin":
+            args = ["plugin", "serve", str(RAM_PLUGIN), "size=64M", *args]
+        else:
+            raise ValueError(f"bench.block: no way to open the path {path!r}")
+        profile = self.results / "block-profile.json" if path == PROFILE_PATH else None
+        proc, dev = serve(args, profile)
+        try:
+            yield dev, proc.pid
+        finally:
+            stop(proc)
+
+
 def main() -> int:
+    cfg = settings()
+    steps = schedule(cfg.only, cfg.reps)
     results = Path(os.environ["UDRV_LAB_RESULTS"])
     addr = dict(x.split("=", 1) for x in os.environ["UDRV_LAB_DEVICES"].split(","))["nvme"]
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    reps: list[dict[str, dict[str, dict[str, float]]]] = [{} for _ in range(cfg.reps)]
     qd1: dict[str, dict[str, float]] = {}  # path: the QD1 read job's per-I/O breakdown
-
-    def per_io(path_name: str, dev: str, pid: int | None) -> None:
-        qd1[path_name] = breakdown(dev, "4k randread QD1", pid)
-        print(path_name, "QD1 per I/O", qd1[path_name], flush=True)
-
-    def run(path_name: str, dev: str, jobs: tuple[str, ...], pid: int | None) -> None:
-        out[path_name] = {}
-        for job in jobs:
-            out[path_name][job] = fio(dev, job, pid)
-            print(path_name, job, out[path_name][job], flush=True)
-
-    if "nbdkit" in ONLY:  # (e) first: it needs no device binding
-        sh("modprobe ublk_drv && modprobe nbd nbds_max=8")
-        sock, nbd_dev = Path("/tmp/nbdkit.sock"), "/dev/nbd7"  # udrv takes the first free one
-        kit = nbdkit(["python", str(RAM_PLUGIN), "size=64M"], sock, nbd_dev)
-        try:
-            run("nbdkit python / nbd-client", nbd_dev, NBDKIT_JOBS, kit.pid)
-        finally:
-            nbdkit_stop(kit, nbd_dev)
-        for front in ("ublk", "nbd"):
-            proc, dev = serve(["plugin", "serve", str(RAM_PLUGIN), "size=64M", "--frontend",
-                               front, "--depth", "32"])  # fmt: skip
-            try:
-                run(f"udrv plugin / {front}", dev, NBDKIT_JOBS, proc.pid)
-            finally:
-                stop(proc)
-        kit = nbdkit(["memory", "64M"], sock, nbd_dev)
-        try:
-            run("nbdkit memory (C) / nbd-client", nbd_dev, NULL_JOBS, kit.pid)
-        finally:
-            nbdkit_stop(kit, nbd_dev)
-        if "ram" not in ONLY:
-            proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32"])
-            try:
-                run("udrv ram / ublk", dev, NULL_JOBS, proc.pid)
-            finally:
-                stop(proc)
-    if not ONLY & {"nvme", "ram", "queues"}:
-        (results / "block.json").write_text(json.dumps(out, indent=1))
-        return 0
-    base = tuple(j for j in JOBS if j != QUEUES_JOB)
-    two = (QUEUES_JOB,) if "queues" in ONLY else ()
-    nvme_jobs = (base if "nvme" in ONLY else ()) + two
-    # (a) the kernel's nvme driver (one queue per CPU: two here)
-    sh("modprobe nvme")
-    bind(addr, "nvme")
-    ctrl = os.listdir(f"/sys/bus/pci/devices/{addr}/nvme")[0]
-    for _ in range(100):
-        if os.path.exists(f"/dev/{ctrl}n1"):
-            break
-        time.sleep(0.1)
-    run("kernel nvme", f"/dev/{ctrl}n1", nvme_jobs, None)
-    if "nvme" in ONLY:
-        per_io("kernel nvme", f"/dev/{ctrl}n1", None)
-    bind(addr, None)
-    bind(addr, "vfio-pci")
-    # (b), (c): udrv NVMe over ublk (one queue, then two: a worker process each), then NBD
-    sh("modprobe ublk_drv && modprobe nbd")
-    variants = [("ublk", ["--queues", "1"], nvme_jobs)]
-    if two:
-        variants.append(("ublk 2q", ["--queues", "2"], two))
-    if "nvme" in ONLY:
-        variants.append(("nbd", [], base))
-    for name, extra, jobs in variants:
-        front = name.split()[0]
-        proc, dev = serve(["nvme", "serve", addr, "--frontend", front, "--depth", "32", *extra])
-        try:
-            run(f"udrv nvme / {name}", dev, jobs, proc.pid)
-            if name == "ublk" and "nvme" in ONLY:
-                per_io("udrv nvme / ublk", dev, proc.pid)
-        finally:
-            stop(proc)
-    # (d) null_blk (memory-backed, like the RAM disk; a queue per CPU as udrv's 2q) vs udrv's
-    # RAM disk over ublk
-    null_jobs = (NULL_JOBS if "ram" in ONLY else ()) + two
-    sh("modprobe null_blk nr_devices=1 gb=1 memory_backed=1 queue_mode=2 irqmode=0 "
-       "submit_queues=2")  # fmt: skip
-    run("kernel null_blk", "/dev/nullb0", null_jobs, None)
-    if "ram" in ONLY:
-        per_io("kernel null_blk", "/dev/nullb0", None)
-    for name, queues, jobs in [("ublk", "1", null_jobs), ("ublk 2q", "2", two)]:
-        if not jobs:
-            continue
-        proc, dev = serve(["ramdisk", "serve", "64M", "--depth", "32", "--queues", queues])
-        try:
-            run(f"udrv ram / {name}", dev, jobs, proc.pid)
-            if name == "ublk" and "ram" in ONLY:
-                per_io("udrv ram / ublk", dev, proc.pid)
-        finally:
-            stop(proc)
-    (results / "block-qd1.json").write_text(json.dumps(qd1, indent=1))
-    (results / "block.json").write_text(json.dumps(out, indent=1))
-    if "nvme" not in ONLY:
-        return 0
-    # where the Python time goes: udrv NVMe over ublk, 4k random reads at QD32
-    if importlib.util.find_spec("yappi") is None:
+    if any(s.kind == "profile" for s in steps) and importlib.util.find_spec("yappi") is None:
         print("no profile: yappi is missing (pip install -e '.[bench]')", flush=True)
-        return 0
-    prof = results / "block-profile.json"
-    proc, dev = serve(["nvme", "serve", addr, "--frontend", "ublk", "--depth", "32"], prof)
-    try:
-        fio(dev, "4k randread QD32", None)
-    finally:
-        stop(proc)
+        steps = [s for s in steps if s.kind != "profile"]
+    sh("modprobe ublk_drv && modprobe nbd nbds_max=8")
+    paths = Paths(addr, results)
+    t0 = time.monotonic()
+    for rep, path, session in sessions(steps):
+        print(f"[{time.monotonic() - t0:4.0f} s] rep {rep + 1}/{cfg.reps}: {path}", flush=True)
+        with paths.open(path) as (dev, pid):
+            for step in session:
+                if step.kind == "fio":
+                    m = fio(dev, step.job, pid, cfg.runtime)
+                    reps[rep].setdefault(path, {})[step.job] = m
+                    print(
+                        f"  {step.job}: {m['iops']:.0f} IOPS, mean {m['mean_us']:.0f} us, "
+                        f"p99 {m['p99_us']:.0f} us, CPU {m['cpu_us_per_io']:.0f} us/IO",
+                        flush=True,
+                    )
+                elif step.kind == "breakdown":
+                    qd1[path] = breakdown(dev, step.job, pid, cfg.runtime)
+                    per_io = ", ".join(f"{k} {v:.2f}" for k, v in qd1[path].items())
+                    print(f"  {step.job}, per I/O: {per_io}", flush=True)
+                else:  # the profile: the server writes it when it stops
+                    fio(dev, step.job, None, cfg.runtime)
+        # After every session, so that a run that fails later still leaves what it measured.
+        (results / "block.json").write_text(json.dumps({"reps": reps, "qd1": qd1}, indent=1))
+    print(f"[{time.monotonic() - t0:4.0f} s] done", flush=True)
     return 0
 
 
