@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.helpers.netns import kernel_peer
+from tests.lab.helpers.netns import kernel_peer, python_in_namespace
 
 pytestmark = pytest.mark.lab("e1000", "e1000")
 A, B = "0000:00:04.0", "0000:00:05.0"
@@ -118,19 +118,17 @@ def test_tcp_transfer_with_checksum(peer: str, offload: bool) -> None:
         receiver = (
             "import hashlib, socket\n"
             "srv = socket.create_server(('10.9.0.2', 5001))\n"
-            "print('listening', flush=True)\n"
+            "print('ready', flush=True)\n"
             "conn, _ = srv.accept(); h = hashlib.sha256(); n = 0\n"
             "while chunk := conn.recv(1 << 16):\n    h.update(chunk); n += len(chunk)\n"
             "print(n, h.hexdigest())\n"
         )
-        server = subprocess.Popen(["ip", "netns", "exec", "peer", sys.executable, "-c", receiver],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        with socket.create_connection(("10.9.0.2", 5001), timeout=30) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            s.recv(1)  # wait for the receiver to close
-        out, _ = server.communicate(timeout=120)
+        with python_in_namespace("peer", receiver) as server:
+            with socket.create_connection(("10.9.0.2", 5001), timeout=30) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                s.recv(1)  # wait for the receiver to close
+            out, _ = server.communicate(timeout=120)
         assert out.split() == [str(size), hashlib.sha256(data).hexdigest()]
         handed = int(Path("/sys/class/net/udrv0/statistics/tx_packets").read_text()) - tx0
         received = peer_stat(peer, "rx_packets") - rx0
@@ -158,15 +156,13 @@ def test_udp_with_checksum_offload(driver: subprocess.Popen[str]) -> None:
         "got = [s.recv(2048) for _ in range(20)]\n"
         "print(sum(g == bytes([i % 251]) * (100 + 50 * i) for i, g in enumerate(got)))\n"
     )
-    server = subprocess.Popen(["ip", "netns", "exec", "peer", sys.executable, "-c", receiver],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     errors = snmp("peer", "Udp", "InCsumErrors")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for i in range(20):
-            s.sendto(bytes([i % 251]) * (100 + 50 * i), ("10.9.0.2", 5002))
-            time.sleep(0.02)
-    out, _ = server.communicate(timeout=60)
+    with python_in_namespace("peer", receiver) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(20):
+                s.sendto(bytes([i % 251]) * (100 + 50 * i), ("10.9.0.2", 5002))
+                time.sleep(0.02)
+        out, _ = server.communicate(timeout=60)
     assert out.strip() == "20"
     assert snmp("peer", "Udp", "InCsumErrors") == errors
 
