@@ -47,6 +47,7 @@ HDR_LEN = T.VNET_HDR_LEN
 HDR_NONE = bytes(T.virtio_net_hdr())  # nothing to do / nothing known
 HDR_DATA_VALID = bytes(T.virtio_net_hdr(flags=T.VIRTIO_NET_HDR_F_DATA_VALID))
 _GSO_OK = (T.VIRTIO_NET_HDR_GSO_NONE, T.VIRTIO_NET_HDR_GSO_TCPV4)
+PARSED_MAX = 64  # distinct headers remembered by FramePort.read_batch (one per flow kind)
 
 
 def parse_vnet_hdr(data: bytes | bytearray | memoryview) -> TxOffload | str | None:
@@ -89,6 +90,7 @@ class FramePort:
         self.rx_frames = self.tx_frames = 0  # read from / written to the fd
         # frames the kernel refused (per errno name) or that asked for an unknown offload
         self.dropped: Counter[str] = Counter()
+        self._parsed: dict[bytes, TxOffload | str | None] = {}  # header bytes -> parse_vnet_hdr
 
     def fileno(self) -> int:
         return self.fd
@@ -111,21 +113,33 @@ class FramePort:
             self.rx_frames += len(frames)
             return frames, None
         offloads: list[TxOffload | None] = []
-        any_offload = False
+        # One parse per distinct header, not per frame: a flow's headers repeat byte for
+        # byte (every UDP datagram of a socket asks for the same csum_start/csum_offset).
+        parsed, size = self._parsed, MAX_FRAME + HDR_LEN
+        reads = 0
         for _ in range(max_frames):
             try:
-                data = os.read(fd, MAX_FRAME + HDR_LEN)
+                data = os.read(fd, size)
             except BlockingIOError:
                 break
-            self.rx_frames += 1
-            off = parse_vnet_hdr(data)
+            reads += 1
+            hdr = data[:HDR_LEN]
+            try:
+                off = parsed[hdr]
+            except KeyError:
+                off = parse_vnet_hdr(data)
+                # Not a super-frame's: hdr_len (the skb's linear length) varies per frame.
+                if not isinstance(off, TxOffload) or not off.gso_size:
+                    if len(parsed) >= PARSED_MAX:
+                        parsed.clear()
+                    parsed[hdr] = off
             if isinstance(off, str):
                 self.dropped[off] += 1
                 continue
-            any_offload = any_offload or off is not None
             frames.append(memoryview(data)[HDR_LEN:])
             offloads.append(off)
-        return frames, (offloads if any_offload else None)
+        self.rx_frames += reads
+        return frames, (None if offloads.count(None) == len(offloads) else offloads)
 
     def write_batch(
         self, frames: Sequence[Frame], csum_valid: Sequence[bool] | None = None
