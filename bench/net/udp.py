@@ -290,8 +290,10 @@ def guest_main(config: Path) -> int:
                 data["counters"][v.name].append(drv.stop())
     if shutil.which("strace"):
         data["strace"] = {v.name: trace_run(v, results) for v in variants}
-    if cfg.get("profile"):
-        data["profile"] = {v.name: profile_run(v, results) for v in variants}
+    profiled = cfg.get("profile", "").split(",")
+    if any(profiled):
+        data["profile"] = {v.name: profile_run(v, results) for v in variants
+                           if "all" in profiled or v.name in profiled}  # fmt: skip
     (results / "net-udp.json").write_text(json.dumps(data, indent=1))
     return 0
 
@@ -353,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", type=parse_variant, metavar="NAME=REV[:no-offload]",
                     help="a driver to measure (REV '.': the working tree); default: "
                     "offload=. and no-offload=.:no-offload")  # fmt: skip
-    ap.add_argument("--profile", action="store_true", help="also a yappi run per variant")
+    ap.add_argument("--profile", nargs="?", const="all", default="", metavar="NAME,...",
+                    help="also a yappi run of these variants (default: all)")  # fmt: skip
     ap.add_argument("--guest", type=Path, help=argparse.SUPPRESS)  # the lab side's config
     args = ap.parse_args(argv)
     if args.guest:

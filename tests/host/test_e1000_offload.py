@@ -337,11 +337,17 @@ def test_a_checksum_batch_waits_for_room_for_its_context_and_a_frame() -> None:
     assert nic.bar.read32(R.TDT) == 0 and nic._tx_csum_ctx == (34, 40)
 
 
-def test_a_frame_too_short_for_its_checksum_field_is_dropped_from_a_checksum_batch() -> None:
+@pytest.mark.parametrize("count", [5, 20])
+def test_frames_a_checksum_batch_cannot_send_are_dropped_and_counted(count: int) -> None:
     nic = fake_nic(32)
     off = TxOffload(34, 6, 0)
-    frames = [udp_frame(b"b" * 20)] * 5
+    frames = [udp_frame(bytes([i]) * 20) for i in range(count)]
     frames[2] = frames[2][:41]  # ends inside the UDP checksum field (bytes 40-41)
-    assert nic.tx_batch(frames, [off] * 5) == 5
-    assert nic.stats.tx_dropped == {"bad_offload": 1} and nic.stats.tx_packets == 4
-    assert nic.bar.read32(R.TDT) == 5  # a context and four data descriptors
+    frames[3] = frames[3][:12]  # not even an Ethernet header
+    frames[4] = udp_frame(bytes(1500))  # 1542 bytes
+    assert nic.tx_batch(frames, [off] * count) == count
+    assert nic.stats.tx_dropped == {"bad_offload": 1, "runt": 1, "oversize": 1}
+    assert nic.stats.tx_packets == count - 3
+    assert nic.bar.read32(R.TDT) == 1 + count - 3  # a context, then the frames that went
+    kept = frames[:2] + frames[5:]
+    assert [bytes(nic.tx_bufs[1 + i, : len(f)]) for i, f in enumerate(kept)] == kept

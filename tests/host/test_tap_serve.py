@@ -302,3 +302,33 @@ def test_each_distinct_header_is_parsed_once(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         kernel.close()
         port.close()
+
+
+def test_a_batch_with_one_header_is_cut_and_judged_as_a_whole() -> None:
+    """Batches whose frames all carry the same header: every frame gets its offload, frames
+    past a buffer's size (super-frames) come out whole too, and a header asking for what the
+    NIC cannot do drops the whole batch, counted per frame."""
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    port = SocketPort(ours, vnet_hdr=True)
+    try:
+        gso = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)
+        big = [bytes([i]) * 9000 for i in range(3)]
+        for f in big:
+            kernel.send(gso + f)
+        frames, offs = port.read_batch(64)
+        assert [bytes(f) for f in frames] == big and offs == [TxOffload(34, 16, 1448)] * 3
+        udp = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)
+        small = [bytes([i]) * 60 for i in range(5)]
+        for f in small:
+            kernel.send(udp + f)
+        frames, offs = port.read_batch(64)
+        assert [bytes(f) for f in frames] == small and offs == [TxOffload(34, 6, 0)] * 5
+        ufo = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_UDP, 1472, 34, 6)
+        for f in small[:4]:
+            kernel.send(ufo + f)
+        assert port.read_batch(64) == ([], None)
+        assert port.dropped == {"gso_type": 4} and port.rx_frames == 12
+    finally:
+        kernel.close()
+        port.close()

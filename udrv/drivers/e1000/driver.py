@@ -669,24 +669,24 @@ class E1000(Nic):
             # Every frame asks for the same checksum and no segmentation (a UDP stream, a
             # TCP receiver's ACKs): they go as plain frames do, batched, one data
             # descriptor each with the same DCMD/POPTS, behind one context descriptor if
-            # the NIC does not hold this context yet. A frame too short for its checksum
-            # field or longer than an untagged frame is left to _tx_offload to judge.
-            tucss, tucso = first.csum_start, first.csum_start + first.csum_offset
-            lengths = list(map(len, frames))
-            shortest = max(ETH_HLEN, tucso + 2, tucss + 1)
-            if tucso <= 0xFF and min(lengths) >= shortest and max(lengths) <= MAX_FRAME:
-                ctx = (tucss, tucso)  # TUCSS, TUCSO: 8 bits each (3.3.6)
-                return self._tx_run(frames, TX_CSUM_HI, None if self._tx_csum_ctx == ctx else ctx)
+            # the NIC does not hold this context yet.
+            tucss = first.csum_start
+            tucso = tucss + first.csum_offset
+            if tucso <= 0xFF:  # TUCSS, TUCSO: 8 bits each (3.3.6)
+                ctx = (tucss, tucso)
+                return self._tx_run(frames, TX_CSUM_HI, max(ETH_HLEN, tucso + 2),
+                                    None if ctx == self._tx_csum_ctx else ctx)  # fmt: skip
         return self._tx_offload(frames, offloads)
 
     def _tx_run(
-        self, frames: Sequence[Frame], hi_bits: int, ctx: tuple[int, int] | None = None
-    ) -> int:
+        self, frames: Sequence[Frame], hi_bits: int, shortest: int = ETH_HLEN,
+        ctx: tuple[int, int] | None = None,
+    ) -> int:  # fmt: skip
         """Frames that each go in one descriptor whose second quadword is ``size | hi_bits``
         (legacy, or TCP/IP data with a checksum), after a checksum context descriptor for
-        ``ctx`` = (TUCSS, TUCSO) if given; as many as there is room for. A frame outside
-        14..1514 bytes (1518 tagged) is dropped and counted. Returns how many were
-        consumed."""
+        ``ctx`` = (TUCSS, TUCSO) if given; as many as there is room for. Dropped and
+        counted: a frame outside 14..1514 bytes (1518 tagged), or shorter than ``shortest``
+        (it ends before its checksum field). Returns how many were consumed."""
         n = self.ntx
         tail = self.tx_tail
         room = (self.tx_clean - tail - 1) % n
@@ -703,7 +703,7 @@ class E1000(Nic):
             iovas, slot, nbytes = self._tx_iova_list, start, 0
             for frame in frames:
                 size = len(frame)
-                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                if not shortest <= size <= MAX_FRAME and not self._frame_ok(frame, size, shortest):
                     continue
                 off = offs[slot]
                 mv[off : off + size] = frame
@@ -717,7 +717,7 @@ class E1000(Nic):
             batch = frames[:room] if len(frames) > room else frames
             lengths = list(map(len, batch))
             consumed = len(lengths)
-            if lengths and min(lengths) >= ETH_HLEN and max(lengths) <= MAX_FRAME:
+            if lengths and min(lengths) >= shortest and max(lengths) <= MAX_FRAME:
                 for off, size, frame in zip(offs[start : start + consumed], lengths, batch,
                                             strict=True):  # fmt: skip
                     mv[off : off + size] = frame
@@ -729,7 +729,9 @@ class E1000(Nic):
                         break
                     consumed += 1
                     size = len(frame)
-                    if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                    if not shortest <= size <= MAX_FRAME and not self._frame_ok(
+                        frame, size, shortest
+                    ):
                         continue
                     off = offs[start + len(lengths)]
                     mv[off : off + size] = frame
@@ -759,6 +761,16 @@ class E1000(Nic):
             return True
         self._tx_drop("runt" if size < ETH_HLEN else "oversize", size)
         return False
+
+    def _frame_ok(self, frame: Frame, size: int, shortest: int) -> bool:
+        """:meth:`_frame_size_ok`, and at least ``shortest`` bytes (else a ``bad_offload``
+        drop: the frame ends before the checksum field its offload names)."""
+        if not self._frame_size_ok(frame, size):
+            return False
+        if size < shortest:
+            self._tx_drop("bad_offload", size)
+            return False
+        return True
 
     def _tx_drop(self, reason: str, size: int) -> None:
         self.stats.tx_dropped[reason] += 1
