@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,8 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, per_size in data["runs"].items():
         out[name] = {}
         for size, runs in per_size.items():
+            if not runs:
+                continue
             ratios = [r["udrv_pps"] / r["kernel_pps"] for r in runs if r["kernel_pps"]]
             cpu = [r["cpu_us_per_frame"] for r in runs if r.get("cpu_us_per_frame") is not None]
             drop = [r["tap_dropped"] / max(1, r["tap_dropped"] + r["tap_frames"]) for r in runs]
@@ -164,19 +166,29 @@ class Driver:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                          cwd=cwd, env=env)  # fmt: skip
         assert self.proc.stdout is not None
-        if not self.proc.stdout.readline():
-            self.proc.wait(30)
-            raise RuntimeError(f"driver {v.name} did not start: {self.log.read_text()[-2000:]}")
-        _sh("ip addr add 10.9.0.1/24 dev udrv0")
-        _sh(f"ping -c 3 -W 5 {PEER}")
+        try:
+            if not self.proc.stdout.readline():
+                raise RuntimeError(f"driver {v.name} did not start: "
+                                   f"{self.log.read_text()[-2000:]}")  # fmt: skip
+            _sh("ip addr add 10.9.0.1/24 dev udrv0")
+            _sh(f"ping -c 3 -W 5 {PEER}")
+        except BaseException:
+            self.stop()
+            raise
 
     def cpu_ticks(self) -> int:
         return proc_cpu_ticks(Path(f"/proc/{self.proc.pid}/stat").read_text())
 
     def stop(self) -> dict[str, int]:
-        """SIGINT, wait; the counters of its exit line."""
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.communicate(timeout=120)
+        """SIGINT (SIGKILL if it is still there after 2 minutes), wait; the counters of its
+        exit line."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
         return driver_counters(self.log.read_text())
 
 
@@ -266,35 +278,64 @@ def profile_run(v: Variant, results: Path) -> dict[str, Any]:
     return {"frames": frames, **prof}
 
 
+def _measure_variant(v: Variant, rnd: int, results: Path, data: dict[str, Any]) -> None:
+    """One round of one variant: a driver, then per frame size the kernel run and its run."""
+    drv = Driver(v, results)
+    try:
+        for size, length in SIZES.items():
+            k = udp_rate(iperf_udp("ip netns exec ref ", length))
+            u = udrv_run(drv, length)
+            u["kernel_pps"] = k
+            data["runs"][v.name][size].append(u)
+            print(f"round {rnd + 1} {size} B: kernel {k / 1e3:.2f} kpps, {v.name} "
+                  f"{u['udrv_pps'] / 1e3:.2f} kpps ({u['udrv_pps'] / (k or 1):.2f}x), "
+                  f"{u['cpu_us_per_frame'] or 0:.0f} us CPU/frame, "
+                  f"TAP dropped {u['tap_dropped']}", flush=True)  # fmt: skip
+    finally:
+        data["counters"][v.name].append(drv.stop())
+
+
 def guest_main(config: Path) -> int:
+    """The lab side: rounds, then the strace and profile passes; the results are written
+    after every step, so that a variant that fails (its error is kept) or a time-out
+    leaves what was measured."""
     cfg = json.loads(config.read_text())
     results = Path(os.environ["UDRV_LAB_RESULTS"])
+    out = results / "net-udp.json"
     variants = [Variant(**v) for v in cfg["variants"]]
     wire()
     data: dict[str, Any] = {"runs": {v.name: {s: [] for s in SIZES} for v in variants},
-                            "counters": {v.name: [] for v in variants}}  # fmt: skip
+                            "counters": {v.name: [] for v in variants}, "errors": []}  # fmt: skip
+
+    def step(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # kept in the results; the other variants go on
+            data["errors"].append(f"{what}: {exc!r}"[:3000])
+            print(f"{what} failed: {exc!r}", file=sys.stderr, flush=True)
+            return None
+        finally:
+            out.write_text(json.dumps(data, indent=1))
+
     for rnd in range(cfg["rounds"]):
         for v in variants:
-            drv = Driver(v, results)
-            try:
-                for size, length in SIZES.items():
-                    k = udp_rate(iperf_udp("ip netns exec ref ", length))
-                    u = udrv_run(drv, length)
-                    u["kernel_pps"] = k
-                    data["runs"][v.name][size].append(u)
-                    print(f"round {rnd + 1} {size} B: kernel {k / 1e3:.2f} kpps, {v.name} "
-                          f"{u['udrv_pps'] / 1e3:.2f} kpps ({u['udrv_pps'] / k:.2f}x), "
-                          f"{u['cpu_us_per_frame'] or 0:.0f} us CPU/frame, "
-                          f"TAP dropped {u['tap_dropped']}", flush=True)  # fmt: skip
-            finally:
-                data["counters"][v.name].append(drv.stop())
+            step(f"round {rnd + 1} {v.name}",
+                 lambda v=v, r=rnd: _measure_variant(v, r, results, data))  # fmt: skip
     if shutil.which("strace"):
-        data["strace"] = {v.name: trace_run(v, results) for v in variants}
+        data["strace"] = {}
+        for v in variants:
+            t = step(f"strace {v.name}", lambda v=v: trace_run(v, results))
+            if t is not None:
+                data["strace"][v.name] = t
     profiled = cfg.get("profile", "").split(",")
     if any(profiled):
-        data["profile"] = {v.name: profile_run(v, results) for v in variants
-                           if "all" in profiled or v.name in profiled}  # fmt: skip
-    (results / "net-udp.json").write_text(json.dumps(data, indent=1))
+        data["profile"] = {}
+        for v in variants:
+            if "all" in profiled or v.name in profiled:
+                p = step(f"profile {v.name}", lambda v=v: profile_run(v, results))
+                if p is not None:
+                    data["profile"][v.name] = p
+    out.write_text(json.dumps(data, indent=1))
     return 0
 
 
@@ -387,17 +428,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = lab.run([sys.executable, "-m", "bench.net.udp", "--guest", str(config)],
                     timeout=3600, stream=True, cwd=ROOT)  # fmt: skip
     out = share / "net-udp.json"
-    data = json.loads(out.read_text()) if r.returncode == 0 and out.exists() else None
+    data = json.loads(out.read_text()) if out.exists() else None
     if data is None:
-        print("the lab part failed", file=sys.stderr)
+        print("the lab part failed before measuring anything", file=sys.stderr)
         return 1
+    if r.returncode or data["errors"]:
+        print(f"the lab part exited with {r.returncode}; errors: {data['errors']}",
+              file=sys.stderr)  # fmt: skip
     data["load"] = load
     data["variants"] = [asdict(v) | {"code": None} for v in variants]
     data["summary"] = summarize(data)
     report(data)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "net-udp.json").write_text(json.dumps(data, indent=1))
-    return 0
+    return 1 if r.returncode or data["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -105,3 +105,36 @@ def test_rounds_run_the_kernel_before_each_variant_and_ratios_use_that_run(
     tick_us = 1e6 / U.os.sysconf("SC_CLK_TCK")
     assert s["a"]["64"]["cpu_rounds"] == pytest.approx([100 * tick_us / 10000] * 2)
     assert data["counters"] == {"a": [{"to_nic": 1}] * 2, "b": [{"to_nic": 1}] * 2}
+
+
+def test_a_variant_that_fails_is_recorded_and_the_others_are_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FakeDriver:
+        def __init__(self, v: U.Variant, results: Path, profile: Path | None = None) -> None:
+            if v.name == "broken":
+                raise RuntimeError("driver broken did not start: Traceback ...")
+
+        def cpu_ticks(self) -> int:
+            return 0
+
+        def stop(self) -> dict[str, int]:
+            return {}
+
+    rep = {"end": {"sum": {"packets": 10, "lost_packets": 0, "seconds": 1.0}}}
+    monkeypatch.setattr(U, "wire", lambda: None)
+    monkeypatch.setattr(U, "Driver", FakeDriver)
+    monkeypatch.setattr(U, "iperf_udp", lambda prefix, length, seconds=4: rep)
+    monkeypatch.setattr(U, "tap_stats", lambda: (0, 0))
+    monkeypatch.setattr(U.shutil, "which", lambda name: None)
+    monkeypatch.setenv("UDRV_LAB_RESULTS", str(tmp_path))
+    cfg = tmp_path / "config.json"
+    variants = [U.parse_variant("broken=."), U.parse_variant("ok=.")]
+    cfg.write_text(U.json.dumps({"rounds": 2, "variants": [U.asdict(v) for v in variants]}))
+    assert U.guest_main(cfg) == 0
+    data = U.json.loads((tmp_path / "net-udp.json").read_text())
+    assert len(data["errors"]) == 2 and data["errors"][0].startswith("round 1 broken:")
+    assert [len(data["runs"][n]["64"]) for n in ("broken", "ok")] == [0, 2]
+    s = U.summarize(data)
+    assert s["broken"] == {} and s["ok"]["64"]["ratios"] == [1.0, 1.0]
+    assert s["ok"]["64"]["cpu_us_per_frame"] is None  # no frames through the TAP
