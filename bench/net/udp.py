@@ -8,7 +8,7 @@ and ``-l 1472`` (1514-byte frames) for 4 s, delivered packets per second at the 
 
 Several driver variants, each a code tree and its ``udrv e1000 serve`` options: by default
 the working tree with its offloads (``offload``) and with ``--no-offload``; ``--variant
-NAME=REV[:no-offload]`` adds the driver as it was at a git revision (its ``udrv`` package is
+NAME=REV[:OPTION,...]`` adds the driver as it was at a git revision (its ``udrv`` package is
 unpacked into the results share and run from there), ``.`` being the working tree. Every
 round runs, per variant, the kernel path and then that variant for each frame size (kernel,
 A, kernel, B, ...), so a slow moment of the shared host hits a variant and its kernel run
@@ -60,17 +60,21 @@ class Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """``NAME=REV[:no-offload]`` (REV ``.``: the working tree) -> :class:`Variant`.
+    """``NAME=REV[:OPTION,...]`` -> :class:`Variant`. REV ``.`` is the working tree; each
+    OPTION is a ``udrv e1000 serve`` option without its dashes (``no-offload``,
+    ``itr-us=200``, ``polling``).
 
     Raises:
         ValueError: not of that form.
     """
     name, sep, rest = spec.partition("=")
-    rev, _, opt = rest.partition(":")
-    if not sep or not name or not rev or opt not in ("", "no-offload"):
-        raise ValueError(f"--variant {spec!r}: expected NAME=REV or NAME=REV:no-offload "
-                         "(REV '.' for the working tree)")  # fmt: skip
-    return Variant(name, None if rev == "." else rev, ["--no-offload"] if opt else [])
+    rev, _, opts = rest.partition(":")
+    args = [f"--{o}" for o in opts.split(",") if o]
+    if not sep or not name or not rev or any(not re.fullmatch(r"--[a-z][a-z-]*(=\w+)?", a)
+                                             for a in args):  # fmt: skip
+        raise ValueError(f"--variant {spec!r}: expected NAME=REV[:OPTION,...], e.g. "
+                         "old=main:no-offload (REV '.' for the working tree)")  # fmt: skip
+    return Variant(name, None if rev == "." else rev, args)
 
 
 # -- parsers (pure; tested on the host) ----------------------------------------------------
@@ -393,7 +397,7 @@ def report(data: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.net.udp", description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variant", action="append", type=parse_variant, metavar="NAME=REV[:no-offload]",
+    ap.add_argument("--variant", action="append", type=parse_variant, metavar="NAME=REV[:OPTION,...]",
                     help="a driver to measure (REV '.': the working tree); default: "
                     "offload=. and no-offload=.:no-offload")  # fmt: skip
     ap.add_argument("--profile", nargs="?", const="all", default="", metavar="NAME,...",

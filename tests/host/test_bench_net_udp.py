@@ -51,7 +51,8 @@ def test_variant_specs() -> None:
     assert U.parse_variant("offload=.") == U.Variant("offload", None, [])
     assert U.parse_variant("old=2b53787^:no-offload") == U.Variant("old", "2b53787^",
                                                                    ["--no-offload"])  # fmt: skip
-    for bad in ("offload", "=main", "x=", "x=main:tso"):
+    assert U.parse_variant("slow=.:itr-us=200,polling").args == ["--itr-us=200", "--polling"]
+    for bad in ("offload", "=main", "x=", "x=main:TSO", "x=.:a;rm"):
         with pytest.raises(ValueError, match="NAME=REV"):
             U.parse_variant(bad)
 
