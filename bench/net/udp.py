@@ -363,7 +363,7 @@ def report(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(140, shutil.get_terminal_size().columns))
     summary = summarize(data)
     table = Table(title="UDP through udrv's e1000 vs the kernel's e1000 (same QEMU hub, TCG): "
                   "per round, the variant over the kernel run just before it")  # fmt: skip
@@ -383,9 +383,13 @@ def report(data: dict[str, Any]) -> None:
     for name, t in data.get("strace", {}).items():
         top = sorted(t["per_frame"].items(), key=lambda kv: -kv[1])[:8]
         errs = {k: e for k, (_, e) in t["calls"].items() if e}
+        c = t.get("counters", {})
+        batches = (f"; {c['to_nic'] / c['port_batches']:.1f} frames per TAP read batch, "
+                   f"{c['to_nic'] / max(1, c['wakeups']):.1f} per wake-up"
+                   if c.get("port_batches") else "")  # fmt: skip
         console.print(f"{name}: system calls per frame (strace -c, {t['frames']} frames, 64 B): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in top)
-                      + (f"; errors {errs}" if errs else ""))  # fmt: skip
+                      + (f"; errors {errs}" if errs else "") + batches)  # fmt: skip
     for name, p in data.get("profile", {}).items():
         if p.get("top"):
             console.print(f"{name}: busy {p['cpu_s'] / p['wall_s']:.0%}, {p['frames']} frames; "

@@ -174,6 +174,9 @@ def test_frames_flow_both_ways_and_the_carrier_follows_the_link(served: Served) 
     stats = served.finish()
     assert (stats.to_nic, stats.to_kernel, dict(stats.dropped)) == (3, 2, {})
     assert served.port.carrier == [True]
+    # the 3 frames came in 1 to 3 reads; the NIC's events (completion, delivery) woke it too
+    assert 1 <= stats.port_batches <= 3 and stats.wakeups >= stats.port_batches + 1
+    assert f"port_batches={stats.port_batches}" in stats.summary()
 
 
 def test_full_tx_ring_backs_off_and_loses_nothing(served: Served) -> None:

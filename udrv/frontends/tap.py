@@ -273,12 +273,15 @@ class ServeStats:
     to_nic: int = 0  # frames the kernel sent that the NIC took
     to_kernel: int = 0  # frames the NIC received that went to the kernel
     tx_ring_full: int = 0  # times the NIC took fewer frames than offered (the loop waited)
+    wakeups: int = 0  # passes of the loop that found an fd ready (or a NIC to poll)
+    port_batches: int = 0  # reads of the port that brought frames (to_nic / this: batch size)
     dropped: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> str:
         drops = " ".join(f"dropped[{r}]={n}" for r, n in sorted(self.dropped.items()))
         return (
-            f"to_nic={self.to_nic} to_kernel={self.to_kernel} tx_ring_full={self.tx_ring_full}"
+            f"to_nic={self.to_nic} to_kernel={self.to_kernel} tx_ring_full={self.tx_ring_full} "
+            f"wakeups={self.wakeups} port_batches={self.port_batches}"
             + (f" {drops}" if drops else "")
         )
 
@@ -343,6 +346,8 @@ def serve(
         else:
             timeout = POLL_INTERVAL
         ready = poller.poll(timeout * 1e3)
+        if ready:
+            stats.wakeups += 1
         now = time.monotonic()
         port_ready = False
         nic_ready = nic_fd < 0
@@ -373,6 +378,7 @@ def serve(
             busy = True
         if not pending and port_ready:
             pending, pending_off = port.read_batch(tx_batch)
+            stats.port_batches += bool(pending)
             if pending and not link:
                 stats.dropped["link_down"] += len(pending)
                 pending, pending_off = [], None
