@@ -10,10 +10,10 @@ TCP/IPv4 super-frame of up to 64 KiB to cut into segments (TSO), costs one TCP/I
 descriptor and as many data descriptors as it has 2 KiB buffers; the NIC inserts the
 checksums and writes every segment's headers. A batch whose frames all ask for the same
 checksum and no segmentation (a UDP stream, a TCP receiver's ACKs) is queued as plain
-frames are, one data descriptor each, the context written only when it changes. Received TCP/UDP checksums are verified by
-the NIC (RXCSUM) and reported per frame (:meth:`E1000.rx_csum_valid`). QEMU's e1000 models
-the transmit side but not the receive side: it sets RDESC.STATUS.IXSM ("ignore checksum
-indication") on every frame it delivers.
+frames are, one data descriptor each, the context written only when it changes. Received
+TCP/UDP checksums are verified by the NIC (RXCSUM) and reported per frame
+(:meth:`E1000.rx_csum_valid`). QEMU's e1000 models the transmit side but not the receive
+side: it sets RDESC.STATUS.IXSM ("ignore checksum indication") on every frame it delivers.
 
 :class:`E1000` implements :class:`udrv.net.Nic`, so any network frontend serves it
 (``udrv e1000 serve`` connects it to a TAP interface through :func:`udrv.frontends.tap.serve`).
