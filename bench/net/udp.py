@@ -210,6 +210,14 @@ def iperf_udp(prefix: str, length: int, seconds: int = SECONDS) -> dict[str, Any
     return report
 
 
+def tcp_mbps(prefix: str) -> float:
+    """An ``iperf3`` TCP stream of SECONDS, as bench.net measures it: received Mbit/s."""
+    _sh("ip netns exec peer sh -c 'pgrep iperf3 || iperf3 -s -D'")
+    time.sleep(0.5)
+    rep = json.loads(_sh(f"{prefix}iperf3 -c {PEER} -t {SECONDS} -J", timeout=120))
+    return float(rep["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
 def udrv_run(drv: Driver, length: int) -> dict[str, Any]:
     """One iperf3 run through udrv with the driver's CPU time and the TAP's counters."""
     frames0, dropped0 = tap_stats()
@@ -295,6 +303,12 @@ def _measure_variant(v: Variant, rnd: int, results: Path, data: dict[str, Any]) 
                   f"{u['udrv_pps'] / 1e3:.2f} kpps ({u['udrv_pps'] / (k or 1):.2f}x), "
                   f"{u['cpu_us_per_frame'] or 0:.0f} us CPU/frame, "
                   f"TAP dropped {u['tap_dropped']}", flush=True)  # fmt: skip
+        if "tcp" in data:  # the TCP stream bench.net measures, to see it keeps its gain
+            k = tcp_mbps("ip netns exec ref ")
+            u = tcp_mbps("")
+            data["tcp"][v.name].append({"kernel_mbps": k, "udrv_mbps": u})
+            print(f"round {rnd + 1} TCP: kernel {k:.0f} Mbit/s, {v.name} {u:.0f} Mbit/s "
+                  f"({u / (k or 1):.2f}x)", flush=True)  # fmt: skip
     finally:
         data["counters"][v.name].append(drv.stop())
 
@@ -310,6 +324,8 @@ def guest_main(config: Path) -> int:
     wire()
     data: dict[str, Any] = {"runs": {v.name: {s: [] for s in SIZES} for v in variants},
                             "counters": {v.name: [] for v in variants}, "errors": []}  # fmt: skip
+    if cfg.get("tcp"):
+        data["tcp"] = {v.name: [] for v in variants}
 
     def step(what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -380,6 +396,13 @@ def report(data: dict[str, Any]) -> None:
                           f"{s['tap_drop_share']:.0%}" if s["tap_drop_share"] is not None
                           else "-")  # fmt: skip
     console.print(table)
+    for name, runs in data.get("tcp", {}).items():
+        if runs:
+            ratios = [r["udrv_mbps"] / r["kernel_mbps"] for r in runs if r["kernel_mbps"]]
+            console.print(f"{name}: TCP stream per round (Mbit/s, kernel/udrv): "
+                          + ", ".join(f"{r['kernel_mbps']:.0f}/{r['udrv_mbps']:.0f}" for r in runs)
+                          + f"; ratios {' '.join(f'{x:.2f}' for x in ratios)}, median "
+                          f"{statistics.median(ratios):.2f}")  # fmt: skip
     for name, t in data.get("strace", {}).items():
         top = sorted(t["per_frame"].items(), key=lambda kv: -kv[1])[:8]
         errs = {k: e for k, (_, e) in t["calls"].items() if e}
@@ -406,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "offload=. and no-offload=.:no-offload")  # fmt: skip
     ap.add_argument("--profile", nargs="?", const="all", default="", metavar="NAME,...",
                     help="also a yappi run of these variants (default: all)")  # fmt: skip
+    ap.add_argument("--tcp", action="store_true",
+                    help="also bench.net's TCP stream per variant and round")  # fmt: skip
     ap.add_argument("--guest", type=Path, help=argparse.SUPPRESS)  # the lab side's config
     args = ap.parse_args(argv)
     if args.guest:
@@ -430,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             v.code = str(share / f"code-{v.name}")
             unpack(v.rev, Path(v.code))
     config = share / "config.json"
-    config.write_text(json.dumps({"rounds": args.rounds, "profile": args.profile,
+    config.write_text(json.dumps({"rounds": args.rounds, "profile": args.profile, "tcp": args.tcp,
                                   "variants": [asdict(v) for v in variants]}))  # fmt: skip
     with Lab(["e1000", "e1000", "e1000"], memory=1024, results=share) as lab:
         r = lab.run([sys.executable, "-m", "bench.net.udp", "--guest", str(config)],

@@ -139,3 +139,42 @@ def test_a_variant_that_fails_is_recorded_and_the_others_are_measured(
     s = U.summarize(data)
     assert s["broken"] == {} and s["ok"]["64"]["ratios"] == [1.0, 1.0]
     assert s["ok"]["64"]["cpu_us_per_frame"] is None  # no frames through the TAP
+
+
+def test_with_tcp_each_round_adds_a_kernel_and_a_variant_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    class FakeDriver:
+        def __init__(self, v: U.Variant, results: Path, profile: Path | None = None) -> None:
+            pass
+
+        def cpu_ticks(self) -> int:
+            return 0
+
+        def stop(self) -> dict[str, int]:
+            return {}
+
+    rep = {"end": {"sum": {"packets": 10, "lost_packets": 0, "seconds": 1.0}}}
+    monkeypatch.setattr(U, "wire", lambda: None)
+    monkeypatch.setattr(U, "Driver", FakeDriver)
+    monkeypatch.setattr(
+        U, "iperf_udp", lambda prefix, length, seconds=4: calls.append("udp") or rep
+    )
+
+    def tcp(prefix: str) -> float:
+        calls.append("tcp kernel" if prefix == "ip netns exec ref " else "tcp udrv")
+        return 100.0 if prefix else 55.0
+
+    monkeypatch.setattr(U, "tcp_mbps", tcp)
+    monkeypatch.setattr(U, "tap_stats", lambda: (0, 0))
+    monkeypatch.setattr(U.shutil, "which", lambda name: None)
+    monkeypatch.setenv("UDRV_LAB_RESULTS", str(tmp_path))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(U.json.dumps({"rounds": 2, "tcp": True,
+                                 "variants": [U.asdict(U.parse_variant("a=."))]}))  # fmt: skip
+    assert U.guest_main(cfg) == 0
+    assert calls == (["udp"] * 4 + ["tcp kernel", "tcp udrv"]) * 2
+    data = U.json.loads((tmp_path / "net-udp.json").read_text())
+    assert data["tcp"] == {"a": [{"kernel_mbps": 100.0, "udrv_mbps": 55.0}] * 2}
