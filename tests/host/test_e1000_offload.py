@@ -281,3 +281,73 @@ def test_the_receive_checksum_verdict_follows_the_descriptor() -> None:
     assert [bytes(f)[0] for f in got] == [0, 2, 3, 4]
     assert nic.rx_csum_valid() == [True, False, False, True]
     assert nic.rx_batch(64) == [] and nic.rx_csum_valid() == []
+
+
+def udp_frame(payload: bytes) -> bytes:
+    """Ethernet + IPv4 + UDP as the stack hands it over with CHECKSUM_PARTIAL (the field
+    holds the pseudo-header sum); the bytes past the headers are all the NIC needs here."""
+    return (
+        tcp_frame(b"")[:34] + struct.pack("!HHHH", 5201, 5201, 8 + len(payload), 0x1234) + payload
+    )
+
+
+@pytest.mark.parametrize("count", [3, 40])  # one descriptor at a time; through numpy
+def test_a_batch_of_checksum_frames_takes_one_data_descriptor_each(count: int) -> None:
+    """Frames that all ask for the same checksum (a UDP stream) go as plain frames do, one
+    data descriptor each (DTYP data, DEXT, EOP, IFCS, RS, POPTS.TXSM, the frame's length,
+    its buffer's address), behind one context descriptor the first time only; the frame
+    counters count frames, not descriptors. The second batch wraps the ring."""
+    nic = fake_nic(64)
+    frames = [udp_frame(bytes([i]) * (18 + i)) for i in range(count)]
+    off = TxOffload(34, 6, 0)
+    assert nic.tx_batch(frames, [off] * count) == count
+    assert nic.bar.read32(R.TDT) == 1 + count
+    ctx = nic.tx.view(R.TX_CTX_DESC)[0]
+    assert (int(ctx["tucss"]), int(ctx["tucso"]), int(ctx["tucse"])) == (34, 40, 0)
+    assert (int(ctx["paylen_dtyp_tucmd"]) >> 20) & 0xF == R.TXD_DTYP_C
+    lower = E1000_TXD_DTYP_D | E1000_TXD_CMD_DEXT | E1000_TXD_CMD_EOP | E1000_TXD_CMD_IFCS
+    lower |= E1000_TXD_CMD_RS
+    for i, f in enumerate(frames):
+        slot = 1 + i
+        hi = int(nic._tx_hi[slot])
+        assert hi == lower | len(f) | E1000_TXD_POPTS_TXSM << 40, f"descriptor {slot}"
+        assert int(nic._tx_lo[slot]) == int(nic._tx_iovas[slot])
+        assert bytes(nic.tx_bufs[slot, : len(f)]) == f
+    assert nic.stats.tx_packets == count and nic.stats.tx_bytes == sum(map(len, frames))
+    nic.tx["status"][:] = R.TXD_STAT_DD  # the NIC finished them
+    assert nic.tx_batch([b"\x00" * 60] * (60 - count)) == 60 - count  # up to slot 60
+    nic.tx["status"][:] = R.TXD_STAT_DD
+    again = frames[:4] if count < 8 else frames
+    assert nic.tx_batch(again, [off] * len(again)) == len(again)
+    assert nic.bar.read32(R.TDT) == (61 + len(again)) % 64  # no context descriptor
+    for i, f in enumerate(again):
+        slot = (61 + i) % 64
+        assert int(nic._tx_hi[slot]) == lower | len(f) | E1000_TXD_POPTS_TXSM << 40
+        assert bytes(nic.tx_bufs[slot, : len(f)]) == f
+
+
+def test_a_checksum_batch_waits_for_room_for_its_context_and_a_frame() -> None:
+    nic = fake_nic(8)
+    off = TxOffload(34, 6, 0)
+    assert nic.tx_batch([b"\x00" * 60] * 6) == 6  # one free slot left
+    assert nic.tx_batch([udp_frame(b"a")] * 2, [off] * 2) == 0
+    assert nic.bar.read32(R.TDT) == 6 and nic._tx_csum_ctx is None
+    nic.tx["status"][0] = R.TXD_STAT_DD  # two free slots: the context and one frame
+    assert nic.tx_batch([udp_frame(b"a")] * 2, [off] * 2) == 1
+    assert nic.bar.read32(R.TDT) == 0 and nic._tx_csum_ctx == (34, 40)
+
+
+@pytest.mark.parametrize("count", [5, 20])
+def test_frames_a_checksum_batch_cannot_send_are_dropped_and_counted(count: int) -> None:
+    nic = fake_nic(32)
+    off = TxOffload(34, 6, 0)
+    frames = [udp_frame(bytes([i]) * 20) for i in range(count)]
+    frames[2] = frames[2][:41]  # ends inside the UDP checksum field (bytes 40-41)
+    frames[3] = frames[3][:12]  # not even an Ethernet header
+    frames[4] = udp_frame(bytes(1500))  # 1542 bytes
+    assert nic.tx_batch(frames, [off] * count) == count
+    assert nic.stats.tx_dropped == {"bad_offload": 1, "runt": 1, "oversize": 1}
+    assert nic.stats.tx_packets == count - 3
+    assert nic.bar.read32(R.TDT) == 1 + count - 3  # a context, then the frames that went
+    kept = frames[:2] + frames[5:]
+    assert [bytes(nic.tx_bufs[1 + i, : len(f)]) for i, f in enumerate(kept)] == kept

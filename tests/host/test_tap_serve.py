@@ -174,6 +174,9 @@ def test_frames_flow_both_ways_and_the_carrier_follows_the_link(served: Served) 
     stats = served.finish()
     assert (stats.to_nic, stats.to_kernel, dict(stats.dropped)) == (3, 2, {})
     assert served.port.carrier == [True]
+    # the 3 frames came in 1 to 3 reads; the NIC's events (completion, delivery) woke it too
+    assert 1 <= stats.port_batches <= 3 and stats.wakeups >= stats.port_batches + 1
+    assert f"port_batches={stats.port_batches}" in stats.summary()
 
 
 def test_full_tx_ring_backs_off_and_loses_nothing(served: Served) -> None:
@@ -263,3 +266,72 @@ def test_without_vnet_hdr_frames_go_through_untouched() -> None:
         assert s.kernel.recv(4096) == b"\x03" * 60
     finally:
         s.close()
+
+
+def test_each_distinct_header_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_batch parses a header it has seen before from memory (a UDP stream's datagrams
+    all carry the same one); a super-frame's header (hdr_len varies per frame) is parsed
+    every time; what each frame gets is what parsing it would give."""
+    import udrv.frontends.tap as tap
+
+    calls: list[bytes] = []
+    parse = tap.parse_vnet_hdr
+
+    def counting(data: bytes | bytearray | memoryview) -> TxOffload | str | None:
+        calls.append(bytes(data[: tap.HDR_LEN]))
+        return parse(data)
+
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    port = SocketPort(ours, vnet_hdr=True)
+    monkeypatch.setattr(tap, "parse_vnet_hdr", counting)
+    try:
+        udp = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)
+        tcp = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 16)
+        gso = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)
+        ufo = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_UDP, 1472, 34, 6)
+        sent = [udp, udp, tcp, gso, udp, gso, vnet_hdr(), ufo, udp, ufo]
+        for i, h in enumerate(sent):
+            kernel.send(h + bytes([i]) * 60)
+        frames, offs = port.read_batch(64)
+        assert [bytes(f) for f in frames] == [bytes([i]) * 60 for i in (0, 1, 2, 3, 4, 5, 6, 8)]
+        u, t, g = TxOffload(34, 6, 0), TxOffload(34, 16, 0), TxOffload(34, 16, 1448)
+        assert offs == [u, u, t, g, u, g, None, u]
+        assert port.dropped == {"gso_type": 2} and port.rx_frames == 10
+        assert calls == [udp, tcp, gso, gso, vnet_hdr(), ufo]
+        kernel.send(udp + b"\x07" * 60)
+        assert port.read_batch(64)[1] == [u] and len(calls) == 6
+        kernel.send(vnet_hdr() + b"\x08" * 60)
+        assert port.read_batch(64) == ([memoryview(b"\x08" * 60)], None)  # no offload at all
+    finally:
+        kernel.close()
+        port.close()
+
+
+def test_a_batch_with_one_header_is_cut_and_judged_as_a_whole() -> None:
+    """Batches whose frames all carry the same header: every frame gets its offload, frames
+    past a buffer's size (super-frames) come out whole too, and a header asking for what the
+    NIC cannot do drops the whole batch, counted per frame."""
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    port = SocketPort(ours, vnet_hdr=True)
+    try:
+        gso = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)
+        big = [bytes([i]) * 9000 for i in range(3)]
+        for f in big:
+            kernel.send(gso + f)
+        frames, offs = port.read_batch(64)
+        assert [bytes(f) for f in frames] == big and offs == [TxOffload(34, 16, 1448)] * 3
+        udp = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)
+        small = [bytes([i]) * 60 for i in range(5)]
+        for f in small:
+            kernel.send(udp + f)
+        frames, offs = port.read_batch(64)
+        assert [bytes(f) for f in frames] == small and offs == [TxOffload(34, 6, 0)] * 5
+        ufo = vnet_hdr(T.VIRTIO_NET_HDR_F_NEEDS_CSUM, T.VIRTIO_NET_HDR_GSO_UDP, 1472, 34, 6)
+        for f in small[:4]:
+            kernel.send(ufo + f)
+        assert port.read_batch(64) == ([], None)
+        assert port.dropped == {"gso_type": 4} and port.rx_frames == 12
+    finally:
+        kernel.close()
+        port.close()

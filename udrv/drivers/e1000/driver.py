@@ -8,10 +8,12 @@ write hands a whole batch back. Received frames go out as views of the receive b
 Offloads (SDM 3.3.5-3.3.7, 3.5, 3.2.5): a frame the stack left for the NIC to checksum, or a
 TCP/IPv4 super-frame of up to 64 KiB to cut into segments (TSO), costs one TCP/IP context
 descriptor and as many data descriptors as it has 2 KiB buffers; the NIC inserts the
-checksums and writes every segment's headers. Received TCP/UDP checksums are verified by
-the NIC (RXCSUM) and reported per frame (:meth:`E1000.rx_csum_valid`). QEMU's e1000 models
-the transmit side but not the receive side: it sets RDESC.STATUS.IXSM ("ignore checksum
-indication") on every frame it delivers.
+checksums and writes every segment's headers. A batch whose frames all ask for the same
+checksum and no segmentation (a UDP stream, a TCP receiver's ACKs) is queued as plain
+frames are, one data descriptor each, the context written only when it changes. Received
+TCP/UDP checksums are verified by the NIC (RXCSUM) and reported per frame
+(:meth:`E1000.rx_csum_valid`). QEMU's e1000 models the transmit side but not the receive
+side: it sets RDESC.STATUS.IXSM ("ignore checksum indication") on every frame it delivers.
 
 :class:`E1000` implements :class:`udrv.net.Nic`, so any network frontend serves it
 (``udrv e1000 serve`` connects it to a TAP interface through :func:`udrv.frontends.tap.serve`).
@@ -116,7 +118,8 @@ SMALL_BATCH = 8
 _ZEROS_Q = memoryview(bytes(8 * (SMALL_BATCH + 1))).cast("Q")
 # Legacy transmit descriptor of a whole frame: EOP, insert FCS, report status (DD).
 TX_LEGACY_HI = R.tx_legacy_desc_hi(0, R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS)
-_TX_LEGACY_HI = np.uint64(TX_LEGACY_HI)
+# Data descriptor of a whole frame whose TCP/UDP checksum the NIC inserts (3.3.7, POPTS.TXSM).
+TX_CSUM_HI = R.tx_data_desc_hi(0, R.TXD_CMD_EOP | R.TXD_CMD_IFCS | R.TXD_CMD_RS, R.TXD_POPTS_TXSM)
 ETH_P_IP, IPPROTO_TCP = 0x0800, 6  # linux/if_ether.h, netinet/in.h
 TSO_MAX = 0x10000  # bytes of a super-frame (the stack's GSO limit; PAYLEN has 20 bits)
 #: What the 8254x does for the stack: checksum insertion and TCP/IPv4 segmentation on
@@ -654,52 +657,98 @@ class E1000(Nic):
         with headers where its offload says, or an offload the NIC was not asked to do).
         """
         self._tx_reclaim()
-        if offloads is not None:
-            return self._tx_offload(frames, offloads)
+        if offloads is None:
+            return self._tx_run(frames, TX_LEGACY_HI)
+        first = offloads[0] if offloads else None
+        if (
+            first is not None
+            and not first.gso_size
+            and self._tx_csum_on
+            and offloads.count(first) == len(offloads)
+        ):
+            # Every frame asks for the same checksum and no segmentation (a UDP stream, a
+            # TCP receiver's ACKs): they go as plain frames do, batched, one data
+            # descriptor each with the same DCMD/POPTS, behind one context descriptor if
+            # the NIC does not hold this context yet.
+            tucss = first.csum_start
+            tucso = tucss + first.csum_offset
+            if tucso <= 0xFF:  # TUCSS, TUCSO: 8 bits each (3.3.6)
+                ctx = (tucss, tucso)
+                return self._tx_run(frames, TX_CSUM_HI, max(ETH_HLEN, tucso + 2),
+                                    None if ctx == self._tx_csum_ctx else ctx)  # fmt: skip
+        return self._tx_offload(frames, offloads)
+
+    def _tx_run(
+        self, frames: Sequence[Frame], hi_bits: int, shortest: int = ETH_HLEN,
+        ctx: tuple[int, int] | None = None,
+    ) -> int:  # fmt: skip
+        """Frames that each go in one descriptor whose second quadword is ``size | hi_bits``
+        (legacy, or TCP/IP data with a checksum), after a checksum context descriptor for
+        ``ctx`` = (TUCSS, TUCSO) if given; as many as there is room for. Dropped and
+        counted: a frame outside 14..1514 bytes (1518 tagged), or shorter than ``shortest``
+        (it ends before its checksum field). Returns how many were consumed."""
         n = self.ntx
         tail = self.tx_tail
         room = (self.tx_clean - tail - 1) % n
-        mv = self._tx_bufs_mv
-        offs = self._tx_offsets  # byte offset of each ring slot's buffer, from tail on
+        if ctx is not None:
+            if room < 2:
+                if frames:
+                    self._arm_txdw()
+                return 0
+            room -= 1
+        q, mv = self._tx_q, self._tx_bufs_mv
+        start = (tail + 1) % n if ctx is not None else tail
+        offs = self._tx_offsets  # byte offset of each ring slot's buffer, from start on
         if len(frames) <= min(room, SMALL_BATCH):  # a few frames: no numpy
-            q, iovas, slot, nbytes = self._tx_q, self._tx_iova_list, tail, 0
+            iovas, slot, nbytes = self._tx_iova_list, start, 0
             for frame in frames:
                 size = len(frame)
-                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
+                if not shortest <= size <= MAX_FRAME and not self._frame_ok(frame, size, shortest):
                     continue
                 off = offs[slot]
                 mv[off : off + size] = frame
                 q[2 * slot] = iovas[slot]
-                q[2 * slot + 1] = size | TX_LEGACY_HI
+                q[2 * slot + 1] = size | hi_bits
                 slot = (slot + 1) % n
                 nbytes += size
-            if slot != tail:
-                self._tx_queued((slot - tail) % n, nbytes)
-            return len(frames)
-        batch = frames[:room] if len(frames) > room else frames
-        lengths = list(map(len, batch))
-        consumed = len(lengths)
-        if lengths and min(lengths) >= ETH_HLEN and max(lengths) <= MAX_FRAME:
-            for off, size, frame in zip(offs[tail : tail + consumed], lengths, batch, strict=True):
-                mv[off : off + size] = frame
-        else:  # a frame to drop, or a tagged one: one at a time
-            lengths = []
-            consumed = 0
-            for frame in frames:
-                if len(lengths) == room:
-                    break
-                consumed += 1
-                size = len(frame)
-                if not ETH_HLEN <= size <= MAX_FRAME and not self._frame_size_ok(frame, size):
-                    continue
-                off = offs[tail + len(lengths)]
-                mv[off : off + size] = frame
-                lengths.append(size)
-        if lengths:
-            k = len(lengths)
-            self._write_desc(tail, self._tx_iovas[self._tx_order[tail : tail + k]],
-                             np.array(lengths, np.uint64) | _TX_LEGACY_HI)  # fmt: skip
-            self._tx_queued(k, sum(lengths))
+            sent = (slot - start) % n
+            consumed = len(frames)
+        else:
+            batch = frames[:room] if len(frames) > room else frames
+            lengths = list(map(len, batch))
+            consumed = len(lengths)
+            if lengths and min(lengths) >= shortest and max(lengths) <= MAX_FRAME:
+                for off, size, frame in zip(offs[start : start + consumed], lengths, batch,
+                                            strict=True):  # fmt: skip
+                    mv[off : off + size] = frame
+            else:  # a frame to drop, or a tagged one: one at a time
+                lengths = []
+                consumed = 0
+                for frame in frames:
+                    if len(lengths) == room:
+                        break
+                    consumed += 1
+                    size = len(frame)
+                    if not shortest <= size <= MAX_FRAME and not self._frame_ok(
+                        frame, size, shortest
+                    ):
+                        continue
+                    off = offs[start + len(lengths)]
+                    mv[off : off + size] = frame
+                    lengths.append(size)
+            sent, nbytes = len(lengths), sum(lengths)
+            if sent:
+                self._write_desc(start, self._tx_iovas[self._tx_order[start : start + sent]],
+                                 np.array(lengths, np.uint64) | np.uint64(hi_bits))  # fmt: skip
+        if sent:
+            if ctx is not None:
+                # 3.3.6: checksum from TUCSS to the end of the packet (TUCSE 0), stored at
+                # TUCSO; the field holds the pseudo-header sum the stack put there.
+                q[2 * tail], q[2 * tail + 1] = R.tx_context_desc(
+                    ipcss=0, ipcso=0, ipcse=0, tucss=ctx[0], tucso=ctx[1], tucse=0, paylen=0,
+                    tucmd=R.TXD_CMD_RS, hdrlen=0, mss=0)  # fmt: skip
+                self._tx_csum_ctx = ctx
+            self._tx_queued(sent + (ctx is not None), nbytes, sent)
         if consumed < len(frames):
             self._arm_txdw()
         return consumed
@@ -712,6 +761,16 @@ class E1000(Nic):
             return True
         self._tx_drop("runt" if size < ETH_HLEN else "oversize", size)
         return False
+
+    def _frame_ok(self, frame: Frame, size: int, shortest: int) -> bool:
+        """:meth:`_frame_size_ok`, and at least ``shortest`` bytes (else a ``bad_offload``
+        drop: the frame ends before the checksum field its offload names)."""
+        if not self._frame_size_ok(frame, size):
+            return False
+        if size < shortest:
+            self._tx_drop("bad_offload", size)
+            return False
+        return True
 
     def _tx_drop(self, reason: str, size: int) -> None:
         self.stats.tx_dropped[reason] += 1
