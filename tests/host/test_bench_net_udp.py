@@ -108,20 +108,23 @@ def test_rounds_run_the_kernel_before_each_variant_and_ratios_use_that_run(
     assert data["counters"] == {"a": [{"to_nic": 1}] * 2, "b": [{"to_nic": 1}] * 2}
 
 
+class FakeDriver:
+    """A driver variant that serves nothing; the one named "broken" fails to start."""
+
+    def __init__(self, v: U.Variant, results: Path, profile: Path | None = None) -> None:
+        if v.name == "broken":
+            raise RuntimeError("driver broken did not start: Traceback ...")
+
+    def cpu_ticks(self) -> int:
+        return 0
+
+    def stop(self) -> dict[str, int]:
+        return {}
+
+
 def test_a_variant_that_fails_is_recorded_and_the_others_are_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class FakeDriver:
-        def __init__(self, v: U.Variant, results: Path, profile: Path | None = None) -> None:
-            if v.name == "broken":
-                raise RuntimeError("driver broken did not start: Traceback ...")
-
-        def cpu_ticks(self) -> int:
-            return 0
-
-        def stop(self) -> dict[str, int]:
-            return {}
-
     rep = {"end": {"sum": {"packets": 10, "lost_packets": 0, "seconds": 1.0}}}
     monkeypatch.setattr(U, "wire", lambda: None)
     monkeypatch.setattr(U, "Driver", FakeDriver)
@@ -145,16 +148,6 @@ def test_with_tcp_each_round_adds_a_kernel_and_a_variant_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-
-    class FakeDriver:
-        def __init__(self, v: U.Variant, results: Path, profile: Path | None = None) -> None:
-            pass
-
-        def cpu_ticks(self) -> int:
-            return 0
-
-        def stop(self) -> dict[str, int]:
-            return {}
 
     rep = {"end": {"sum": {"packets": 10, "lost_packets": 0, "seconds": 1.0}}}
     monkeypatch.setattr(U, "wire", lambda: None)
