@@ -58,6 +58,7 @@ class Served:
         return err
 
 
+@pytest.mark.slow  # make soak: `make test` stays under 30 minutes
 def test_ram_plugin_takes_mkfs_mount_and_fio_verify(tmp_path: Path) -> None:
     srv = Served(str(RAM_PLUGIN), "size=64M")
     mnt = tmp_path / "mnt"
